@@ -1,0 +1,45 @@
+# Two commands matter: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# torch is installed first and pinned: the CPU build lies on local disk, and once it is
+# present the [serve] extra's torch range is satisfied, so nothing pulls a CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: install demo serve test test-fast lint bench-priors gpu-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[serve,dev]'
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was replaced: ' + torch.__version__)"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/wattserve demo
+
+serve: install
+	$(BIN)/wattserve serve
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not ray"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench-priors: install
+	$(BIN)/python benchmarks/measure_priors.py
+
+gpu-check: install
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
