@@ -106,7 +106,7 @@ def _build_tiny_pipeline(arch: BuiltinArch) -> Any:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(timestep_spacing="trailing"),
+        scheduler=DDIMScheduler(timestep_spacing="trailing", clip_sample=False, steps_offset=1),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -152,7 +152,7 @@ def load_pipeline(variant: VariantSpec, models_dir: Path) -> Any:
     if device == "cpu" and dtype != torch.float32:
         dtype = torch.float32  # half precision is slow or unsupported on CPU
     pipe = DiffusionPipeline.from_pretrained(
-        resolve_source(variant, models_dir), torch_dtype=dtype, local_files_only=True
+        resolve_source(variant, models_dir), dtype=dtype, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -1,0 +1,84 @@
+"""Shared fixtures: one local Ray cluster + Serve app per test session, tiny models once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from policies.catalog import Catalog, load_catalog
+from policies.plans import BatchOutput, BatchPlan
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    return load_catalog()
+
+
+@pytest.fixture(scope="session")
+def state_home() -> Iterator[Path]:
+    """A short state dir: Ray's unix socket paths must stay under ~107 characters."""
+    home = Path(tempfile.mkdtemp(prefix="wst", dir="/tmp"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def models_dir(state_home: Path) -> Path:
+    return state_home / "models"
+
+
+@pytest.fixture(scope="session")
+def service(state_home: Path) -> Iterator[object]:
+    """The real thing: local Ray, Serve, three worker deployments, SQLite ledger."""
+    from cluster.runtime import LocalService, free_port
+    from cluster.settings import Settings
+
+    svc = LocalService(Settings.from_env(state_home), port=free_port())
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def url(service: object) -> str:
+    return service.url  # type: ignore[attr-defined]
+
+
+class InProcessPool:
+    """A ``WorkerPool`` running real ``VariantWorker``s in this process (no Ray).
+
+    ``fail_with`` makes every run raise, to exercise the scheduler's failure accounting.
+    """
+
+    def __init__(self, catalog: Catalog, models_dir: Path, fail_with: Exception | None = None):
+        from workers.worker import VariantWorker
+
+        self._workers = {v.name: VariantWorker(v, str(models_dir)) for v in catalog.variants}
+        self.fail_with = fail_with
+        self.plans: list[BatchPlan] = []
+
+    def available(self) -> frozenset[str]:
+        return frozenset(self._workers)
+
+    async def run(self, plan: BatchPlan) -> BatchOutput:
+        self.plans.append(plan)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return await asyncio.to_thread(self._workers[plan.variant].run, plan)
+
+
+@pytest.fixture(scope="session")
+def inprocess_pool(catalog: Catalog, models_dir: Path) -> InProcessPool:
+    return InProcessPool(catalog, models_dir)
