@@ -28,8 +28,14 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/priors.json")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    report = {"machine": platform.machine(), "cpu_threads": 1, "torch": torch.__version__,
-              "size": "64x64", "energy_source": "simulated", "variants": {}}
+    report = {
+        "machine": platform.machine(),
+        "cpu_threads": 1,
+        "torch": torch.__version__,
+        "size": "64x64",
+        "energy_source": "simulated",
+        "variants": {},
+    }
     with tempfile.TemporaryDirectory() as models_dir:
         for variant in load_catalog().variants:
             worker = VariantWorker(variant, models_dir)

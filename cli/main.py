@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +55,9 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     url: UrlOption = DEFAULT_BASE_URL,
     api_key: ApiKeyOption = None,
-    seed: Annotated[int | None, typer.Option(help="Fixes the pixels; omit for a new image.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Fixes the pixels; omit for a new image.")
+    ] = None,
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in pixels.")] = "64x64",
     quality: Annotated[str, typer.Option(help="draft, standard or high.")] = "standard",
     n: Annotated[int, typer.Option("--n", "-n", help="Number of images.")] = 1,
@@ -162,6 +165,7 @@ def serve(
         with _errors():
             url = service.start()
         typer.echo(f"wattserve serving at {url}  (state: {service.settings.home}; Ctrl-C stops)")
+        sys.stdout.flush()
         signal.pause()
     except KeyboardInterrupt:
         typer.echo("stopping wattserve...")

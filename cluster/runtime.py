@@ -7,7 +7,9 @@ Ray, which ends every process ``start()`` created.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 
 import httpx
@@ -67,6 +69,8 @@ class LocalService:
 
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self.settings.ray_tmpdir.mkdir(parents=True, exist_ok=True)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        sigterm_handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
         ray.init(
             num_cpus=max(2, os.cpu_count() or 2),
             include_dashboard=False,
@@ -76,6 +80,10 @@ class LocalService:
             configure_logging=False,
         )
         self._ray_started = True
+        if in_main_thread:
+            # ray.init replaces SIGTERM with a handler that aborts the driver; this process
+            # owns the cluster and must get the chance to stop it cleanly, so restore ours.
+            signal.signal(signal.SIGTERM, sigterm_handler)
         serve.start(http_options={"host": self.host, "port": self.port})
         serve.run(build_app(self.catalog, self.settings), name=APP_NAME, route_prefix="/")
         self._wait_ready(ready_timeout_s)

@@ -66,7 +66,7 @@ def route(
         variant = catalog.get(request.model)
         if variant is None:
             raise NotFound(
-                f"unknown model {request.model!r}; known: {', '.join(catalog.names)} or 'auto'",
+                f"model: unknown {request.model!r}; known: {', '.join(catalog.names)} or 'auto'",
                 param="model",
             )
         candidate = _assess(variant, request, 0.0, available)
@@ -74,7 +74,8 @@ def route(
             raise ServiceUnavailable(f"no replica of model {variant.name!r} is up")
         if candidate.rejected_because:
             raise InvalidRequest(
-                f"model {variant.name!r} cannot serve this request: {candidate.rejected_because}",
+                f"{candidate.rejected_on}: model {variant.name!r} cannot serve this request: "
+                f"{candidate.rejected_because}",
                 param=candidate.rejected_on,
             )
         return RouteDecision(
@@ -89,13 +90,14 @@ def route(
         if ruled_out_on == {"size"}:
             reasons = sorted({c.rejected_because or "" for c in candidates})
             raise InvalidRequest(
-                f"no variant can make {request.width_px}x{request.height_px}: {'; '.join(reasons)}",
+                f"size: no variant can make {request.width_px}x{request.height_px} "
+                f"({'; '.join(reasons)})",
                 param="size",
             )
         if "model" in ruled_out_on:
             raise ServiceUnavailable(f"no replica of a variant for {request.quality!r} is up")
         raise InvalidRequest(
-            f"no variant meets quality {request.quality!r} (floor {floor:.2f}) at this size",
+            f"quality: no variant meets {request.quality!r} (floor {floor:.2f}) at this size",
             param="quality",
         )
     best = min(capable, key=lambda c: (c.expected_joules_per_image, -c.quality_score, c.variant))

@@ -78,9 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             return error_response(NotFound("no such route"))
         if exc.status_code == 405:
-            return JSONResponse(
-                InvalidRequest("method not allowed").to_body(), status_code=405
-            )
+            return JSONResponse(InvalidRequest("method not allowed").to_body(), status_code=405)
         return error_response(InvalidRequest(str(exc.detail)))
 
     @app.exception_handler(Exception)

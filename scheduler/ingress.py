@@ -66,9 +66,7 @@ def variant_info(catalog: Catalog) -> list[VariantInfo]:
 class SchedulerIngress:
     """HTTP API: OpenAI-shaped image generation, model list, ledger, health."""
 
-    def __init__(
-        self, workers: dict[str, DeploymentHandle], catalog: Catalog, db_url: str
-    ) -> None:
+    def __init__(self, workers: dict[str, DeploymentHandle], catalog: Catalog, db_url: str) -> None:
         configure_logging(json=True)
         self._catalog = catalog
         self._ledger = LedgerStore(db_url)

@@ -30,8 +30,10 @@ def test_builtin_catalog_has_three_variants_with_different_costs():
     assert len(priors) >= 3
     assert len(set(priors.values())) == len(priors)
     assert max(priors.values()) / min(priors.values()) > 5
-    assert all(v.is_builtin and v.quality_provenance and v.energy_prior.provenance
-               for v in catalog.variants)
+    assert all(
+        v.is_builtin and v.quality_provenance and v.energy_prior.provenance
+        for v in catalog.variants
+    )
 
 
 def test_prior_uses_nearest_declared_batch_size_at_or_below(tmp_path):
@@ -42,13 +44,13 @@ def test_prior_uses_nearest_declared_batch_size_at_or_below(tmp_path):
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda t: t.replace('steps = 4', 'steps = "four"'), "steps"),
-        (lambda t: t.replace('quality_score = 0.6', 'quality_score = 1.5'), "quality_score"),
-        (lambda t: t.replace('power_w = 300\n', ''), "power_w"),
+        (lambda t: t.replace("steps = 4", 'steps = "four"'), "steps"),
+        (lambda t: t.replace("quality_score = 0.6", "quality_score = 1.5"), "quality_score"),
+        (lambda t: t.replace("power_w = 300\n", ""), "power_w"),
         (lambda t: t.replace('name = "v1"', 'name = "Bad Name"'), "name"),
         (lambda t: t.replace('source = "/models/v1"', 'source = "builtin:x"'), "(table)"),
         (lambda t: t + "\nunknown_key = 1\n", "energy_prior.unknown_key"),
-        (lambda t: t.replace('1 = 100.0', '1 = -5.0'), "energy_prior"),
+        (lambda t: t.replace("1 = 100.0", "1 = -5.0"), "energy_prior"),
     ],
 )
 def test_invalid_catalog_names_file_and_field(tmp_path, mutate, field):

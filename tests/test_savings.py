@@ -14,9 +14,12 @@ def receipt(variant, joules, batch_size=1, cache="miss", index=0):
 
 def test_causes_add_up_to_the_total_saving():
     receipts = [
-        receipt("big", 100), receipt("big", 120),  # reference, batch-1 price 110
-        receipt("small", 20), receipt("small", 16, batch_size=2),  # small batch-1 price 20
-        receipt("big", 0, cache="hit"), receipt("small", 8, cache="coalesced"),
+        receipt("big", 100),
+        receipt("big", 120),  # reference, batch-1 price 110
+        receipt("small", 20),
+        receipt("small", 16, batch_size=2),  # small batch-1 price 20
+        receipt("big", 0, cache="hit"),
+        receipt("small", 8, cache="coalesced"),
     ]
     report = savings_by_cause(receipts, "big")
     assert report.baseline_joules_per_output == 110

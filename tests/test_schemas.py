@@ -12,12 +12,18 @@ def body(**overrides):
 def test_defaults_normalise_to_a_request():
     req = body().to_request()
     assert (req.width_px, req.height_px, req.n, req.quality, req.seed, req.model) == (
-        64, 64, 1, "standard", None, None,
+        64,
+        64,
+        1,
+        "standard",
+        None,
+        None,
     )
 
 
 @pytest.mark.parametrize(
-    ("alias", "tier"), [("hd", "high"), ("low", "draft"), ("medium", "standard"), ("auto", "standard")]
+    ("alias", "tier"),
+    [("hd", "high"), ("low", "draft"), ("medium", "standard"), ("auto", "standard")],
 )
 def test_openai_quality_values_map_to_tiers(alias, tier):
     assert body(quality=alias).to_request().quality == tier

@@ -79,7 +79,9 @@ def test_http_errors_become_the_servers_exception(status, cls, param):
 
 def test_rate_limit_carries_retry_after():
     transport = httpx.MockTransport(
-        lambda _: httpx.Response(429, json={"error": {"message": "hot"}}, headers={"Retry-After": "3"})
+        lambda _: httpx.Response(
+            429, json={"error": {"message": "hot"}}, headers={"Retry-After": "3"}
+        )
     )
     with Client("http://ws", transport=transport) as client, pytest.raises(AdmissionRejected) as i:
         client.variants()

@@ -23,8 +23,13 @@ def test_builtin_is_built_once_then_loaded_like_any_checkpoint(catalog, models_d
 
 def test_same_seed_same_bytes_other_seed_other_bytes(catalog, models_dir):
     worker = VariantWorker(catalog.get("tiny-sd-turbo"), str(models_dir))
-    plan = BatchPlan("b1", "tiny-sd-turbo", 64, 48, (WorkItem("a red cube", None, 7),
-                                                      WorkItem("a red cube", None, 8)))
+    plan = BatchPlan(
+        "b1",
+        "tiny-sd-turbo",
+        64,
+        48,
+        (WorkItem("a red cube", None, 7), WorkItem("a red cube", None, 8)),
+    )
     first, again = worker.run(plan), worker.run(plan)
     assert [digest(p) for p in first.png_images] == [digest(p) for p in again.png_images]
     assert digest(first.png_images[0]) != digest(first.png_images[1])

@@ -1,0 +1,118 @@
+"""End to end over HTTP against the shared local Ray + Serve app."""
+
+import base64
+import hashlib
+import io
+
+import httpx
+import pytest
+from openai import BadRequestError, OpenAI
+from PIL import Image
+
+from wattserve import Client, InvalidRequest, NotFound
+
+pytestmark = pytest.mark.ray
+
+
+def ledger_count(url):
+    return len(httpx.get(f"{url}/v1/ledger", params={"limit": 1000}).json()["data"])
+
+
+def test_health_and_models_list_the_catalog(url, catalog):
+    with Client(url) as client:
+        assert client.health().variants == sorted(catalog.names)
+        listed = client.variants()
+    assert [v.id for v in listed] == catalog.names
+    assert all(v.quality_provenance and v.energy_prior_provenance for v in listed)
+
+
+def test_sdk_generate_is_reproducible_and_every_output_is_in_the_ledger(url):
+    with Client(url) as client:
+        first = client.generate("a red cube", seed=7, n=2, quality="standard", user="alice")
+        again = client.generate("a red cube", seed=7, n=2, quality="standard", user="alice")
+        rows = client.ledger(limit=20)
+    digests = [[hashlib.sha256(i.png_bytes).hexdigest() for i in r.images] for r in (first, again)]
+    assert digests[0] == digests[1]
+    assert digests[0][0] != digests[0][1]  # image 1 uses seed 8
+    assert first.request_id != again.request_id
+    for result in (first, again):
+        mine = sorted(
+            (r for r in rows if r.request_id == result.request_id), key=lambda r: r.image_index
+        )
+        assert [(r.joules, r.variant, r.status, r.user) for r in mine] == [
+            (x.joules, x.variant, "ok", "alice") for x in result.receipts
+        ]
+        assert all(r.energy_source == "simulated" and r.joules > 0 for r in result.receipts)
+
+
+@pytest.mark.parametrize(
+    ("quality", "variant"),
+    [("draft", "tiny-sd-turbo"), ("standard", "tiny-sd-medium"), ("high", "tiny-sd-large")],
+)
+def test_routing_by_tier_over_the_wire(url, quality, variant):
+    with Client(url) as client:
+        receipt = client.generate("a tiny house", seed=1, quality=quality).receipts[0]
+    assert (receipt.variant, receipt.route_reason) == (variant, "cheapest_capable")
+
+
+def test_official_openai_client_works_unchanged(url):
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(
+        prompt="a blue ball", n=1, size="96x64", response_format="b64_json",
+        extra_body={"seed": 3, "quality": "draft"},
+    )  # fmt: skip
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert (image.format, image.size) == ("PNG", (96, 64))
+    assert result.model_extra["wattserve"]["receipts"][0]["energy_source"] == "simulated"
+    with pytest.raises(BadRequestError) as info:
+        client.images.generate(prompt="x", size="4096x4096", response_format="b64_json")
+    assert "size" in str(info.value) and info.value.body["param"] == "size"
+    assert [m.id for m in client.models.list()][0] == "tiny-sd-large"
+
+
+BAD_BODIES = [
+    (b"not json", None),
+    (b"[1, 2]", None),
+    (b'{"prompt": ""}', "prompt"),
+    (b'{"prompt": "' + b"x" * 2001 + b'"}', "prompt"),
+    (b'{"prompt": "x", "size": "64"}', "size"),
+    (b'{"prompt": "x", "size": "2048x2048"}', "size"),
+    (b'{"prompt": "x", "size": "60x64"}', "size"),
+    (b'{"prompt": "x", "n": 0}', "n"),
+    (b'{"prompt": "x", "n": 99}', "n"),
+    (b'{"prompt": "x", "n": "2"}', "n"),
+    (b'{"prompt": "x", "quality": "ultra"}', "quality"),
+    (b'{"prompt": "x", "model": "dall-e-3"}', "model"),
+    (b'{"prompt": "x", "seed": "seven"}', "seed"),
+    (b'{"prompt": "x", "response_format": "url"}', "response_format"),
+    (b'{"prompt": ["x"]}', "prompt"),
+]
+
+
+@pytest.mark.parametrize(("raw", "param"), BAD_BODIES)
+def test_bad_input_is_a_4xx_naming_the_field_and_writes_nothing(url, raw, param):
+    before = ledger_count(url)
+    response = httpx.post(
+        f"{url}/v1/images/generations", content=raw, headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"]
+    assert ledger_count(url) == before
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_unknown_route_and_bad_query_are_json_errors(url):
+    missing = httpx.get(f"{url}/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    bad_limit = httpx.get(f"{url}/v1/ledger", params={"limit": 0})
+    assert bad_limit.status_code == 400 and bad_limit.json()["error"]["param"] == "limit"
+
+
+def test_sdk_raises_typed_errors_from_the_server(url):
+    with Client(url) as client:
+        with pytest.raises(InvalidRequest) as info:
+            client.generate("x", size="13x13")
+        assert info.value.param == "size"
+        with pytest.raises(NotFound):
+            client.generate("x", model="nope")
