@@ -11,7 +11,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Piped output is read by people too (logs, CI): give tables room instead of rich's 80.
+console = Console(width=None if sys.stdout.isatty() else 132)
 err_console = Console(stderr=True)
 
 
@@ -36,7 +37,10 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
     rows = [list(r) for r in rows]
     for index, name in enumerate(columns):
         numeric = bool(rows) and all(isinstance(r[index], int | float) for r in rows)
-        out.add_column(name, justify="right" if numeric else "left", no_wrap=index == 0)
+        if numeric:  # numbers are never cut or wrapped; text wraps if space runs out
+            out.add_column(name, justify="right", no_wrap=True, min_width=len(name))
+        else:
+            out.add_column(name, no_wrap=index == 0, overflow="fold")
     for row in rows:
         out.add_row(*(f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row))
     console.print(out)

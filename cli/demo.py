@@ -24,6 +24,7 @@ import wattserve
 from cli._render import console, table
 from cluster.runtime import LocalService, free_port
 from cluster.settings import Settings
+from policies.catalog import Catalog
 from telemetry.savings import savings_by_cause
 from wattserve import AsyncClient, GeneratedImage, Quality, Receipt
 
@@ -129,29 +130,38 @@ def contact_sheet(images: list[GeneratedImage], path: Path, columns: int = 6) ->
 
 
 def run_demo(settings: Settings, out_dir: Path, *, requests: int, concurrency: int) -> dict:
-    """Start the service, run the workload, write the report; return the report."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    workload = build_workload(demo_prompts(), requests)
+    """Start a local service, drive the workload against it, stop it; return the report."""
     service = LocalService(settings, port=free_port())
     started = time.monotonic()
     console.print(f"starting local Ray + Serve (state: {settings.home}) ...")
     try:
         url = service.start()
         console.print(f"wattserve up at {url} after {time.monotonic() - started:.1f}s")
-        run_started = time.monotonic()
-        results = asyncio.run(_send_all(url, workload, concurrency))
-        run_s = time.monotonic() - run_started
+        assert service.catalog is not None
+        report = drive_workload(url, service.catalog, out_dir, requests, concurrency)
     finally:
         service.stop()
+    _print_summary(report)
+    return report
+
+
+def drive_workload(
+    url: str, catalog: Catalog, out_dir: Path, requests: int, concurrency: int
+) -> dict:
+    """Send the demo workload to a running service; write the report and contact sheet."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workload = build_workload(demo_prompts(), requests)
+    run_started = time.monotonic()
+    results = asyncio.run(_send_all(url, workload, concurrency))
+    run_s = time.monotonic() - run_started
     images = [img for _, imgs in results for img in imgs]
     receipts = [img.receipt for img in images]
-    variants = per_variant(receipts)
-    assert service.catalog is not None
-    reference = max(service.catalog.variants, key=lambda v: v.quality_score).name
+    reference = max(catalog.variants, key=lambda v: v.quality_score).name
     savings = savings_by_cause(receipts, reference)
     report = {
         "wattserve_version": wattserve.__version__,
         "created_at": datetime.now(UTC).isoformat(),
+        "url": url,
         "energy_note": ENERGY_NOTE,
         "workload": {
             "requests": len(workload),
@@ -161,7 +171,7 @@ def run_demo(settings: Settings, out_dir: Path, *, requests: int, concurrency: i
             "concurrency": concurrency,
             "wall_s": round(run_s, 2),
         },
-        "variants": variants,
+        "variants": per_variant(receipts),
         "totals": {
             "images": len(images),
             "joules": round(savings.achieved_joules, 3),
@@ -188,14 +198,13 @@ def run_demo(settings: Settings, out_dir: Path, *, requests: int, concurrency: i
     }
     contact_sheet(images, out_dir / SHEET_NAME)
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    _print_summary(report)
     return report
 
 
 def _print_summary(report: dict) -> None:
     table(
         "energy per variant (this run)",
-        ["variant", "requests", "images", "J/image", "total J", "source", "p50 latency ms"],
+        ["variant", "requests", "images", "J/image", "total J", "source", "p50 ms"],
         [
             [name, v["requests"], v["images"], v["joules_per_image"], v["joules"],
              ",".join(v["energy_sources"]), v["latency_ms_p50"]]
@@ -208,4 +217,5 @@ def _print_summary(report: dict) -> None:
     console.print(f"baseline: {base['name']}: {base['joules']:,.0f} J")
     console.print(f"achieved: {report['totals']['joules']:,.0f} J ({sources})")
     console.print(f"saved {saved['fraction']:.0%} by cause: {causes}")
-    console.print(f"wrote {report['contact_sheet']} and {REPORT_NAME}")
+    report_path = Path(report["contact_sheet"]).with_name(REPORT_NAME)
+    console.print(f"wrote {report_path} and {report['contact_sheet']}")

@@ -111,10 +111,10 @@ def variants(url: UrlOption = DEFAULT_BASE_URL, json_out: JsonOption = False) ->
         return
     table(
         "variants",
-        ["variant", "steps", "guidance", "quality", "J/image prior", "power W", "provenance"],
+        ["variant", "steps", "guidance", "quality", "max px", "J/image prior", "power W"],
         [
-            [v.id, v.steps, v.guidance_scale, v.quality_score, v.joules_per_image_prior,
-             v.power_w, v.energy_prior_provenance]
+            [v.id, v.steps, v.guidance_scale, v.quality_score, v.max_size_px,
+             v.joules_per_image_prior, v.power_w]
             for v in found
         ],
     )  # fmt: skip

@@ -4,6 +4,7 @@ No ``from __future__ import annotations`` here: FastAPI must see real annotation
 objects on the route methods to recognise ``Request`` and query parameters.
 """
 
+import asyncio
 from typing import Annotated
 
 import structlog
@@ -88,7 +89,7 @@ class SchedulerIngress:
     @api.get("/v1/ledger")
     async def ledger(self, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:
         """The newest ledger rows, newest first."""
-        rows = self._ledger.recent(limit)
+        rows = await asyncio.to_thread(self._ledger.recent, limit)
         return LedgerPage(data=[row.to_entry() for row in rows]).model_dump(mode="json")
 
     @api.get("/healthz")

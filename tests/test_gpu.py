@@ -33,7 +33,8 @@ def test_builtin_variant_runs_on_cuda_and_is_reproducible(catalog, models_dir):
     from workers.worker import VariantWorker
 
     spec = catalog.get("tiny-sd-medium")
-    on_gpu = spec.model_copy(update={"resources": spec.resources.model_copy(update={"num_gpus": 1})})
+    gpu_resources = spec.resources.model_copy(update={"num_gpus": 1})
+    on_gpu = spec.model_copy(update={"resources": gpu_resources})
     worker = VariantWorker(on_gpu, str(models_dir))
     assert worker._device.type == "cuda"
     plan = BatchPlan("b", spec.name, 64, 64, (WorkItem("a red cube", None, 7),))

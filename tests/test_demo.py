@@ -1,0 +1,31 @@
+import json
+
+import pytest
+from PIL import Image
+
+from cli.demo import build_workload, demo_prompts, drive_workload
+
+
+def test_workload_is_deterministic_mixed_and_repeats():
+    prompts = demo_prompts()
+    assert len(prompts) >= 20
+    workload = build_workload(prompts, 36)
+    assert workload == build_workload(prompts, 36)
+    assert [r.quality for r in workload[:3]] == ["draft", "standard", "high"]
+    keys = [(r.prompt, r.seed, r.quality) for r in workload]
+    assert 0.15 < 1 - len(set(keys)) / len(keys) < 0.5
+    assert {r.n for r in workload} == {1, 2}
+
+
+@pytest.mark.ray
+def test_demo_report_covers_every_variant_with_labeled_receipts(url, catalog, tmp_path):
+    report = drive_workload(url, catalog, tmp_path, requests=9, concurrency=3)
+    assert set(report["variants"]) == set(catalog.names)
+    on_disk = json.loads((tmp_path / "demo-report.json").read_text())
+    receipts = [r for req in on_disk["requests"] for r in req["receipts"]]
+    assert len(receipts) == on_disk["totals"]["images"] >= 9
+    assert all(r["energy_source"] == "simulated" and r["joules"] > 0 for r in receipts)
+    assert "tiny-sd-large" in on_disk["baseline"]["name"]
+    causes = on_disk["savings"]["by_cause_joules"]
+    assert sum(causes.values()) == pytest.approx(on_disk["savings"]["joules"], abs=0.01)
+    assert Image.open(tmp_path / "demo-contact-sheet.png").size[0] > 0
