@@ -13,7 +13,6 @@ from rich.table import Table
 
 # Piped output is read by people too (logs, CI): give tables room instead of rich's 80.
 console = Console(width=None if sys.stdout.isatty() else 132)
-err_console = Console(stderr=True)
 
 
 def print_json(data: Any) -> None:

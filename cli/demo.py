@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import statistics
 import time
@@ -131,6 +132,7 @@ def contact_sheet(images: list[GeneratedImage], path: Path, columns: int = 6) ->
 
 def run_demo(settings: Settings, out_dir: Path, *, requests: int, concurrency: int) -> dict:
     """Start a local service, drive the workload against it, stop it; return the report."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # keep the demo's output readable
     service = LocalService(settings, port=free_port())
     started = time.monotonic()
     console.print(f"starting local Ray + Serve (state: {settings.home}) ...")

@@ -14,12 +14,13 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
-from cli._render import err_console, print_json, table
+from cli._render import print_json, table
 from wattserve import Client, Quality, WattserveError
 from wattserve._client import DEFAULT_BASE_URL
 
@@ -46,8 +47,21 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except WattserveError as exc:
-        err_console.print(f"error: {exc.message}", markup=False, highlight=False)
+        typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from None
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _require_serve_extra() -> None:
+    """``serve`` and ``demo`` run the server side: Ray, torch and diffusers must be here."""
+    missing = [m for m in ("ray", "torch", "diffusers", "sqlmodel") if find_spec(m) is None]
+    if missing:
+        _fail(f"needs the [serve] extra (missing {', '.join(missing)}): "
+              "pip install 'wattserve[serve]'")  # fmt: skip
 
 
 @app.command()
@@ -67,8 +81,7 @@ def generate(
 ) -> None:
     """Generate images and print their energy receipts."""
     if quality not in ("draft", "standard", "high"):
-        err_console.print(f"error: --quality must be draft, standard or high, got {quality!r}")
-        raise typer.Exit(2)
+        _fail(f"--quality must be draft, standard or high, got {quality!r}", code=2)
     tier: Quality = quality  # type: ignore[assignment]
     with _errors(), Client(url, api_key) as client:
         result = client.generate(prompt, n=n, size=size, seed=seed, quality=tier, model=model)
@@ -150,6 +163,7 @@ def serve(
     home: Annotated[Path | None, typer.Option(help="State dir (WATTSERVE_HOME).")] = None,
 ) -> None:
     """Start local Ray + Serve with the catalog and block until Ctrl-C or SIGTERM."""
+    _require_serve_extra()
     from cluster.runtime import LocalService
     from cluster.settings import Settings
     from telemetry.logs import configure_logging
@@ -181,6 +195,7 @@ def demo(
     home: Annotated[Path | None, typer.Option(help="State dir (WATTSERVE_HOME).")] = None,
 ) -> None:
     """Start a local service, replay a small mixed workload, report energy per variant."""
+    _require_serve_extra()
     from cli.demo import run_demo
     from cluster.settings import Settings
     from telemetry.logs import configure_logging

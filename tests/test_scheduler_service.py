@@ -1,5 +1,6 @@
 """The request path without Ray: real workers in-process, real SQLite ledger."""
 
+import asyncio
 import random
 
 import pytest
@@ -69,3 +70,32 @@ async def test_failed_batch_is_recorded_once_with_estimated_energy(catalog, mode
     assert all("boom" in r.error for r in rows)
     # 0.25 s of scheduler wall time at 450 W, split over three outputs
     assert sum(r.joules for r in rows) == pytest.approx(450 * 0.25)
+
+
+class BlockingPool:
+    """Answers only when the test says so; here it never does, so the caller must cancel."""
+
+    def __init__(self, names):
+        self._names = frozenset(names)
+        self.started = asyncio.Event()
+
+    def available(self):
+        return self._names
+
+    async def run(self, plan):
+        self.started.set()
+        await asyncio.Event().wait()
+
+
+async def test_cancelled_request_is_recorded_once_and_not_as_success(catalog, ledger):
+    pool = BlockingPool(catalog.names)
+    scheduler = Scheduler(catalog, Policy(), pool, ledger, clock=FakeClock())
+    task = asyncio.create_task(scheduler.generate(request(n=2, seed=5, quality="draft")))
+    await asyncio.wait_for(pool.started.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rows = ledger.recent(10)
+    assert [(r.status, r.error, r.energy_source) for r in rows] == [
+        ("failed", "cancelled by client", "estimated")
+    ] * 2

@@ -1,0 +1,47 @@
+"""Server-side settings, read from the environment once, with embedded defaults.
+
+=====================  =====================================  ==========================
+variable               meaning                                default
+=====================  =====================================  ==========================
+WATTSERVE_HOME         state directory                        ``~/.wattserve``
+WATTSERVE_DB_URL       SQLAlchemy URL of the ledger database  ``sqlite:///$HOME/wattserve.db``
+WATTSERVE_CATALOG      variant catalog file (TOML)            the built-in catalog
+RAY_TMPDIR             Ray's session/temp files               ``$WATTSERVE_HOME/ray``
+=====================  =====================================  ==========================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = "~/.wattserve"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where state lives and what to serve."""
+
+    home: Path
+    db_url: str
+    catalog_path: Path | None
+    ray_tmpdir: Path
+
+    @property
+    def models_dir(self) -> Path:
+        """Where built-in pipelines are saved and loaded from."""
+        return self.home / "models"
+
+    @classmethod
+    def from_env(cls, home: Path | str | None = None) -> Settings:
+        """Settings from the environment; ``home`` overrides ``WATTSERVE_HOME``."""
+        root = Path(home or os.environ.get("WATTSERVE_HOME") or DEFAULT_HOME).expanduser()
+        root = root.resolve()
+        catalog = os.environ.get("WATTSERVE_CATALOG")
+        return cls(
+            home=root,
+            db_url=os.environ.get("WATTSERVE_DB_URL") or f"sqlite:///{root / 'wattserve.db'}",
+            catalog_path=Path(catalog).expanduser() if catalog else None,
+            ray_tmpdir=Path(os.environ.get("RAY_TMPDIR") or root / "ray"),
+        )

@@ -1,0 +1,171 @@
+"""The variant catalog: which model variants exist, what they cost, how good they are.
+
+A catalog is a TOML file with one ``[[variant]]`` table per variant (see
+``policies/builtin_catalog.toml``). Every number that routing relies on carries its
+provenance in the file: a quality score says where it came from, an energy prior says
+how it was obtained. A malformed file fails at startup with an error that names the
+file and the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from wattserve import WattserveError
+
+BUILTIN_PREFIX = "builtin:"
+TASK_TEXT_TO_IMAGE = "text-to-image"
+
+
+class CatalogError(WattserveError):
+    """The catalog file is missing, unparsable or invalid; the message names file and field."""
+
+
+class Resources(BaseModel):
+    """Ray resources one replica of the variant needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=0.5, ge=0)
+    num_gpus: float = Field(default=0, ge=0)
+    accelerator_type: str | None = None
+    replicas: int = Field(default=1, ge=1)
+
+
+class EnergyPrior(BaseModel):
+    """Expected joules per image at given batch sizes, before anything is measured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    joules_per_image: dict[int, float] = Field(min_length=1)
+    provenance: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _positive(self) -> EnergyPrior:
+        for batch_size, joules in self.joules_per_image.items():
+            if batch_size < 1 or joules <= 0:
+                raise ValueError("batch sizes must be >= 1 and joules > 0")
+        return self
+
+    def at_batch_size(self, batch_size: int) -> float:
+        """Joules per image at ``batch_size``: the nearest declared size at or below it."""
+        known = sorted(self.joules_per_image)
+        below = [b for b in known if b <= batch_size]
+        return self.joules_per_image[below[-1] if below else known[0]]
+
+
+class BuiltinArch(BaseModel):
+    """Architecture of a built-in tiny Stable Diffusion pipeline (random weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unet_block_out_channels: list[int] = Field(min_length=2, max_length=4)
+    unet_layers_per_block: int = Field(default=1, ge=1, le=4)
+    text_hidden_size: int = Field(default=32, ge=8)
+    text_layers: int = Field(default=2, ge=1)
+    vae_block_out_channels: list[int] = Field(default=[16, 32], min_length=2, max_length=4)
+    init_seed: int = 0
+
+
+class VariantSpec(BaseModel):
+    """One servable variant of a task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    task: Literal["text-to-image"] = TASK_TEXT_TO_IMAGE
+    source: str = Field(min_length=1)
+    steps: int = Field(ge=1, le=200)
+    guidance_scale: float = Field(ge=0)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    min_size_px: int = Field(default=32, ge=8)
+    max_size_px: int = Field(ge=8)
+    size_multiple_px: int = Field(default=8, ge=1)
+    max_batch_size: int = Field(default=8, ge=1)
+    quality_score: float = Field(ge=0, le=1)
+    quality_provenance: str = Field(min_length=1)
+    power_w: float = Field(gt=0, description="active power while busy, for simulated energy")
+    resources: Resources = Resources()
+    energy_prior: EnergyPrior
+    builtin: BuiltinArch | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VariantSpec:
+        if self.min_size_px > self.max_size_px:
+            raise ValueError("min_size_px must not exceed max_size_px")
+        if self.source.startswith(BUILTIN_PREFIX) and self.builtin is None:
+            raise ValueError("a 'builtin:' source needs a [variant.builtin] architecture table")
+        return self
+
+    @property
+    def is_builtin(self) -> bool:
+        """Whether the pipeline is built locally from ``builtin`` rather than loaded."""
+        return self.source.startswith(BUILTIN_PREFIX)
+
+    def size_problem(self, width_px: int, height_px: int) -> str | None:
+        """Why this variant cannot make a ``width_px`` x ``height_px`` image, or None."""
+        for side in (width_px, height_px):
+            if not self.min_size_px <= side <= self.max_size_px:
+                return f"sides must be within {self.min_size_px}..{self.max_size_px} px"
+            if side % self.size_multiple_px:
+                return f"sides must be multiples of {self.size_multiple_px} px"
+        return None
+
+
+class Catalog(BaseModel):
+    """All variants, by name; built only through :func:`load_catalog`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source_path: str
+    variants: tuple[VariantSpec, ...]
+
+    def get(self, name: str) -> VariantSpec | None:
+        """The variant called ``name``, or None."""
+        return next((v for v in self.variants if v.name == name), None)
+
+    @property
+    def names(self) -> list[str]:
+        """Variant names in file order."""
+        return [v.name for v in self.variants]
+
+
+def builtin_catalog_path() -> Path:
+    """Path of the catalog shipped with wattserve."""
+    return Path(str(resources.files("policies") / "builtin_catalog.toml"))
+
+
+def load_catalog(path: Path | str | None = None) -> Catalog:
+    """Load and validate a catalog file (the built-in one when ``path`` is None)."""
+    file = Path(path) if path is not None else builtin_catalog_path()
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"catalog {file}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"catalog {file}: not valid TOML: {exc}") from exc
+    entries = raw.get("variant")
+    if not isinstance(entries, list) or not entries:
+        raise CatalogError(f"catalog {file}: field 'variant': need at least one [[variant]] table")
+    variants = []
+    for index, entry in enumerate(entries):
+        try:
+            variants.append(VariantSpec.model_validate(entry))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(part) for part in err["loc"]) or "(table)"
+            name = entry.get("name", f"#{index}") if isinstance(entry, dict) else f"#{index}"
+            raise CatalogError(
+                f"catalog {file}: variant {name!r}: field '{where}': {err['msg']}",
+                param=where,
+            ) from exc
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CatalogError(f"catalog {file}: field 'name': duplicate variant {duplicates[0]!r}")
+    return Catalog(source_path=str(file), variants=tuple(variants))

@@ -1,0 +1,40 @@
+"""The contract between the scheduler and the workers, as plain data.
+
+The scheduler decides a ``BatchPlan``; a worker carries it out and answers with a
+``BatchOutput``. Both cross Ray's object store, so they are small frozen dataclasses
+with no behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One output to make: a prompt and the seed that fixes its pixels."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Items one variant runs together; all share size (and so one forward pass)."""
+
+    batch_id: str
+    variant: str
+    width_px: int
+    height_px: int
+    items: tuple[WorkItem, ...]
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """PNG bytes per item, in order, and the worker's own timing of the batch."""
+
+    batch_id: str
+    png_images: tuple[bytes, ...]
+    started_at_s: float  # wall clock (time.time()) when the device work began
+    busy_s: float  # device work time, measured with a monotonic clock

@@ -1,0 +1,27 @@
+"""Serving policy: the operator's knobs that decisions read, as plain frozen data.
+
+Only what the foundation needs lives here today: the quality floor of each tier and
+the default image size. Budgets, batching limits and cache settings join it when the
+control plane persists policies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wattserve import Quality
+
+
+def _default_floors() -> dict[Quality, float]:
+    return {"draft": 0.0, "standard": 0.5, "high": 0.8}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Knobs the routing decision reads."""
+
+    quality_floors: dict[Quality, float] = field(default_factory=_default_floors)
+
+    def quality_floor(self, tier: Quality) -> float:
+        """Minimum catalog quality score a variant needs to serve ``tier``."""
+        return self.quality_floors[tier]

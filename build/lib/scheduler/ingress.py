@@ -1,0 +1,99 @@
+"""The Ray Serve ingress deployment: the HTTP API in front of the scheduler.
+
+No ``from __future__ import annotations`` here: FastAPI must see real annotation
+objects on the route methods to recognise ``Request`` and query parameters.
+"""
+
+import asyncio
+from typing import Annotated
+
+import structlog
+from fastapi import FastAPI, Query, Request
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+import wattserve
+from policies.catalog import Catalog
+from policies.plans import BatchOutput, BatchPlan
+from policies.policy import Policy
+from scheduler._http import install_error_handlers, parse_body
+from scheduler.service import Scheduler
+from telemetry.ledger import LedgerStore
+from telemetry.logs import configure_logging
+from wattserve._schemas import Health, ImageGenerationBody, LedgerPage, ModelList, VariantInfo
+
+log = structlog.get_logger(__name__)
+
+api = FastAPI(title="wattserve", version=wattserve.__version__)
+install_error_handlers(api)
+
+
+class ServeWorkerPool:
+    """``WorkerPool`` over one Serve deployment handle per variant."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self._handles = handles
+
+    def available(self) -> frozenset[str]:
+        """Variants with a deployment; Serve itself routes around unhealthy replicas."""
+        return frozenset(self._handles)
+
+    async def run(self, plan: BatchPlan) -> BatchOutput:
+        """Run ``plan`` on a replica of its variant, waiting in Serve's queue if all are busy."""
+        return await self._handles[plan.variant].run.remote(plan)
+
+
+def variant_info(catalog: Catalog) -> list[VariantInfo]:
+    """The catalog as ``GET /v1/models`` lists it."""
+    return [
+        VariantInfo(
+            id=v.name,
+            task=v.task,
+            steps=v.steps,
+            guidance_scale=v.guidance_scale,
+            max_size_px=v.max_size_px,
+            quality_score=v.quality_score,
+            quality_provenance=v.quality_provenance,
+            power_w=v.power_w,
+            joules_per_image_prior=v.energy_prior.at_batch_size(1),
+            energy_prior_provenance=v.energy_prior.provenance,
+        )
+        for v in catalog.variants
+    ]
+
+
+@serve.deployment(name="scheduler", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class SchedulerIngress:
+    """HTTP API: OpenAI-shaped image generation, model list, ledger, health."""
+
+    def __init__(self, workers: dict[str, DeploymentHandle], catalog: Catalog, db_url: str) -> None:
+        configure_logging(json=True)
+        self._catalog = catalog
+        self._ledger = LedgerStore(db_url)
+        self._scheduler = Scheduler(catalog, Policy(), ServeWorkerPool(workers), self._ledger)
+        log.info("scheduler_ready", variants=catalog.names)
+
+    @api.post("/v1/images/generations")
+    async def generate(self, request: Request) -> dict:
+        """OpenAI Images API ``generations`` with wattserve receipts."""
+        body = await parse_body(request, ImageGenerationBody)
+        response = await self._scheduler.generate(body.to_request())
+        return response.model_dump(mode="json")
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        """The variants this service routes to."""
+        return ModelList(data=variant_info(self._catalog)).model_dump(mode="json")
+
+    @api.get("/v1/ledger")
+    async def ledger(self, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:
+        """The newest ledger rows, newest first."""
+        rows = await asyncio.to_thread(self._ledger.recent, limit)
+        return LedgerPage(data=[row.to_entry() for row in rows]).model_dump(mode="json")
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness and the variants this replica can route to."""
+        available = sorted(self._scheduler.pool.available())
+        return Health(variants=available, version=wattserve.__version__).model_dump(mode="json")

@@ -1,0 +1,128 @@
+"""The energy ledger: one row per output, written once, kept forever.
+
+Every output a request asks for gets exactly one row keyed by ``(request_id,
+image_index)``: what variant made it, in which batch, the joules charged to it and the
+method that measured them, its cache status and outcome. Writes are idempotent (a
+replayed write of the same key is ignored), so a retry can never double-count.
+
+SQLite is the embedded default (WAL, busy timeout); any SQLAlchemy URL works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+
+from wattserve._schemas import LedgerEntry
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class LedgerRow(SQLModel, table=True):
+    """One output of one request."""
+
+    __tablename__ = "ledger"
+    __table_args__ = (sa.UniqueConstraint("request_id", "image_index", name="uq_ledger_output"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(index=True, max_length=64)
+    image_index: int
+    created_at: datetime = Field(default_factory=_utcnow, index=True)
+    finished_at: datetime = Field(default_factory=_utcnow)
+    user: str | None = Field(default=None, index=True, max_length=256)
+    variant: str = Field(index=True, max_length=64)
+    quality: str = Field(max_length=16)
+    route_reason: str = Field(max_length=64)
+    batch_id: str = Field(max_length=64)
+    batch_size: int
+    joules: float
+    energy_source: str = Field(max_length=16)
+    cache: str = Field(max_length=16)
+    status: str = Field(index=True, max_length=16)
+    error: str | None = Field(default=None, max_length=1000)
+    latency_ms: float
+    seed: int = Field(sa_type=sa.BigInteger)
+    width_px: int
+    height_px: int
+
+    def to_entry(self) -> LedgerEntry:
+        """The wire form of this row."""
+        return LedgerEntry.model_validate(self, from_attributes=True)
+
+
+def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
+    cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(db_url: str) -> sa.Engine:
+    """An engine for ``db_url``; SQLite gets WAL, a busy timeout and its directory made."""
+    url = sa.make_url(db_url)
+    if url.get_backend_name() != "sqlite":
+        return create_engine(db_url, pool_pre_ping=True)
+    if url.database and url.database != ":memory:":
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        db_url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+    )
+    sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class LedgerStore:
+    """Reads and idempotent writes of ledger rows."""
+
+    def __init__(self, db_url: str) -> None:
+        self.engine = make_engine(db_url)
+        SQLModel.metadata.create_all(self.engine, tables=[LedgerRow.__table__])
+
+    def record(self, rows: Iterable[LedgerRow]) -> int:
+        """Insert rows in one transaction, skipping keys already written; return rows added."""
+        values = [row.model_dump(exclude={"id"}) for row in rows]
+        if not values:
+            return 0
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            stmt = sqlite_insert(LedgerRow).on_conflict_do_nothing(
+                index_elements=["request_id", "image_index"]
+            )
+        elif dialect == "postgresql":
+            stmt = pg_insert(LedgerRow).on_conflict_do_nothing(constraint="uq_ledger_output")
+        else:
+            raise NotImplementedError(f"idempotent ledger writes not implemented for {dialect}")
+        with self.engine.begin() as conn:
+            result = conn.execute(stmt, values)
+        return max(result.rowcount, 0)
+
+    def recent(self, limit: int) -> list[LedgerRow]:
+        """The newest ``limit`` rows, newest first."""
+        with Session(self.engine) as session:
+            query = select(LedgerRow).order_by(col(LedgerRow.id).desc()).limit(limit)
+            return list(session.exec(query))
+
+    def for_request(self, request_id: str) -> list[LedgerRow]:
+        """Every row of one request, by image index."""
+        with Session(self.engine) as session:
+            query = (
+                select(LedgerRow)
+                .where(LedgerRow.request_id == request_id)
+                .order_by(col(LedgerRow.image_index))
+            )
+            return list(session.exec(query))
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.engine.dispose()

@@ -1,0 +1,258 @@
+"""The Python SDK: ``Client`` and ``AsyncClient`` for a wattserve service.
+
+Shared logic (building requests, decoding responses, mapping errors) lives in
+``_BaseClient``; the sync and async clients only add I/O. Both accept an httpx
+``transport`` so tests and embedders can route calls without a socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from wattserve._exceptions import TransportError, error_from_response
+from wattserve._schemas import (
+    AUTO_MODEL,
+    DEFAULT_SIZE,
+    Health,
+    ImageGenerationResponse,
+    LedgerEntry,
+    LedgerPage,
+    ModelList,
+    Quality,
+    Receipt,
+    VariantInfo,
+)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One generated image: its PNG bytes and its energy receipt."""
+
+    png_bytes: bytes
+    receipt: Receipt
+
+    @property
+    def image(self) -> Image.Image:
+        """The image decoded with PIL."""
+        return Image.open(io.BytesIO(self.png_bytes))
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The outcome of one ``generate`` call."""
+
+    request_id: str
+    images: list[GeneratedImage]
+
+    @property
+    def receipts(self) -> list[Receipt]:
+        """The receipt of every image, in order."""
+        return [img.receipt for img in self.images]
+
+    @property
+    def joules(self) -> float:
+        """Total joules charged to this request (sources: see each receipt)."""
+        return sum(r.joules for r in self.receipts)
+
+
+class _BaseClient:
+    def __init__(self, base_url: str, api_key: str | None, timeout_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout_s = timeout_s
+
+    @staticmethod
+    def _generation_body(
+        prompt: str,
+        *,
+        n: int,
+        size: str,
+        seed: int | None,
+        quality: Quality,
+        negative_prompt: str | None,
+        deadline_s: float | None,
+        model: str | None,
+        user: str | None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "n": n,
+            "size": size,
+            "quality": quality,
+            "model": model or AUTO_MODEL,
+            "response_format": "b64_json",
+        }
+        optional = {
+            "seed": seed,
+            "negative_prompt": negative_prompt,
+            "deadline_s": deadline_s,
+            "user": user,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return body
+
+    @staticmethod
+    def _decode(response: httpx.Response) -> Any:
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = response.text
+        if response.is_error:
+            raise error_from_response(response.status_code, body, dict(response.headers))
+        return body
+
+    @staticmethod
+    def _generation_result(body: Any) -> GenerationResult:
+        parsed = ImageGenerationResponse.model_validate(body)
+        images = [
+            GeneratedImage(png_bytes=base64.b64decode(datum.b64_json), receipt=receipt)
+            for datum, receipt in zip(parsed.data, parsed.wattserve.receipts, strict=True)
+        ]
+        return GenerationResult(request_id=parsed.wattserve.request_id, images=images)
+
+    def _transport_error(self, exc: httpx.TransportError) -> TransportError:
+        return TransportError(f"cannot reach wattserve at {self.base_url}: {exc}")
+
+
+class Client(_BaseClient):
+    """Synchronous client. Use as a context manager or call ``close()``."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout_s)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers, timeout=timeout_s, transport=transport
+        )
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc) from exc
+        return self._decode(response)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        size: str = DEFAULT_SIZE,
+        seed: int | None = None,
+        quality: Quality = "standard",
+        negative_prompt: str | None = None,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        user: str | None = None,
+    ) -> GenerationResult:
+        """Generate ``n`` images; each comes with its energy receipt."""
+        body = self._generation_body(
+            prompt, n=n, size=size, seed=seed, quality=quality,
+            negative_prompt=negative_prompt, deadline_s=deadline_s, model=model, user=user,
+        )  # fmt: skip
+        return self._generation_result(self._request("POST", "/v1/images/generations", json=body))
+
+    def variants(self) -> list[VariantInfo]:
+        """The variants the service can route to."""
+        return ModelList.model_validate(self._request("GET", "/v1/models")).data
+
+    def ledger(self, limit: int = 50) -> list[LedgerEntry]:
+        """The newest ``limit`` ledger rows, newest first."""
+        body = self._request("GET", "/v1/ledger", params={"limit": limit})
+        return LedgerPage.model_validate(body).data
+
+    def health(self) -> Health:
+        """Liveness and the variants that are up."""
+        return Health.model_validate(self._request("GET", "/healthz"))
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient(_BaseClient):
+    """Asynchronous client, for many concurrent requests from one event loop."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout_s)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers, timeout=timeout_s, transport=transport
+        )
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc) from exc
+        return self._decode(response)
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        size: str = DEFAULT_SIZE,
+        seed: int | None = None,
+        quality: Quality = "standard",
+        negative_prompt: str | None = None,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        user: str | None = None,
+    ) -> GenerationResult:
+        """Generate ``n`` images; each comes with its energy receipt."""
+        body = self._generation_body(
+            prompt, n=n, size=size, seed=seed, quality=quality,
+            negative_prompt=negative_prompt, deadline_s=deadline_s, model=model, user=user,
+        )  # fmt: skip
+        body = await self._request("POST", "/v1/images/generations", json=body)
+        return self._generation_result(body)
+
+    async def variants(self) -> list[VariantInfo]:
+        """The variants the service can route to."""
+        return ModelList.model_validate(await self._request("GET", "/v1/models")).data
+
+    async def ledger(self, limit: int = 50) -> list[LedgerEntry]:
+        """The newest ``limit`` ledger rows, newest first."""
+        body = await self._request("GET", "/v1/ledger", params={"limit": limit})
+        return LedgerPage.model_validate(body).data
+
+    async def health(self) -> Health:
+        """Liveness and the variants that are up."""
+        return Health.model_validate(await self._request("GET", "/healthz"))
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

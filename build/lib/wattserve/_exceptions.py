@@ -1,0 +1,132 @@
+"""The one exception tree of wattserve, shared by the server and the SDK.
+
+::
+
+    WattserveError                 500  anything unexpected
+    ├── InvalidRequest             400  a field is missing, malformed or out of range (``param``)
+    ├── Unauthorized               401  missing or wrong credentials
+    ├── NotFound                   404  unknown model/variant or route
+    ├── AdmissionRejected          429  over a budget or quota; retry after ``retry_after_s``
+    ├── GenerationFailed           502  a worker failed while generating
+    ├── ServiceUnavailable         503  no capable variant is up right now
+    └── TransportError             ---  SDK only: the service could not be reached
+
+Each class carries its HTTP status and OpenAI-style error ``type``. The server maps an
+exception to a response in exactly one handler (``scheduler/_http.py``); the SDK maps a
+response back to the same class with :func:`error_from_response`, so a caller catches
+``wattserve.InvalidRequest`` whether the error came from this process or over the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class WattserveError(Exception):
+    """Base of every error wattserve raises on purpose."""
+
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON error body, in the shape the OpenAI API uses."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.error_type,
+            }
+        }
+
+
+class InvalidRequest(WattserveError):
+    """The request is malformed; ``param`` names the offending field."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(WattserveError):
+    """Credentials are missing or wrong."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFound(WattserveError):
+    """The named model, variant or route does not exist."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class AdmissionRejected(WattserveError):
+    """Refused to protect a budget or quota; the client should retry later."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+
+class GenerationFailed(WattserveError):
+    """A worker accepted the work but failed to produce an output."""
+
+    status_code = 502
+    error_type = "generation_error"
+
+
+class ServiceUnavailable(WattserveError):
+    """No capable variant can take the request right now."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class TransportError(WattserveError):
+    """The SDK could not reach the service (connection refused, timeout)."""
+
+    error_type = "transport_error"
+
+
+_BY_STATUS: dict[int, type[WattserveError]] = {
+    cls.status_code: cls
+    for cls in (
+        InvalidRequest,
+        Unauthorized,
+        NotFound,
+        AdmissionRejected,
+        GenerationFailed,
+        ServiceUnavailable,
+    )
+}
+
+
+def error_from_response(status_code: int, body: Any, headers: dict[str, str]) -> WattserveError:
+    """Rebuild the server's exception from an HTTP error response."""
+    message = f"HTTP {status_code}"
+    param = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = str(body["error"].get("message") or message)
+        param = body["error"].get("param")
+    elif isinstance(body, str) and body:
+        message = f"HTTP {status_code}: {body[:200]}"
+    cls = _BY_STATUS.get(status_code)
+    if cls is None:
+        cls = InvalidRequest if 400 <= status_code < 500 else WattserveError
+    if cls is AdmissionRejected:
+        retry = headers.get("retry-after", "1")
+        try:
+            retry_after_s = float(retry)
+        except ValueError:
+            retry_after_s = 1.0
+        return AdmissionRejected(message, retry_after_s=retry_after_s, param=param)
+    return cls(message, param=param)

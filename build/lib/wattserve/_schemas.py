@@ -1,0 +1,224 @@
+"""Wire schemas: what crosses HTTP between a client and a wattserve service.
+
+The generation endpoint speaks the OpenAI Images API (``POST /v1/images/generations``)
+so the official ``openai`` client works unchanged; wattserve's own fields (``seed``,
+``quality``, ``deadline_s``, ``negative_prompt``) ride along as extra body fields, and
+the per-image energy receipts come back under the ``wattserve`` key.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+Quality = Literal["draft", "standard", "high"]
+CacheStatus = Literal["miss", "hit", "coalesced"]
+EnergySource = Literal["nvml-counter", "nvml-power", "simulated", "estimated"]
+LedgerStatus = Literal["ok", "failed"]
+
+MAX_PROMPT_CHARS = 2000
+MAX_IMAGES_PER_REQUEST = 8
+MAX_SEED = 2**63 - 1
+DEFAULT_SIZE = "64x64"
+AUTO_MODEL = "auto"
+
+# OpenAI's own quality values, accepted so OpenAI-shaped callers need no changes.
+_QUALITY_ALIASES: dict[str, Quality] = {
+    "draft": "draft",
+    "low": "draft",
+    "standard": "standard",
+    "medium": "standard",
+    "auto": "standard",
+    "high": "high",
+    "hd": "high",
+}
+_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """Parse ``"WxH"`` into ``(width_px, height_px)``; raise ``ValueError`` if malformed."""
+    match = _SIZE_RE.match(size)
+    if match is None:
+        raise ValueError(f"size must look like '64x64' (WIDTHxHEIGHT), got {size!r}")
+    width_px, height_px = int(match.group(1)), int(match.group(2))
+    if width_px <= 0 or height_px <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return width_px, height_px
+
+
+class ImageGenerationBody(BaseModel):
+    """Body of ``POST /v1/images/generations`` (OpenAI shape + wattserve extras)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: StrictStr | None = None
+    n: StrictInt = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    size: StrictStr = DEFAULT_SIZE
+    response_format: Literal["b64_json"] = "b64_json"
+    user: Annotated[StrictStr, Field(max_length=256)] | None = None
+    negative_prompt: Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    quality: StrictStr = "standard"
+    deadline_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return prompt
+
+    @field_validator("size")
+    @classmethod
+    def _size_well_formed(cls, size: str) -> str:
+        parse_size(size)
+        return size
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_known(cls, quality: str) -> str:
+        if quality not in _QUALITY_ALIASES:
+            raise ValueError(
+                f"quality must be one of draft, standard, high (or OpenAI's "
+                f"low/medium/hd/auto), got {quality!r}"
+            )
+        return quality
+
+    def to_request(self) -> GenerationRequest:
+        """Normalise the wire body into the scheduler's request."""
+        width_px, height_px = parse_size(self.size)
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width_px=width_px,
+            height_px=height_px,
+            n=self.n,
+            seed=self.seed,
+            quality=_QUALITY_ALIASES[self.quality],
+            deadline_s=self.deadline_s,
+            model=None if self.model in (None, "", AUTO_MODEL) else self.model,
+            user=self.user,
+        )
+
+
+class GenerationRequest(BaseModel):
+    """A validated generation request, as the scheduler sees it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    negative_prompt: str | None = None
+    width_px: int
+    height_px: int
+    n: int = 1
+    seed: int | None = None
+    quality: Quality = "standard"
+    deadline_s: float | None = None
+    model: str | None = None
+    user: str | None = None
+
+
+class Receipt(BaseModel):
+    """What one output cost and how it was made: the unit of the energy ledger."""
+
+    request_id: str
+    image_index: int
+    variant: str
+    batch_id: str
+    batch_size: int
+    joules: float
+    energy_source: EnergySource
+    cache: CacheStatus
+    latency_ms: float
+    seed: int
+    route_reason: str
+    width_px: int
+    height_px: int
+
+
+class ImageDatum(BaseModel):
+    """One image in OpenAI's ``data`` list."""
+
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class WattserveExtension(BaseModel):
+    """wattserve's part of a generation response."""
+
+    request_id: str
+    receipts: list[Receipt]
+
+
+class ImageGenerationResponse(BaseModel):
+    """Response of ``POST /v1/images/generations``."""
+
+    created: int
+    data: list[ImageDatum]
+    wattserve: WattserveExtension
+
+
+class VariantInfo(BaseModel):
+    """A servable variant as listed by ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "wattserve"
+    task: str
+    steps: int
+    guidance_scale: float
+    max_size_px: int
+    quality_score: float
+    quality_provenance: str
+    power_w: float
+    joules_per_image_prior: float
+    energy_prior_provenance: str
+
+
+class ModelList(BaseModel):
+    """Response of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[VariantInfo]
+
+
+class LedgerEntry(BaseModel):
+    """One ledger row on the wire: one output of one request."""
+
+    request_id: str
+    image_index: int
+    created_at: datetime
+    user: str | None
+    variant: str
+    quality: Quality
+    batch_id: str
+    batch_size: int
+    joules: float
+    energy_source: EnergySource
+    cache: CacheStatus
+    status: LedgerStatus
+    error: str | None
+    latency_ms: float
+    seed: int
+    width_px: int
+    height_px: int
+
+
+class LedgerPage(BaseModel):
+    """Response of ``GET /v1/ledger``: newest rows first."""
+
+    object: Literal["list"] = "list"
+    data: list[LedgerEntry]
+
+
+class Health(BaseModel):
+    """Response of ``GET /healthz``."""
+
+    status: Literal["ok"] = "ok"
+    variants: list[str]
+    version: str

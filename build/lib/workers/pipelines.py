@@ -1,0 +1,158 @@
+"""Pipeline sources: build the built-in tiny pipelines once, then load like any model.
+
+A built-in variant (``source = "builtin:NAME"``) is a small Stable Diffusion pipeline
+with random weights, built from configs on first use and saved with ``save_pretrained``
+under the models directory; from then on it is loaded with
+``DiffusionPipeline.from_pretrained`` exactly like a real checkpoint. Nothing is ever
+downloaded: other sources must be a local path or a hub id already in the local cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from policies.catalog import BuiltinArch, VariantSpec
+
+log = structlog.get_logger(__name__)
+
+_TOKENIZER_MAX_TOKENS = 77
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by GPT-2/CLIP byte-level BPE."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    codes, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def _tiny_tokenizer() -> Any:
+    """A CLIP tokenizer with a 514-token byte-level vocabulary and no merges."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_level_alphabet()
+    tokens = [*alphabet, *(ch + "</w>" for ch in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_TOKENIZER_MAX_TOKENS)
+
+
+def _build_tiny_pipeline(arch: BuiltinArch) -> Any:
+    """A random-weight Stable Diffusion pipeline of the given architecture."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(arch.init_seed)
+    tokenizer = _tiny_tokenizer()
+    special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=arch.text_hidden_size,
+            intermediate_size=arch.text_hidden_size * 2,
+            num_attention_heads=2,
+            num_hidden_layers=arch.text_layers,
+            max_position_embeddings=_TOKENIZER_MAX_TOKENS,
+            bos_token_id=special[0],
+            eos_token_id=special[1],
+            pad_token_id=special[1],
+            projection_dim=arch.text_hidden_size,
+        )
+    )
+    levels = len(arch.unet_block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=arch.unet_layers_per_block,
+        block_out_channels=tuple(arch.unet_block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=arch.text_hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae_levels = len(arch.vae_block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=tuple(arch.vae_block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(timestep_spacing="trailing", clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def resolve_source(variant: VariantSpec, models_dir: Path) -> str:
+    """Where ``from_pretrained`` should load ``variant`` from, building it if built-in.
+
+    The build writes to a temporary directory beside the target and renames it into
+    place, so concurrent replicas of one variant never see a half-written model.
+    """
+    if not variant.is_builtin:
+        return variant.source
+    assert variant.builtin is not None  # guaranteed by VariantSpec validation
+    target = models_dir / variant.name
+    if (target / "model_index.json").exists():
+        return str(target)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{variant.name}-", dir=models_dir))
+    try:
+        _build_tiny_pipeline(variant.builtin).save_pretrained(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "model_index.json").exists():
+                raise
+            # another replica won the race; its copy is identical
+        else:
+            log.info("builtin_model_built", variant=variant.name, path=str(target))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def load_pipeline(variant: VariantSpec, models_dir: Path) -> Any:
+    """Load ``variant``'s pipeline with ``from_pretrained``, offline, on CPU or GPU."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    dtype = getattr(torch, variant.dtype)
+    device = "cuda" if torch.cuda.is_available() and variant.resources.num_gpus > 0 else "cpu"
+    if device == "cpu" and dtype != torch.float32:
+        dtype = torch.float32  # half precision is slow or unsupported on CPU
+    pipe = DiffusionPipeline.from_pretrained(
+        resolve_source(variant, models_dir), dtype=dtype, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
