@@ -20,6 +20,8 @@ import torch
 
 from policies.catalog import load_catalog
 from policies.plans import BatchPlan, WorkItem
+from telemetry.agent import LocalMeter, TelemetryAgent
+from telemetry.devices import open_power_sources
 from workers.worker import VariantWorker
 
 
@@ -38,7 +40,8 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as models_dir:
         for variant in load_catalog().variants:
-            worker = VariantWorker(variant, models_dir)
+            meter = LocalMeter(TelemetryAgent(open_power_sources("simulated")))
+            worker = VariantWorker(variant, models_dir, meter)
             plan = BatchPlan("b", variant.name, 64, 64, (WorkItem("a red cube", None, 7),))
             worker.run(plan)  # warm-up
             busy = [worker.run(plan).busy_s for _ in range(args.runs)]

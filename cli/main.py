@@ -157,6 +157,51 @@ def ledger(
 
 
 @app.command()
+def status(url: UrlOption = DEFAULT_BASE_URL, json_out: JsonOption = False) -> None:
+    """Live power per device and node, from the telemetry agents."""
+    with _errors(), Client(url) as client:
+        found = client.status()
+    if json_out:
+        print_json(found)
+        return
+    table(
+        f"cluster power {found.cluster_power_w:,.1f} W",
+        ["node", "device", "name", "source", "power W", "avg W (window)", "energy J", "limit W"],
+        [
+            [d.node_id[:12], d.index, d.name, d.source, d.power_w or 0.0,
+             d.power_w_window or 0.0, d.energy_j or 0.0, d.power_limit_w or 0.0]
+            for d in found.devices
+        ],
+    )  # fmt: skip
+
+
+@app.command()
+def report(url: UrlOption = DEFAULT_BASE_URL, json_out: JsonOption = False) -> None:
+    """Energy books: reconciliation against the devices and per-variant joules per output."""
+    with _errors(), Client(url) as client:
+        found = client.report()
+    if json_out:
+        print_json(found)
+        return
+    rec = found.reconciliation
+    table(
+        "reconciliation (since the telemetry agents started)",
+        ["device J", "attributed J", "idle J", "unattributed J", "pending J", "error %"],
+        [[rec.device_j, rec.attributed_j, rec.idle_j, rec.unattributed_j, rec.pending_j,
+          rec.error_pct]],
+    )  # fmt: skip
+    table(
+        "per variant (ledger)",
+        ["variant", "requests", "outputs", "failed", "joules", "J/output", "source"],
+        [
+            [v.variant, v.requests, v.outputs, v.failed_outputs, v.joules,
+             v.joules_per_output or 0.0, v.energy_source]
+            for v in found.variants
+        ],
+    )  # fmt: skip
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,

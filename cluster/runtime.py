@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Any
 
 import httpx
 import structlog
@@ -49,6 +50,7 @@ class LocalService:
         self.port = port
         self.catalog: Catalog | None = None
         self._ray_started = False
+        self._agents: list[Any] = []
 
     @property
     def url(self) -> str:
@@ -65,6 +67,7 @@ class LocalService:
         import ray
         from ray import serve
 
+        from cluster.agents import start_agents
         from cluster.app import build_app
 
         self.settings.home.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,10 @@ class LocalService:
             # ray.init replaces SIGTERM with a handler that aborts the driver; this process
             # owns the cluster and must get the chance to stop it cleanly, so restore ours.
             signal.signal(signal.SIGTERM, sigterm_handler)
+        # Keep the handles: a non-detached actor dies when its last handle goes away.
+        self._agents = start_agents(
+            self.settings.power_source, self.settings.sample_hz, self.settings.sim_devices
+        )
         serve.start(http_options={"host": self.host, "port": self.port})
         serve.run(build_app(self.catalog, self.settings), name=APP_NAME, route_prefix="/")
         self._wait_ready(ready_timeout_s)
@@ -113,6 +120,7 @@ class LocalService:
         try:
             serve.shutdown()
         finally:
+            self._agents = []
             ray.shutdown()
             self._ray_started = False
             log.info("service_stopped")

@@ -7,6 +7,9 @@ WATTSERVE_HOME         state directory                        ``~/.wattserve``
 WATTSERVE_DB_URL       SQLAlchemy URL of the ledger database  ``sqlite:///$HOME/wattserve.db``
 WATTSERVE_CATALOG      variant catalog file (TOML)            the built-in catalog
 RAY_TMPDIR             Ray's session/temp files               ``$WATTSERVE_HOME/ray``
+WATTSERVE_POWER_SOURCE auto | nvml | simulated                ``auto``
+WATTSERVE_SAMPLE_HZ    telemetry samples per second/device    ``10``
+WATTSERVE_SIM_DEVICES  simulated GPUs per node (no NVML)      ``1``
 =====================  =====================================  ==========================
 """
 
@@ -27,6 +30,9 @@ class Settings:
     db_url: str
     catalog_path: Path | None
     ray_tmpdir: Path
+    power_source: str = "auto"
+    sample_hz: float = 10.0
+    sim_devices: int = 1
 
     @property
     def models_dir(self) -> Path:
@@ -44,4 +50,7 @@ class Settings:
             db_url=os.environ.get("WATTSERVE_DB_URL") or f"sqlite:///{root / 'wattserve.db'}",
             catalog_path=Path(catalog).expanduser() if catalog else None,
             ray_tmpdir=Path(os.environ.get("RAY_TMPDIR") or root / "ray"),
+            power_source=os.environ.get("WATTSERVE_POWER_SOURCE") or "auto",
+            sample_hz=float(os.environ.get("WATTSERVE_SAMPLE_HZ") or 10.0),
+            sim_devices=int(os.environ.get("WATTSERVE_SIM_DEVICES") or 1),
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from wattserve._schemas import EnergySource
+
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -32,9 +34,11 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class BatchOutput:
-    """PNG bytes per item, in order, and the worker's own timing of the batch."""
+    """PNG bytes per item, in order, the batch's timing, and its energy on the device."""
 
     batch_id: str
     png_images: tuple[bytes, ...]
     started_at_s: float  # wall clock (time.time()) when the device work began
     busy_s: float  # device work time, measured with a monotonic clock
+    joules: float  # the whole batch's energy, from telemetry
+    energy_source: EnergySource

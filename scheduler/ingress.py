@@ -5,8 +5,10 @@ objects on the route methods to recognise ``Request`` and query parameters.
 """
 
 import asyncio
+from dataclasses import asdict
 from typing import Annotated
 
+import ray
 import structlog
 from fastapi import FastAPI, Query, Request
 from ray import serve
@@ -18,9 +20,24 @@ from policies.plans import BatchOutput, BatchPlan
 from policies.policy import Policy
 from scheduler._http import install_error_handlers, parse_body
 from scheduler.service import Scheduler
+from telemetry.agent import AGENT_NAMESPACE, agent_actor_name
+from telemetry.attribution import Reconciliation
 from telemetry.ledger import LedgerStore
 from telemetry.logs import configure_logging
-from wattserve._schemas import Health, ImageGenerationBody, LedgerPage, ModelList, VariantInfo
+from telemetry.metrics import SchedulerMetrics
+from wattserve import ServiceUnavailable
+from wattserve._schemas import (
+    ClusterStatus,
+    DeviceInfo,
+    EnergyReport,
+    Health,
+    ImageGenerationBody,
+    LedgerPage,
+    ModelList,
+    NodeInfo,
+    ReconciliationInfo,
+    VariantInfo,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +79,21 @@ def variant_info(catalog: Catalog) -> list[VariantInfo]:
     ]
 
 
+def telemetry_agents() -> list:
+    """Handles of the telemetry agents of all alive nodes."""
+    handles = []
+    for node in ray.nodes():
+        if node.get("Alive"):
+            try:
+                name = agent_actor_name(node["NodeID"])
+                handles.append(ray.get_actor(name, namespace=AGENT_NAMESPACE))
+            except ValueError:
+                log.warning("node_without_telemetry_agent", node_id=node["NodeID"])
+    if not handles:
+        raise ServiceUnavailable("no telemetry agent is running")
+    return handles
+
+
 @serve.deployment(name="scheduler", ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class SchedulerIngress:
@@ -71,7 +103,9 @@ class SchedulerIngress:
         configure_logging(json=True)
         self._catalog = catalog
         self._ledger = LedgerStore(db_url)
-        self._scheduler = Scheduler(catalog, Policy(), ServeWorkerPool(workers), self._ledger)
+        self._scheduler = Scheduler(
+            catalog, Policy(), ServeWorkerPool(workers), self._ledger, metrics=SchedulerMetrics()
+        )
         log.info("scheduler_ready", variants=catalog.names)
 
     @api.post("/v1/images/generations")
@@ -91,6 +125,33 @@ class SchedulerIngress:
         """The newest ledger rows, newest first."""
         rows = await asyncio.to_thread(self._ledger.recent, limit)
         return LedgerPage(data=[row.to_entry() for row in rows]).model_dump(mode="json")
+
+    @api.get("/v1/status")
+    async def status(self) -> dict:
+        """Live power per device and node, from the telemetry agents."""
+        snapshots = await asyncio.gather(*(a.status.remote() for a in telemetry_agents()))
+        devices = [
+            DeviceInfo(node_id=snap["node_id"], **device)
+            for snap in snapshots
+            for device in snap["devices"]
+        ]
+        nodes = [
+            NodeInfo(**{k: v for k, v in snap.items() if k != "devices"}) for snap in snapshots
+        ]
+        return ClusterStatus(
+            cluster_power_w=sum(n.power_w for n in nodes), nodes=nodes, devices=devices
+        ).model_dump(mode="json")
+
+    @api.get("/v1/report")
+    async def report(self) -> dict:
+        """Energy books: reconciliation across the agents and ledger totals per variant."""
+        books = await asyncio.gather(*(a.reconciliation.remote() for a in telemetry_agents()))
+        total = sum(books, Reconciliation.zero())
+        usage = await asyncio.to_thread(self._ledger.usage_by_variant)
+        return EnergyReport(
+            reconciliation=ReconciliationInfo(**asdict(total), error_pct=total.error_pct),
+            variants=usage,
+        ).model_dump(mode="json")
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

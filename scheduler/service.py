@@ -22,7 +22,7 @@ from policies.catalog import Catalog
 from policies.plans import BatchOutput, BatchPlan, WorkItem
 from policies.policy import Policy
 from policies.routing import route
-from telemetry.energy import EnergyMeasurement, estimated_batch_energy, simulated_batch_energy
+from telemetry.energy import EnergyMeasurement, estimated_batch_energy
 from telemetry.ledger import LedgerRow, LedgerStore
 from wattserve import GenerationFailed, GenerationRequest
 from wattserve._schemas import (
@@ -34,6 +34,14 @@ from wattserve._schemas import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+class BatchMetrics(Protocol):
+    """Where finished batches are counted (Prometheus in production)."""
+
+    def record_batch(self, variant: str, source: str, joules: float, outputs: int) -> None:
+        """Count one finished batch."""
+        ...
 
 
 class WorkerPool(Protocol):
@@ -65,6 +73,7 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        metrics: BatchMetrics | None = None,
     ) -> None:
         self.catalog = catalog
         self.policy = policy
@@ -72,6 +81,7 @@ class Scheduler:
         self.ledger = ledger
         self._clock = clock
         self._rng = rng or random.SystemRandom()
+        self._metrics = metrics
 
     def _seeds(self, request: GenerationRequest) -> list[int]:
         """Image i gets seed base+i; unseeded requests get a recorded random base."""
@@ -110,7 +120,9 @@ class Scheduler:
             if cancelled or not isinstance(exc, Exception):
                 raise
             raise GenerationFailed(f"variant {variant.name!r} failed: {error}") from exc
-        energy = simulated_batch_energy(variant.power_w, output.busy_s)
+        energy = EnergyMeasurement(output.joules, output.energy_source, output.busy_s)
+        if self._metrics is not None:
+            self._metrics.record_batch(variant.name, energy.source, energy.joules, len(items))
         rows = self._rows(request, request_id, plan, decision.reason, energy, arrived, None)
         await asyncio.to_thread(self.ledger.record, rows)
         receipts = [Receipt.model_validate(row, from_attributes=True) for row in rows]

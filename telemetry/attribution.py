@@ -62,6 +62,11 @@ class Reconciliation:
     pending_j: float
     gap_s: float
 
+    @classmethod
+    def zero(cls) -> Reconciliation:
+        """Empty books, the start of a sum."""
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
     @property
     def error_pct(self) -> float:
         """|measured - (attributed + idle + unattributed + pending)| as % of measured."""

@@ -1,15 +1,16 @@
 """Energy measurements: joules that always carry where they came from.
 
-Until live NVML telemetry lands, batch energy is **simulated**: the variant's declared
-active power (catalog ``power_w``) times the busy time the worker measured. That is a
-model, not a measurement, and every figure it produces says so (``simulated``). When a
-batch fails before the worker can time it, the scheduler's own wall time stands in and
+Batch energy comes from the node's telemetry agent (``telemetry.agent``): measured on
+the device (``nvml-counter``, ``nvml-power``) or on a simulated device (``simulated``).
+When no device reading covers a batch (it failed before the worker could report it, or
+the agent was unreachable), the variant's declared power times wall time stands in, and
 the figure is labeled ``estimated``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from wattserve._schemas import EnergySource
 
@@ -27,11 +28,18 @@ class EnergyMeasurement:
         return self.joules / outputs if outputs else 0.0
 
 
-def simulated_batch_energy(power_w: float, busy_s: float) -> EnergyMeasurement:
-    """Declared active power x measured busy time, labeled ``simulated``."""
-    return EnergyMeasurement(joules=power_w * busy_s, source="simulated", window_s=busy_s)
+class BatchMeter(Protocol):
+    """How a worker reports a batch to telemetry and learns what it cost."""
+
+    def begin(self, batch_id: str, power_w: float) -> None:
+        """The batch starts now; ``power_w`` is its declared draw."""
+        ...
+
+    def end(self, batch_id: str) -> EnergyMeasurement:
+        """The batch ended now; return its energy."""
+        ...
 
 
 def estimated_batch_energy(power_w: float, wall_s: float) -> EnergyMeasurement:
-    """Declared power x the caller's wall time, for batches the worker never timed."""
+    """Declared power x wall time, for batches no device reading covers."""
     return EnergyMeasurement(joules=power_w * wall_s, source="estimated", window_s=wall_s)

@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
-from wattserve._schemas import LedgerEntry
+from wattserve._schemas import LedgerEntry, VariantUsage
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -122,6 +122,50 @@ class LedgerStore:
                 .order_by(col(LedgerRow.image_index))
             )
             return list(session.exec(query))
+
+    def usage_by_variant(self) -> list[VariantUsage]:
+        """Requests, outputs and joules per variant, split by energy source."""
+        ok = sa.case((LedgerRow.status == "ok", 1), else_=0)
+        query = (
+            sa.select(
+                LedgerRow.variant,
+                LedgerRow.energy_source,
+                sa.func.count(sa.distinct(LedgerRow.request_id)),
+                sa.func.sum(ok),
+                sa.func.count(),
+                sa.func.sum(LedgerRow.joules),
+            )
+            .group_by(LedgerRow.variant, LedgerRow.energy_source)
+            .order_by(LedgerRow.variant)
+        )
+        with self.engine.connect() as conn:
+            groups = conn.execute(query).all()
+        usage: dict[str, dict] = {}
+        for variant, source, requests, outputs, rows, joules in groups:
+            entry = usage.setdefault(
+                variant, {"requests": 0, "outputs": 0, "rows": 0, "by_source": {}}
+            )
+            entry["requests"] += requests  # a request has one variant, so no double count
+            entry["outputs"] += outputs or 0
+            entry["rows"] += rows
+            entry["by_source"][source] = float(joules or 0.0)
+        result = []
+        for variant, entry in usage.items():
+            joules = sum(entry["by_source"].values())
+            sources = list(entry["by_source"])
+            result.append(
+                VariantUsage(
+                    variant=variant,
+                    requests=entry["requests"],
+                    outputs=entry["outputs"],
+                    failed_outputs=entry["rows"] - entry["outputs"],
+                    joules=joules,
+                    joules_per_output=joules / entry["outputs"] if entry["outputs"] else None,
+                    energy_source=sources[0] if len(sources) == 1 else "mixed",
+                    joules_by_source=entry["by_source"],
+                )
+            )
+        return result
 
     def close(self) -> None:
         """Release pooled connections."""

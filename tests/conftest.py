@@ -63,9 +63,13 @@ class InProcessPool:
     """
 
     def __init__(self, catalog: Catalog, models_dir: Path, fail_with: Exception | None = None):
+        from telemetry.agent import LocalMeter, TelemetryAgent
+        from telemetry.devices import open_power_sources
         from workers.worker import VariantWorker
 
-        self._workers = {v.name: VariantWorker(v, str(models_dir)) for v in catalog.variants}
+        self.agent = TelemetryAgent(open_power_sources("simulated"))
+        meter = LocalMeter(self.agent)
+        self._workers = {v.name: VariantWorker(v, str(models_dir), meter) for v in catalog.variants}
         self.fail_with = fail_with
         self.plans: list[BatchPlan] = []
 

@@ -2,8 +2,14 @@ import hashlib
 import json
 
 from policies.plans import BatchPlan, WorkItem
+from telemetry.agent import LocalMeter, TelemetryAgent
+from telemetry.devices import open_power_sources
 from workers.pipelines import resolve_source
 from workers.worker import VariantWorker
+
+
+def meter():
+    return LocalMeter(TelemetryAgent(open_power_sources("simulated")))
 
 
 def digest(png: bytes) -> str:
@@ -22,7 +28,7 @@ def test_builtin_is_built_once_then_loaded_like_any_checkpoint(catalog, models_d
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(catalog, models_dir):
-    worker = VariantWorker(catalog.get("tiny-sd-turbo"), str(models_dir))
+    worker = VariantWorker(catalog.get("tiny-sd-turbo"), str(models_dir), meter())
     plan = BatchPlan(
         "b1",
         "tiny-sd-turbo",
@@ -37,7 +43,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(catalog, models_dir):
 
 
 def test_worker_refuses_another_variants_plan(catalog, models_dir):
-    worker = VariantWorker(catalog.get("tiny-sd-turbo"), str(models_dir))
+    worker = VariantWorker(catalog.get("tiny-sd-turbo"), str(models_dir), meter())
     plan = BatchPlan("b", "tiny-sd-large", 64, 64, (WorkItem("x", None, 1),))
     try:
         worker.run(plan)

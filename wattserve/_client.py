@@ -19,6 +19,8 @@ from wattserve._exceptions import TransportError, error_from_response
 from wattserve._schemas import (
     AUTO_MODEL,
     DEFAULT_SIZE,
+    ClusterStatus,
+    EnergyReport,
     Health,
     ImageGenerationResponse,
     LedgerEntry,
@@ -179,6 +181,14 @@ class Client(_BaseClient):
         """Liveness and the variants that are up."""
         return Health.model_validate(self._request("GET", "/healthz"))
 
+    def status(self) -> ClusterStatus:
+        """Live power of every device and node."""
+        return ClusterStatus.model_validate(self._request("GET", "/v1/status"))
+
+    def report(self) -> EnergyReport:
+        """Energy reconciliation and per-variant ledger totals."""
+        return EnergyReport.model_validate(self._request("GET", "/v1/report"))
+
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
@@ -246,6 +256,14 @@ class AsyncClient(_BaseClient):
     async def health(self) -> Health:
         """Liveness and the variants that are up."""
         return Health.model_validate(await self._request("GET", "/healthz"))
+
+    async def status(self) -> ClusterStatus:
+        """Live power of every device and node."""
+        return ClusterStatus.model_validate(await self._request("GET", "/v1/status"))
+
+    async def report(self) -> EnergyReport:
+        """Energy reconciliation and per-variant ledger totals."""
+        return EnergyReport.model_validate(await self._request("GET", "/v1/report"))
 
     async def aclose(self) -> None:
         """Close the connection pool."""

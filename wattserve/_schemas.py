@@ -222,3 +222,69 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     variants: list[str]
     version: str
+
+
+class DeviceInfo(BaseModel):
+    """One device as ``GET /v1/status`` reports it."""
+
+    node_id: str
+    id: str
+    index: int
+    name: str
+    source: EnergySource
+    power_w: float | None
+    power_w_window: float | None
+    energy_j: float | None
+    power_limit_w: float | None
+    utilization_pct: int | None
+
+
+class NodeInfo(BaseModel):
+    """One node's telemetry agent."""
+
+    node_id: str
+    source_kind: Literal["nvml", "simulated"]
+    power_w: float
+    window_s: float
+    sample_hz: float
+    sampling_cpu_pct: float
+
+
+class ClusterStatus(BaseModel):
+    """Response of ``GET /v1/status``: live power, from the per-node telemetry agents."""
+
+    cluster_power_w: float
+    nodes: list[NodeInfo]
+    devices: list[DeviceInfo]
+
+
+class ReconciliationInfo(BaseModel):
+    """Where the measured device energy went (since the telemetry agents started)."""
+
+    device_j: float
+    attributed_j: float
+    idle_j: float
+    unattributed_j: float
+    pending_j: float
+    gap_s: float
+    error_pct: float
+
+
+class VariantUsage(BaseModel):
+    """Ledger totals of one variant."""
+
+    variant: str
+    requests: int
+    outputs: int
+    failed_outputs: int
+    joules: float
+    joules_per_output: float | None
+    energy_source: str  # the one source of all its joules, or "mixed"
+    joules_by_source: dict[str, float]
+
+
+class EnergyReport(BaseModel):
+    """Response of ``GET /v1/report``."""
+
+    reconciliation: ReconciliationInfo
+    variants: list[VariantUsage]

@@ -2,8 +2,9 @@
 
 It loads its pipeline once and runs ``BatchPlan``s: one forward pass per batch, one
 seeded ``torch.Generator`` per item so the same (prompt, seed, size) always gives the
-same image bytes. It reports how long the device was busy; turning time into joules is
-telemetry's job, not the worker's.
+same image bytes. It tells its node's telemetry agent when each batch starts and ends
+(through a ``BatchMeter``) and returns the joules the agent measured; it never reads
+power itself.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import structlog
 
 from policies.catalog import VariantSpec
 from policies.plans import BatchOutput, BatchPlan
+from telemetry.energy import BatchMeter, EnergyMeasurement, estimated_batch_energy
 from telemetry.logs import configure_logging
 from workers.pipelines import load_pipeline
 
@@ -25,7 +27,9 @@ log = structlog.get_logger(__name__)
 class VariantWorker:
     """Runs batches for one variant. Not thread-safe: deploy with one request at a time."""
 
-    def __init__(self, variant: VariantSpec, models_dir: str) -> None:
+    def __init__(
+        self, variant: VariantSpec, models_dir: str, meter: BatchMeter | None = None
+    ) -> None:
         import torch
 
         configure_logging(json=True)
@@ -36,6 +40,7 @@ class VariantWorker:
         started = time.monotonic()
         self._pipe = load_pipeline(variant, Path(models_dir))
         self._device = self._pipe.device
+        self._meter = meter if meter is not None else self._node_agent_meter()
         log.info(
             "worker_ready",
             variant=variant.name,
@@ -53,6 +58,7 @@ class VariantWorker:
         negative = [it.negative_prompt or "" for it in plan.items]
         started_at_s = time.time()
         started = time.monotonic()
+        self._meter.begin(plan.batch_id, self.variant.power_w)
         with torch.inference_mode():
             result = self._pipe(
                 prompt=[it.prompt for it in plan.items],
@@ -67,6 +73,7 @@ class VariantWorker:
         if self._device.type == "cuda":
             torch.cuda.synchronize()
         busy_s = time.monotonic() - started
+        energy = self._batch_energy(plan.batch_id, busy_s)
         pngs = []
         for image in result.images:
             buffer = io.BytesIO()
@@ -78,8 +85,26 @@ class VariantWorker:
             batch_id=plan.batch_id,
             batch_size=len(plan.items),
             busy_s=round(busy_s, 4),
+            joules=round(energy.joules, 3),
+            energy_source=energy.source,
         )
-        return BatchOutput(plan.batch_id, tuple(pngs), started_at_s, busy_s)
+        return BatchOutput(
+            plan.batch_id, tuple(pngs), started_at_s, busy_s, energy.joules, energy.source
+        )
+
+    def _batch_energy(self, batch_id: str, busy_s: float) -> EnergyMeasurement:
+        """The agent's measurement; a declared-power estimate if the agent cannot answer."""
+        try:
+            return self._meter.end(batch_id)
+        except Exception as exc:  # telemetry must never lose a finished batch
+            log.warning("meter_failed", batch_id=batch_id, error=repr(exc))
+            return estimated_batch_energy(self.variant.power_w, busy_s)
+
+    def _node_agent_meter(self) -> BatchMeter:
+        """The meter of the telemetry agent on this worker's node (Ray deployments)."""
+        from workers.meter import AgentMeter
+
+        return AgentMeter.for_this_node(self._device)
 
     def check_health(self) -> None:
         """Serve's health probe: the pipeline is loaded."""

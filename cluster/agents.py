@@ -1,0 +1,70 @@
+"""Per-node telemetry agents: one Ray actor pinned to each alive node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import structlog
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from telemetry.agent import AGENT_NAMESPACE, TelemetryAgent, agent_actor_name
+from telemetry.attribution import Reconciliation
+from telemetry.devices import open_power_sources
+from telemetry.energy import EnergyMeasurement
+from telemetry.logs import configure_logging
+from telemetry.metrics import AgentMetrics
+
+log = structlog.get_logger(__name__)
+
+
+@ray.remote(num_cpus=0, max_restarts=3)
+class TelemetryAgentActor:
+    """Hosts a ``TelemetryAgent`` for the node it is pinned to."""
+
+    def __init__(self, node_id: str, power_source: str, sample_hz: float, sim_devices: int):
+        configure_logging(json=True)
+        devices = open_power_sources(power_source, simulated_count=sim_devices, node=node_id[:8])
+        self._agent = TelemetryAgent(devices, node_id=node_id, sample_hz=sample_hz)
+        self._metrics = AgentMetrics(node_id)
+        self._agent.start()
+        log.info("telemetry_agent_ready", node_id=node_id, kind=devices.kind, reason=devices.reason)
+
+    def batch_started(self, batch_id: str, power_w: float, device_uuid: str | None) -> None:
+        """See ``TelemetryAgent.batch_started``."""
+        self._agent.batch_started(batch_id, power_w, device_uuid)
+
+    def batch_finished(self, batch_id: str) -> EnergyMeasurement:
+        """See ``TelemetryAgent.batch_finished``."""
+        return self._agent.batch_finished(batch_id)
+
+    def status(self) -> dict[str, Any]:
+        """Devices and node power; also refreshes the Prometheus gauges."""
+        status = self._agent.status()
+        self._metrics.record_status(status)
+        return status
+
+    def reconciliation(self) -> Reconciliation:
+        """The node's energy books since the agent started."""
+        return self._agent.reconciliation()
+
+
+def start_agents(
+    power_source: str = "auto", sample_hz: float = 10.0, sim_devices: int = 1
+) -> list[Any]:
+    """Start (or find) one agent per alive node; return their handles."""
+    handles = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        node_id = node["NodeID"]
+        handles.append(
+            TelemetryAgentActor.options(
+                name=agent_actor_name(node_id),
+                namespace=AGENT_NAMESPACE,
+                get_if_exists=True,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(node_id, power_source, sample_hz, sim_devices)
+        )
+    ray.get([h.status.remote() for h in handles])  # wait until every agent samples
+    return handles

@@ -1,0 +1,47 @@
+"""``AgentMeter``: a worker's ``BatchMeter`` over its node's telemetry agent actor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from telemetry.agent import AGENT_NAMESPACE, agent_actor_name
+from telemetry.energy import EnergyMeasurement
+
+
+def cuda_device_uuid(device: Any) -> str | None:
+    """NVML-style UUID (``GPU-...``) of a torch CUDA device, None for CPU."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return f"GPU-{props.uuid}"
+
+
+class AgentMeter:
+    """Reports batch start/end to the node's agent and returns its measurement.
+
+    Both calls wait for the agent (about a millisecond each on one node) so the agent's
+    readings bracket the batch's device work.
+    """
+
+    def __init__(self, agent: Any, device_uuid: str | None) -> None:
+        self._agent = agent
+        self._device_uuid = device_uuid
+
+    @classmethod
+    def for_this_node(cls, device: Any) -> AgentMeter:
+        """Find the agent of the node this process runs on."""
+        node_id = ray.get_runtime_context().get_node_id()
+        agent = ray.get_actor(agent_actor_name(node_id), namespace=AGENT_NAMESPACE)
+        return cls(agent, cuda_device_uuid(device))
+
+    def begin(self, batch_id: str, power_w: float) -> None:
+        """Report a batch start."""
+        ray.get(self._agent.batch_started.remote(batch_id, power_w, self._device_uuid))
+
+    def end(self, batch_id: str) -> EnergyMeasurement:
+        """Report a batch end and get its energy."""
+        return ray.get(self._agent.batch_finished.remote(batch_id))
