@@ -34,9 +34,12 @@ REPEAT_RATE = 0.3
 REPORT_NAME = "demo-report.json"
 SHEET_NAME = "demo-contact-sheet.png"
 ENERGY_NOTE = (
-    "Joules labeled 'simulated' are the variant's declared active power (catalog power_w) "
-    "times the busy time its worker measured; no GPU power was read. Labeled 'nvml-*' "
-    "figures come from the device."
+    "Joules labeled 'simulated' come from a simulated GPU (idle 70 W, capped at 700 W) whose "
+    "draw rises by each running batch's declared power_w; its energy counter is sampled and "
+    "split among overlapping batches by the node's telemetry agent, exactly as a real NVML "
+    "counter would be. No GPU power was read. 'nvml-counter'/'nvml-power' figures come from "
+    "the device; 'estimated' ones from declared power x wall time when no reading covered "
+    "the batch."
 )
 
 
