@@ -39,7 +39,7 @@ bench-priors: install
 	$(BIN)/python benchmarks/measure_priors.py
 
 gpu-check: install
-	bash scripts/gpu_check.sh
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

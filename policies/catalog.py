@@ -60,16 +60,61 @@ class EnergyPrior(BaseModel):
 
 
 class BuiltinArch(BaseModel):
-    """Architecture of a built-in tiny Stable Diffusion pipeline (random weights)."""
+    """Architecture of a built-in Stable Diffusion pipeline with random weights.
+
+    The defaults describe the tiny demo pipelines; every field left out builds exactly
+    what it always built (same modules, construction order and random weights). The
+    optional fields reach real sizes, e.g. the Stable Diffusion 2.1 architecture in
+    ``scripts/gpu_catalog.toml``. ``unet_attention_head_dim`` is diffusers' (misnamed)
+    per-level *number of heads*, as in real UNet configs.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     unet_block_out_channels: list[int] = Field(min_length=2, max_length=4)
     unet_layers_per_block: int = Field(default=1, ge=1, le=4)
+    # Which down levels have cross-attention (up levels mirror it); None: all but the
+    # first (the tiny layout). SD 1.x/2.x: [true, true, true, false].
+    unet_cross_attention_levels: list[bool] | None = None
+    unet_attention_head_dim: int | list[int] = 8
+    unet_use_linear_projection: bool = False
+    unet_upcast_attention: bool = False
+    unet_sample_size: int = Field(default=8, ge=1)
+    norm_num_groups: int = Field(default=8, ge=1)
     text_hidden_size: int = Field(default=32, ge=8)
     text_layers: int = Field(default=2, ge=1)
+    text_heads: int = Field(default=2, ge=1)
+    text_intermediate_size: int | None = Field(default=None, ge=1)  # None: 2 x hidden
+    text_vocab_size: int | None = Field(default=None, ge=514)  # None: the tokenizer's 514
+    text_hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    text_projection_dim: int | None = Field(default=None, ge=1)  # None: hidden size
     vae_block_out_channels: list[int] = Field(default=[16, 32], min_length=2, max_length=4)
+    vae_layers_per_block: int = Field(default=1, ge=1, le=4)
+    vae_sample_size: int = Field(default=64, ge=8)
     init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BuiltinArch:
+        levels = len(self.unet_block_out_channels)
+        if self.unet_cross_attention_levels is not None:
+            if len(self.unet_cross_attention_levels) != levels:
+                raise ValueError("unet_cross_attention_levels needs one entry per UNet level")
+        if isinstance(self.unet_attention_head_dim, list):
+            if len(self.unet_attention_head_dim) != levels:
+                raise ValueError("unet_attention_head_dim list needs one entry per UNet level")
+        if self.text_hidden_size % self.text_heads:
+            raise ValueError("text_hidden_size must be a multiple of text_heads")
+        channels = [*self.unet_block_out_channels, *self.vae_block_out_channels]
+        if any(c % self.norm_num_groups for c in channels):
+            raise ValueError("every block's channels must be a multiple of norm_num_groups")
+        return self
+
+    @property
+    def down_cross_attention(self) -> list[bool]:
+        """Per down level, whether it has cross-attention (the up levels mirror it)."""
+        if self.unet_cross_attention_levels is not None:
+            return list(self.unet_cross_attention_levels)
+        return [False] + [True] * (len(self.unet_block_out_channels) - 1)
 
 
 class VariantSpec(BaseModel):

@@ -1,4 +1,4 @@
-"""GPU path checks: skipped without an NVIDIA GPU; run by scripts/gpu_check.sh on one."""
+"""GPU path checks: skipped without an NVIDIA GPU; run by scripts/gpu_check.py on one."""
 
 import hashlib
 
@@ -30,13 +30,19 @@ def test_nvml_sees_the_device_and_its_energy_counter_advances():
 
 def test_builtin_variant_runs_on_cuda_and_is_reproducible(catalog, models_dir):
     from policies.plans import BatchPlan, WorkItem
+    from telemetry.agent import LocalMeter, TelemetryAgent
+    from telemetry.devices import open_power_sources
+    from workers.meter import cuda_device_uuid
     from workers.worker import VariantWorker
 
     spec = catalog.get("tiny-sd-medium")
     gpu_resources = spec.resources.model_copy(update={"num_gpus": 1})
     on_gpu = spec.model_copy(update={"resources": gpu_resources})
-    worker = VariantWorker(on_gpu, str(models_dir))
+    agent = TelemetryAgent(open_power_sources("nvml"))
+    meter = LocalMeter(agent, cuda_device_uuid(torch.device("cuda:0")))
+    worker = VariantWorker(on_gpu, str(models_dir), meter)
     assert worker._device.type == "cuda"
     plan = BatchPlan("b", spec.name, 64, 64, (WorkItem("a red cube", None, 7),))
-    digests = {hashlib.sha256(worker.run(plan).png_images[0]).hexdigest() for _ in range(2)}
-    assert len(digests) == 1
+    outputs = [worker.run(plan) for _ in range(2)]
+    assert len({hashlib.sha256(o.png_images[0]).hexdigest() for o in outputs}) == 1
+    assert all(o.energy_source.startswith("nvml") and o.joules > 0 for o in outputs)

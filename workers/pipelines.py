@@ -49,8 +49,15 @@ def _tiny_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_TOKENIZER_MAX_TOKENS)
 
 
-def _build_tiny_pipeline(arch: BuiltinArch) -> Any:
-    """A random-weight Stable Diffusion pipeline of the given architecture."""
+def _build_random_pipeline(arch: BuiltinArch) -> Any:
+    """A random-weight Stable Diffusion pipeline of the given architecture.
+
+    With ``arch``'s defaults this is the tiny demo layout; the optional fields reach
+    real architectures (Stable Diffusion 2.1 in ``scripts/gpu_catalog.toml``). The
+    modules are built in a fixed order after one ``torch.manual_seed`` so the weights
+    depend on ``arch`` alone. The tokenizer is always the 514-token byte-level one; a
+    larger ``text_vocab_size`` only enlarges the embedding table (ids stay < 514).
+    """
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -65,30 +72,34 @@ def _build_tiny_pipeline(arch: BuiltinArch) -> Any:
     special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=arch.text_vocab_size or len(tokenizer),
             hidden_size=arch.text_hidden_size,
-            intermediate_size=arch.text_hidden_size * 2,
-            num_attention_heads=2,
+            intermediate_size=arch.text_intermediate_size or arch.text_hidden_size * 2,
+            num_attention_heads=arch.text_heads,
             num_hidden_layers=arch.text_layers,
             max_position_embeddings=_TOKENIZER_MAX_TOKENS,
+            hidden_act=arch.text_hidden_act,
             bos_token_id=special[0],
             eos_token_id=special[1],
             pad_token_id=special[1],
-            projection_dim=arch.text_hidden_size,
+            projection_dim=arch.text_projection_dim or arch.text_hidden_size,
         )
     )
-    levels = len(arch.unet_block_out_channels)
+    cross = arch.down_cross_attention
+    head_dim = arch.unet_attention_head_dim
     unet = UNet2DConditionModel(
-        sample_size=8,
+        sample_size=arch.unet_sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=arch.unet_layers_per_block,
         block_out_channels=tuple(arch.unet_block_out_channels),
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
+        up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
         cross_attention_dim=arch.text_hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=8,
+        attention_head_dim=tuple(head_dim) if isinstance(head_dim, list) else head_dim,
+        use_linear_projection=arch.unet_use_linear_projection,
+        upcast_attention=arch.unet_upcast_attention,
+        norm_num_groups=arch.norm_num_groups,
     )
     vae_levels = len(arch.vae_block_out_channels)
     vae = AutoencoderKL(
@@ -98,8 +109,9 @@ def _build_tiny_pipeline(arch: BuiltinArch) -> Any:
         block_out_channels=tuple(arch.vae_block_out_channels),
         down_block_types=("DownEncoderBlock2D",) * vae_levels,
         up_block_types=("UpDecoderBlock2D",) * vae_levels,
-        norm_num_groups=8,
-        sample_size=64,
+        layers_per_block=arch.vae_layers_per_block,
+        norm_num_groups=arch.norm_num_groups,
+        sample_size=arch.vae_sample_size,
     )
     return StableDiffusionPipeline(
         vae=vae,
@@ -128,7 +140,7 @@ def resolve_source(variant: VariantSpec, models_dir: Path) -> str:
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{variant.name}-", dir=models_dir))
     try:
-        _build_tiny_pipeline(variant.builtin).save_pretrained(staging)
+        _build_random_pipeline(variant.builtin).save_pretrained(staging)
         try:
             os.replace(staging, target)
         except OSError:
