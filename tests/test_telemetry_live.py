@@ -81,3 +81,25 @@ def test_status_and_report_commands(url):
     assert all("joules_per_output" in v for v in report["variants"])
     for command in ("status", "report"):
         assert runner.invoke(app, [command, "--url", url]).exit_code == 0
+
+
+def test_prometheus_series_are_exported_by_ray(url):
+    import httpx
+    import ray
+
+    with Client(url) as client:
+        client.generate("metrics", seed=1, quality="draft")
+        client.status()
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {
+        "ray_wattserve_device_power_watts", "ray_wattserve_device_energy_joules",
+        "ray_wattserve_joules_total", "ray_wattserve_outputs_total",
+        "ray_wattserve_joules_per_output",
+    }  # fmt: skip
+    found: set[str] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not wanted <= found:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        found = {line.split("{")[0] for line in text.splitlines() if "wattserve_" in line}
+        time.sleep(1)
+    assert wanted <= found
