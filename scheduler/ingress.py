@@ -129,7 +129,8 @@ class SchedulerIngress:
     @api.get("/v1/status")
     async def status(self) -> dict:
         """Live power per device and node, from the telemetry agents."""
-        snapshots = await asyncio.gather(*(a.status.remote() for a in telemetry_agents()))
+        agents = await asyncio.to_thread(telemetry_agents)  # GCS lookups: off the event loop
+        snapshots = await asyncio.gather(*(a.status.remote() for a in agents))
         devices = [
             DeviceInfo(node_id=snap["node_id"], **device)
             for snap in snapshots
@@ -145,7 +146,8 @@ class SchedulerIngress:
     @api.get("/v1/report")
     async def report(self) -> dict:
         """Energy books: reconciliation across the agents and ledger totals per variant."""
-        books = await asyncio.gather(*(a.reconciliation.remote() for a in telemetry_agents()))
+        agents = await asyncio.to_thread(telemetry_agents)
+        books = await asyncio.gather(*(a.reconciliation.remote() for a in agents))
         total = sum(books, Reconciliation.zero())
         usage = await asyncio.to_thread(self._ledger.usage_by_variant)
         return EnergyReport(
