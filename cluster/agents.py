@@ -14,6 +14,7 @@ from telemetry.devices import open_power_sources
 from telemetry.energy import EnergyMeasurement
 from telemetry.logs import configure_logging
 from telemetry.metrics import AgentMetrics
+from wattserve._schemas import DeviceInfo, NodeInfo
 
 log = structlog.get_logger(__name__)
 
@@ -38,11 +39,11 @@ class TelemetryAgentActor:
         """See ``TelemetryAgent.batch_finished``."""
         return self._agent.batch_finished(batch_id)
 
-    def status(self) -> dict[str, Any]:
-        """Devices and node power; also refreshes the Prometheus gauges."""
-        status = self._agent.status()
-        self._metrics.record_status(status)
-        return status
+    def status(self) -> tuple[NodeInfo, list[DeviceInfo]]:
+        """Node totals and devices; also refreshes the Prometheus gauges."""
+        node, devices = self._agent.status()
+        self._metrics.record_devices(devices)
+        return node, devices
 
     def reconciliation(self) -> Reconciliation:
         """The node's energy books since the agent started."""

@@ -28,13 +28,11 @@ from telemetry.metrics import SchedulerMetrics
 from wattserve import ServiceUnavailable
 from wattserve._schemas import (
     ClusterStatus,
-    DeviceInfo,
     EnergyReport,
     Health,
     ImageGenerationBody,
     LedgerPage,
     ModelList,
-    NodeInfo,
     ReconciliationInfo,
     VariantInfo,
 )
@@ -131,14 +129,8 @@ class SchedulerIngress:
         """Live power per device and node, from the telemetry agents."""
         agents = await asyncio.to_thread(telemetry_agents)  # GCS lookups: off the event loop
         snapshots = await asyncio.gather(*(a.status.remote() for a in agents))
-        devices = [
-            DeviceInfo(node_id=snap["node_id"], **device)
-            for snap in snapshots
-            for device in snap["devices"]
-        ]
-        nodes = [
-            NodeInfo(**{k: v for k, v in snap.items() if k != "devices"}) for snap in snapshots
-        ]
+        nodes = [node for node, _ in snapshots]
+        devices = [device for _, node_devices in snapshots for device in node_devices]
         return ClusterStatus(
             cluster_power_w=sum(n.power_w for n in nodes), nodes=nodes, devices=devices
         ).model_dump(mode="json")

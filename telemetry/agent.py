@@ -18,14 +18,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import structlog
 
 from telemetry.attribution import BatchEnergy, DeviceAttributor, Reconciliation, Sample
 from telemetry.devices import DeviceSet, PowerSource, SimulatedDevice, TelemetryError
 from telemetry.energy import EnergyMeasurement
-from wattserve._schemas import EnergySource
+from wattserve._schemas import DeviceInfo, EnergySource, NodeInfo
 
 log = structlog.get_logger(__name__)
 
@@ -40,21 +39,6 @@ BATCH_TIMEOUT_S = 900.0
 def agent_actor_name(node_id: str) -> str:
     """Ray actor name of the telemetry agent on ``node_id``."""
     return f"wattserve-telemetry-{node_id}"
-
-
-@dataclass(frozen=True)
-class DeviceStatus:
-    """One device as ``wattserve status`` shows it."""
-
-    id: str
-    index: int
-    name: str
-    source: EnergySource
-    power_w: float | None
-    power_w_window: float | None
-    energy_j: float | None
-    power_limit_w: float | None
-    utilization_pct: int | None
 
 
 def _labels(device: PowerSource) -> tuple[EnergySource, EnergySource, float]:
@@ -200,15 +184,16 @@ class TelemetryAgent:
         values = [powers[index] for _, powers in self._ring if powers[index] is not None]
         return sum(values) / len(values) / 1000 if values else None  # type: ignore[operator]
 
-    def status(self) -> dict:
-        """Devices with current and windowed power, and the node total (JSON-ready)."""
+    def status(self) -> tuple[NodeInfo, list[DeviceInfo]]:
+        """The node's totals and each device's current and windowed power."""
         with self._lock:
             devices = []
             for index, device in enumerate(self.devices):
                 now = self._read(device, self._clock())
                 limit_mw = device.power_limit_mw()
                 devices.append(
-                    DeviceStatus(
+                    DeviceInfo(
+                        node_id=self.node_id,
                         id=device.uuid,
                         index=index,
                         name=device.name,
@@ -221,15 +206,15 @@ class TelemetryAgent:
                     )
                 )
             window_s = len(self._ring) / self.sample_hz
-        return {
-            "node_id": self.node_id,
-            "source_kind": self.kind,
-            "power_w": sum(d.power_w or 0.0 for d in devices),
-            "window_s": window_s,
-            "sample_hz": self.sample_hz,
-            "sampling_cpu_pct": round(self.sampling_cpu_pct, 3),
-            "devices": [asdict(d) for d in devices],
-        }
+        node = NodeInfo(
+            node_id=self.node_id,
+            source_kind=self.kind,
+            power_w=sum(d.power_w or 0.0 for d in devices),
+            window_s=window_s,
+            sample_hz=self.sample_hz,
+            sampling_cpu_pct=round(self.sampling_cpu_pct, 3),
+        )
+        return node, devices
 
     def reconciliation(self) -> Reconciliation:
         """Where all energy measured on this node since the agent started went."""

@@ -9,7 +9,7 @@ processes only.
 
 from __future__ import annotations
 
-from typing import Any
+from wattserve._schemas import DeviceInfo
 
 
 class AgentMetrics:
@@ -25,14 +25,14 @@ class AgentMetrics:
             "wattserve_device_energy_joules", "Device cumulative energy", tag_keys=keys
         )
 
-    def record_status(self, status: dict[str, Any]) -> None:
-        """Set the gauges from an agent status snapshot."""
-        for device in status["devices"]:
-            tags = {"node": self._node, "device": device["id"], "source": device["source"]}
-            if device["power_w"] is not None:
-                self._power.set(device["power_w"], tags=tags)
-            if device["energy_j"] is not None:
-                self._energy.set(device["energy_j"], tags=tags)
+    def record_devices(self, devices: list[DeviceInfo]) -> None:
+        """Set the gauges from an agent's device snapshot."""
+        for device in devices:
+            tags = {"node": self._node, "device": device.id, "source": device.source}
+            if device.power_w is not None:
+                self._power.set(device.power_w, tags=tags)
+            if device.energy_j is not None:
+                self._energy.set(device.energy_j, tags=tags)
 
 
 class SchedulerMetrics:

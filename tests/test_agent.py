@@ -42,11 +42,11 @@ def test_status_reports_power_window_and_limits():
     clock = Clock()
     agent = agent_with(clock, count=2)
     agent.batch_started("b", 400, device_uuid="SIM-local-1")
-    status = agent.status()
-    assert status["power_w"] == pytest.approx(70 + 400)
-    second = status["devices"][1]
-    assert (second["id"], second["source"], second["power_w"]) == ("SIM-local-1", "simulated", 400)
-    assert second["power_limit_w"] == 700 and second["utilization_pct"] == 100
+    node, devices = agent.status()
+    assert node.power_w == pytest.approx(70 + 400)
+    second = devices[1]
+    assert (second.id, second.source, second.power_w) == ("SIM-local-1", "simulated", 400)
+    assert second.power_limit_w == 700 and second.utilization_pct == 100
     with pytest.raises(TelemetryError, match="not on node"):
         agent.batch_started("c", 400, device_uuid="GPU-elsewhere")
 
@@ -56,5 +56,5 @@ def test_sampling_thread_runs_and_costs_little():
     agent.start()
     time.sleep(0.5)
     agent.stop()
-    assert agent.status()["window_s"] >= 0.3  # ring buffer filled by the thread
+    assert agent.status()[0].window_s >= 0.3  # ring buffer filled by the thread
     assert 0 < agent.sampling_cpu_pct < 20
