@@ -10,6 +10,9 @@ RAY_TMPDIR             Ray's session/temp files               ``$WATTSERVE_HOME/
 WATTSERVE_POWER_SOURCE auto | nvml | simulated                ``auto``
 WATTSERVE_SAMPLE_HZ    telemetry samples per second/device    ``10``
 WATTSERVE_SIM_DEVICES  simulated GPUs per node (no NVML)      ``1``
+WATTSERVE_CACHE_DIR    result cache directory                 ``$WATTSERVE_HOME/cache``
+WATTSERVE_CACHE_MAX_BYTES  result cache size cap (LRU)        ``1073741824`` (1 GiB)
+WATTSERVE_CACHE_TTL_S  result cache entry lifetime            none (no expiry)
 =====================  =====================================  ==========================
 """
 
@@ -33,6 +36,14 @@ class Settings:
     power_source: str = "auto"
     sample_hz: float = 10.0
     sim_devices: int = 1
+    cache_dir: Path | None = None  # None: $WATTSERVE_HOME/cache
+    cache_max_bytes: int = 1 << 30
+    cache_ttl_s: float | None = None
+
+    @property
+    def result_cache_dir(self) -> Path:
+        """Where cached outputs are stored."""
+        return self.cache_dir or self.home / "cache"
 
     @property
     def models_dir(self) -> Path:
@@ -45,6 +56,8 @@ class Settings:
         root = Path(home or os.environ.get("WATTSERVE_HOME") or DEFAULT_HOME).expanduser()
         root = root.resolve()
         catalog = os.environ.get("WATTSERVE_CATALOG")
+        cache_dir = os.environ.get("WATTSERVE_CACHE_DIR")
+        ttl = os.environ.get("WATTSERVE_CACHE_TTL_S")
         return cls(
             home=root,
             db_url=os.environ.get("WATTSERVE_DB_URL") or f"sqlite:///{root / 'wattserve.db'}",
@@ -53,4 +66,7 @@ class Settings:
             power_source=os.environ.get("WATTSERVE_POWER_SOURCE") or "auto",
             sample_hz=float(os.environ.get("WATTSERVE_SAMPLE_HZ") or 10.0),
             sim_devices=int(os.environ.get("WATTSERVE_SIM_DEVICES") or 1),
+            cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+            cache_max_bytes=int(os.environ.get("WATTSERVE_CACHE_MAX_BYTES") or 1 << 30),
+            cache_ttl_s=float(ttl) if ttl else None,
         )

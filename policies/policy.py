@@ -1,8 +1,8 @@
 """Serving policy: the operator's knobs that decisions read, as plain frozen data.
 
-Only what the foundation needs lives here today: the quality floor of each tier and
-the default image size. Budgets, batching limits and cache settings join it when the
-control plane persists policies.
+Only what is enforced today lives here: the quality floor of each tier and whether
+unseeded outputs may be shared. Budgets, batching limits and cache settings join it
+when the control plane persists policies.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ class Policy:
     """Knobs the routing decision reads."""
 
     quality_floors: dict[Quality, float] = field(default_factory=_default_floors)
+    # Unseeded requests get a fresh seed; share their outputs only when this is on.
+    share_unseeded: bool = False
 
     def quality_floor(self, tier: Quality) -> float:
         """Minimum catalog quality score a variant needs to serve ``tier``."""

@@ -5,7 +5,8 @@ objects on the route methods to recognise ``Request`` and query parameters.
 """
 
 import asyncio
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Annotated
 
 import ray
@@ -19,6 +20,7 @@ from policies.catalog import Catalog
 from policies.plans import BatchOutput, BatchPlan
 from policies.policy import Policy
 from scheduler._http import install_error_handlers, parse_body
+from scheduler.cache import ResultCache
 from scheduler.service import Scheduler
 from telemetry.agent import AGENT_NAMESPACE, agent_actor_name
 from telemetry.attribution import Reconciliation
@@ -77,6 +79,15 @@ def variant_info(catalog: Catalog) -> list[VariantInfo]:
     ]
 
 
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where and how big the result cache is."""
+
+    directory: str
+    max_bytes: int
+    ttl_s: float | None
+
+
 def telemetry_agents() -> list:
     """Handles of the telemetry agents of all alive nodes."""
     handles = []
@@ -97,12 +108,26 @@ def telemetry_agents() -> list:
 class SchedulerIngress:
     """HTTP API: OpenAI-shaped image generation, model list, ledger, health."""
 
-    def __init__(self, workers: dict[str, DeploymentHandle], catalog: Catalog, db_url: str) -> None:
+    def __init__(
+        self,
+        workers: dict[str, DeploymentHandle],
+        catalog: Catalog,
+        db_url: str,
+        cache: CacheConfig,
+    ) -> None:
         configure_logging(json=True)
         self._catalog = catalog
         self._ledger = LedgerStore(db_url)
+        result_cache = ResultCache(
+            self._ledger.engine, Path(cache.directory), max_bytes=cache.max_bytes, ttl_s=cache.ttl_s
+        )
         self._scheduler = Scheduler(
-            catalog, Policy(), ServeWorkerPool(workers), self._ledger, metrics=SchedulerMetrics()
+            catalog,
+            Policy(),
+            ServeWorkerPool(workers),
+            self._ledger,
+            cache=result_cache,
+            metrics=SchedulerMetrics(),
         )
         log.info("scheduler_ready", variants=catalog.names)
 

@@ -24,7 +24,13 @@ def test_demo_report_covers_every_variant_with_labeled_receipts(url, catalog, tm
     on_disk = json.loads((tmp_path / "demo-report.json").read_text())
     receipts = [r for req in on_disk["requests"] for r in req["receipts"]]
     assert len(receipts) == on_disk["totals"]["images"] >= 9
-    assert all(r["energy_source"] == "simulated" and r["joules"] > 0 for r in receipts)
+    assert {r["energy_source"] for r in receipts} == {"simulated"}
+    assert all(r["joules"] > 0 for r in receipts if r["cache"] != "hit")
+    assert all(r["joules"] == 0 for r in receipts if r["cache"] == "hit")
+    totals = on_disk["totals"]
+    assert totals["generations"] + totals["avoided_by_cache"] + totals[
+        "avoided_by_coalescing"
+    ] == len(receipts)
     assert "tiny-sd-large" in on_disk["baseline"]["name"]
     causes = on_disk["savings"]["by_cause_joules"]
     assert sum(causes.values()) == pytest.approx(on_disk["savings"]["joules"], abs=0.01)

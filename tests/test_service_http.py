@@ -28,8 +28,8 @@ def test_health_and_models_list_the_catalog(url, catalog):
 
 def test_sdk_generate_is_reproducible_and_every_output_is_in_the_ledger(url):
     with Client(url) as client:
-        first = client.generate("a red cube", seed=7, n=2, quality="standard", user="alice")
-        again = client.generate("a red cube", seed=7, n=2, quality="standard", user="alice")
+        first = client.generate("reproducible cube", seed=7, n=2, quality="standard", user="al")
+        again = client.generate("reproducible cube", seed=7, n=2, quality="standard", user="al")
         rows = client.ledger(limit=20)
     digests = [[hashlib.sha256(i.png_bytes).hexdigest() for i in r.images] for r in (first, again)]
     assert digests[0] == digests[1]
@@ -39,10 +39,15 @@ def test_sdk_generate_is_reproducible_and_every_output_is_in_the_ledger(url):
         mine = sorted(
             (r for r in rows if r.request_id == result.request_id), key=lambda r: r.image_index
         )
-        assert [(r.joules, r.variant, r.status, r.user) for r in mine] == [
-            (x.joules, x.variant, "ok", "alice") for x in result.receipts
+        assert [(r.joules, r.variant, r.status, r.user, r.cache) for r in mine] == [
+            (x.joules, x.variant, "ok", "al", x.cache) for x in result.receipts
         ]
-        assert all(r.energy_source == "simulated" and r.joules > 0 for r in result.receipts)
+    assert all(r.energy_source == "simulated" and r.joules > 0 for r in first.receipts)
+    assert {r.cache for r in first.receipts} == {"miss"}
+    # the repeat is served from the result cache: no GPU work, 0 J, pointing at who paid
+    assert [(r.cache, r.joules, r.batch_id) for r in again.receipts] == [
+        ("hit", 0.0, f"hit:{first.request_id}.{i}") for i in range(2)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -116,3 +121,28 @@ def test_sdk_raises_typed_errors_from_the_server(url):
         assert info.value.param == "size"
         with pytest.raises(NotFound):
             client.generate("x", model="nope")
+
+
+def test_64_identical_concurrent_requests_make_one_generation(url):
+    import asyncio
+
+    from wattserve import AsyncClient
+
+    async def burst():
+        async with AsyncClient(url) as client:
+            return await asyncio.gather(
+                *(client.generate("one flight only", seed=64, quality="high") for _ in range(64))
+            )
+
+    results = asyncio.run(burst())
+    assert len({r.images[0].png_bytes for r in results}) == 1
+    caches = [r.receipts[0].cache for r in results]
+    assert caches.count("miss") == 1
+    assert set(caches) <= {"miss", "coalesced", "hit"}
+    with Client(url) as client:
+        ids = {r.request_id for r in results}
+        rows = [r for r in client.ledger(limit=1000) if r.request_id in ids]
+    assert len(rows) == 64
+    assert len({r.batch_id for r in rows if r.cache != "hit"}) == 1
+    generated = {r.batch_id for r in rows if r.cache == "miss"}
+    assert len(generated) == 1
