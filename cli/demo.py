@@ -59,11 +59,13 @@ def demo_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def build_workload(prompts: list[str], count: int, seed: int = 0) -> list[DemoRequest]:
-    """A deterministic mixed workload: ~30 % exact repeats, tiers 40/35/25 draft/std/high.
+def build_workload(prompts: list[str], count: int, seed: int) -> list[DemoRequest]:
+    """A mixed workload, the same for the same ``seed``: ~30 % repeats, tiers 40/35/25.
 
-    The first three requests are one per tier so every tier (and so every built-in
-    variant) is exercised even in a short run.
+    Tiers are draft/standard/high. The first three requests are one per tier, one image
+    each, so every tier (and so every built-in variant, and the baseline's reference) is
+    measured even in a short run. The image seeds come from ``seed``, so runs with
+    different seeds share no outputs through the persistent result cache.
     """
     rng = random.Random(seed)
     tiers = [tier for tier, _ in TIER_MIX]
@@ -74,8 +76,8 @@ def build_workload(prompts: list[str], count: int, seed: int = 0) -> list[DemoRe
             workload.append(rng.choice(workload))
             continue
         tier = tiers[index] if index < len(tiers) else rng.choices(tiers, weights)[0]
-        n = 2 if rng.random() < 0.15 else 1
-        workload.append(DemoRequest(rng.choice(prompts), rng.randrange(10_000), tier, n))
+        n = 2 if index >= len(tiers) and rng.random() < 0.15 else 1
+        workload.append(DemoRequest(rng.choice(prompts), rng.randrange(2**31), tier, n))
     return workload
 
 
@@ -136,7 +138,9 @@ def contact_sheet(images: list[GeneratedImage], path: Path, columns: int = 6) ->
     sheet.save(path)
 
 
-def run_demo(settings: Settings, out_dir: Path, *, requests: int, concurrency: int) -> dict:
+def run_demo(
+    settings: Settings, out_dir: Path, *, requests: int, concurrency: int, seed: int | None
+) -> dict:
     """Start a local service, drive the workload against it, stop it; return the report."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # keep the demo's output readable
     service = LocalService(settings, port=free_port())
@@ -146,7 +150,9 @@ def run_demo(settings: Settings, out_dir: Path, *, requests: int, concurrency: i
         url = service.start()
         console.print(f"wattserve up at {url} after {time.monotonic() - started:.1f}s")
         assert service.catalog is not None
-        report = drive_workload(url, service.catalog, out_dir, requests, concurrency)
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**31)
+        report = drive_workload(url, service.catalog, out_dir, requests, concurrency, seed)
     finally:
         service.stop()
     _print_summary(report)
@@ -154,11 +160,11 @@ def run_demo(settings: Settings, out_dir: Path, *, requests: int, concurrency: i
 
 
 def drive_workload(
-    url: str, catalog: Catalog, out_dir: Path, requests: int, concurrency: int
+    url: str, catalog: Catalog, out_dir: Path, requests: int, concurrency: int, seed: int
 ) -> dict:
     """Send the demo workload to a running service; write the report and contact sheet."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    workload = build_workload(demo_prompts(), requests)
+    workload = build_workload(demo_prompts(), requests, seed)
     run_started = time.monotonic()
     results = asyncio.run(_send_all(url, workload, concurrency))
     run_s = time.monotonic() - run_started
@@ -173,6 +179,7 @@ def drive_workload(
         "url": url,
         "energy_note": ENERGY_NOTE,
         "workload": {
+            "seed": seed,
             "requests": len(workload),
             "images": len(images),
             "repeat_rate": REPEAT_RATE,

@@ -238,6 +238,7 @@ def demo(
     requests: Annotated[int, typer.Option(min=6, max=500, help="Requests to send.")] = 36,
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 6,
     home: Annotated[Path | None, typer.Option(help="State dir (WATTSERVE_HOME).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Workload seed (default: random).")] = None,
 ) -> None:
     """Start a local service, replay a small mixed workload, report energy per variant."""
     _require_serve_extra()
@@ -247,7 +248,9 @@ def demo(
 
     configure_logging(json=False)
     with _errors():
-        run_demo(Settings.from_env(home), out_dir, requests=requests, concurrency=concurrency)
+        run_demo(
+            Settings.from_env(home), out_dir, requests=requests, concurrency=concurrency, seed=seed
+        )
 
 
 def main() -> None:

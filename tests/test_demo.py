@@ -9,8 +9,10 @@ from cli.demo import build_workload, demo_prompts, drive_workload
 def test_workload_is_deterministic_mixed_and_repeats():
     prompts = demo_prompts()
     assert len(prompts) >= 20
-    workload = build_workload(prompts, 36)
-    assert workload == build_workload(prompts, 36)
+    workload = build_workload(prompts, 36, seed=0)
+    assert workload == build_workload(prompts, 36, seed=0)
+    assert {r.seed for r in workload}.isdisjoint({r.seed for r in build_workload(prompts, 36, 1)})
+    assert [r.n for r in workload[:3]] == [1, 1, 1]
     assert [r.quality for r in workload[:3]] == ["draft", "standard", "high"]
     keys = [(r.prompt, r.seed, r.quality) for r in workload]
     assert 0.15 < 1 - len(set(keys)) / len(keys) < 0.5
@@ -19,7 +21,7 @@ def test_workload_is_deterministic_mixed_and_repeats():
 
 @pytest.mark.ray
 def test_demo_report_covers_every_variant_with_labeled_receipts(url, catalog, tmp_path):
-    report = drive_workload(url, catalog, tmp_path, requests=9, concurrency=3)
+    report = drive_workload(url, catalog, tmp_path, requests=9, concurrency=3, seed=5)
     assert set(report["variants"]) == set(catalog.names)
     on_disk = json.loads((tmp_path / "demo-report.json").read_text())
     receipts = [r for req in on_disk["requests"] for r in req["receipts"]]
