@@ -24,13 +24,13 @@ from typing import Protocol
 import structlog
 
 from policies.catalog import Catalog, VariantSpec
-from policies.plans import BatchOutput, BatchPlan, WorkItem
+from policies.plans import WorkItem
 from policies.policy import Policy
 from policies.routing import route
+from scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
 from scheduler.cache import ResultCache
 from scheduler.coalescing import Flight, SharedOutput, SingleFlight
 from scheduler.identity import flight_key, output_key
-from telemetry.energy import estimated_batch_energy
 from telemetry.ledger import LedgerRow, LedgerStore
 from wattserve import GenerationFailed, GenerationRequest, WattserveError
 from wattserve._schemas import (
@@ -51,18 +51,6 @@ class BatchMetrics(Protocol):
 
     def record_batch(self, variant: str, source: str, joules: float, outputs: int) -> None:
         """Count one finished batch."""
-        ...
-
-
-class WorkerPool(Protocol):
-    """What the scheduler needs from the workers."""
-
-    def available(self) -> frozenset[str]:
-        """Names of variants that have at least one replica up."""
-        ...
-
-    async def run(self, plan: BatchPlan) -> BatchOutput:
-        """Run ``plan`` on a replica of ``plan.variant``."""
         ...
 
 
@@ -123,6 +111,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         metrics: BatchMetrics | None = None,
+        max_wait_s: float = 0.02,
     ) -> None:
         self.catalog = catalog
         self.policy = policy
@@ -132,7 +121,11 @@ class Scheduler:
         self._flights = SingleFlight()
         self._clock = clock
         self._rng = rng or random.SystemRandom()
-        self._metrics = metrics
+        self.batcher = Batcher(
+            pool, catalog, max_wait_s=max_wait_s, clock=clock,
+            new_batch_id=lambda: new_id("bat"),
+            on_batch=metrics.record_batch if metrics is not None else None,
+        )  # fmt: skip
 
     def _context(self, request: GenerationRequest, arrived: float) -> _Context:
         decision = route(request, self.catalog, self.policy, self.pool.available())
@@ -233,68 +226,83 @@ class Scheduler:
     async def _run_leaders(
         self, ctx: _Context, leaders: list[int], outcomes: dict[int, _Outcome]
     ) -> None:
-        """Generate ``leaders`` in one batch; settle their flights either way."""
+        """Generate ``leaders`` through the batcher; settle their flights either way."""
         request, variant = ctx.request, ctx.variant
-        items = tuple(
-            WorkItem(request.prompt, request.negative_prompt, ctx.seeds[i]) for i in leaders
-        )
-        plan = BatchPlan(new_id("bat"), variant.name, request.width_px, request.height_px, items)
-        log.info("batch_planned", request_id=ctx.request_id, batch_id=plan.batch_id,
-                 variant=variant.name, size=len(items), reason=ctx.route_reason)  # fmt: skip
-        started = self._clock()
+        deadline_s = ctx.arrived + request.deadline_s if request.deadline_s else None
+        submissions = [
+            self.batcher.submit(
+                variant.name, request.width_px, request.height_px,
+                WorkItem(request.prompt, request.negative_prompt, ctx.seeds[i]), deadline_s,
+            )
+            for i in leaders
+        ]  # fmt: skip
         try:
-            output = await self.pool.run(plan)
-        except BaseException as exc:
-            energy = estimated_batch_energy(variant.power_w, self._clock() - started)
-            cancelled = isinstance(exc, asyncio.CancelledError)
-            error = CANCELLED if cancelled else f"{type(exc).__name__}: {exc}"
+            results = await asyncio.gather(*submissions, return_exceptions=True)
+        except asyncio.CancelledError:
+            # Withdrawn if still queued; if its batch already runs, that batch's energy is on
+            # the device's books (report) but this request is not charged a guessed share.
             for index in leaders:
-                outcomes[index] = _Outcome(
-                    None, variant.name, plan.batch_id, len(items), energy.per_output(len(items)),
-                    energy.source, "miss", ctx.route_reason, error,
-                )  # fmt: skip
-                if ctx.keys[index]:
-                    self._flights.fail(flight_key(ctx.keys[index], variant.name), LeaderGone(error))
-            log.warning("batch_failed", batch_id=plan.batch_id, error=error)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        self._settle(ctx, leaders, plan, output, outcomes)
-        if self.cache is not None:
-            await asyncio.to_thread(self._store, ctx, leaders, output)
+                outcomes[index] = self._unproduced(ctx, CANCELLED)
+                self._fail_flight(ctx, index, CANCELLED)
+            raise
+        generated = []
+        for index, result in zip(leaders, results, strict=True):
+            if isinstance(result, BatchedOutput):
+                generated.append((index, result))
+                continue
+            if not isinstance(result, BatchFailed):
+                raise result
+            outcomes[index] = _Outcome(
+                None, variant.name, result.batch_id, result.batch_size, result.joules,
+                "estimated", "miss", ctx.route_reason, result.message,
+            )  # fmt: skip
+            self._fail_flight(ctx, index, result.message)
+        if self.cache is not None and generated:
+            await asyncio.to_thread(self._store, ctx, generated)
+        self._settle(ctx, generated, outcomes)
+
+    def _fail_flight(self, ctx: _Context, index: int, error: str) -> None:
+        key = ctx.keys[index]
+        if key is not None:
+            self._flights.fail(flight_key(key, ctx.variant.name), LeaderGone(error))
 
     def _settle(
         self,
         ctx: _Context,
-        leaders: list[int],
-        plan: BatchPlan,
-        output: BatchOutput,
+        generated: list[tuple[int, BatchedOutput]],
         outcomes: dict[int, _Outcome],
     ) -> None:
         """Charge each generated output, split with whoever waited on it, release them."""
-        size = len(plan.items)
-        if self._metrics is not None:
-            self._metrics.record_batch(plan.variant, output.energy_source, output.joules, size)
-        for position, index in enumerate(leaders):
-            png, key = output.png_images[position], ctx.keys[index]
-            fkey = flight_key(key, plan.variant) if key else None
+        name = ctx.variant.name
+        for index, result in generated:
+            key = ctx.keys[index]
+            fkey = flight_key(key, name) if key else None
             sharers = self._flights.sharers(fkey) if fkey else 1
-            joules = output.joules / size / sharers
-            outcomes[index] = _Outcome(png, plan.variant, plan.batch_id, size, joules,
-                                       output.energy_source, "miss", ctx.route_reason)  # fmt: skip
+            joules = result.joules / sharers
+            outcomes[index] = _Outcome(
+                result.png,
+                name,
+                result.batch_id,
+                result.batch_size,
+                joules,
+                result.energy_source,
+                "miss",
+                ctx.route_reason,
+            )
             if fkey:
                 self._flights.finish(fkey, SharedOutput(
-                    png, plan.variant, plan.batch_id, size, joules, output.energy_source, sharers
+                    result.png, name, result.batch_id, result.batch_size, joules,
+                    result.energy_source, sharers,
                 ))  # fmt: skip
 
-    def _store(self, ctx: _Context, leaders: list[int], output: BatchOutput) -> None:
+    def _store(self, ctx: _Context, generated: list[tuple[int, BatchedOutput]]) -> None:
         assert self.cache is not None
-        for position, index in enumerate(leaders):
+        for index, result in generated:
             key = ctx.keys[index]
             if key is not None:
                 self.cache.put(
-                    key, ctx.variant.name, ctx.variant.quality_score, output.energy_source,
-                    output.png_images[position], ctx.request_id, index,
+                    key, ctx.variant.name, ctx.variant.quality_score, result.energy_source,
+                    result.png, ctx.request_id, index,
                 )  # fmt: skip
 
     @staticmethod

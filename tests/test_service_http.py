@@ -146,3 +146,28 @@ def test_64_identical_concurrent_requests_make_one_generation(url):
     assert len({r.batch_id for r in rows if r.cache != "hit"}) == 1
     generated = {r.batch_id for r in rows if r.cache == "miss"}
     assert len(generated) == 1
+
+
+def test_32_distinct_concurrent_requests_are_batched(url):
+    import asyncio
+
+    from wattserve import AsyncClient
+
+    async def burst():
+        async with AsyncClient(url) as client:
+            return await asyncio.gather(
+                *(client.generate(f"distinct {i}", seed=1000 + i, quality="draft")
+                  for i in range(32))
+            )  # fmt: skip
+
+    results = asyncio.run(burst())
+    receipts = [r.receipts[0] for r in results]
+    assert {r.cache for r in receipts} == {"miss"}
+    assert max(r.batch_size for r in receipts) > 1
+    with Client(url) as client:
+        rows = {(r.request_id, r.batch_id, r.batch_size) for r in client.ledger(limit=1000)}
+    mine = [row for row in rows if row[0] in {r.request_id for r in results}]
+    batches = {}
+    for _, batch_id, size in mine:
+        batches[batch_id] = size
+    assert sum(batches.values()) == 32  # every output in exactly one batch, sizes add up

@@ -1,0 +1,84 @@
+"""Batch formation: which queued outputs run together, and when.
+
+Compatible outputs (same variant, same size; steps and guidance are per variant) queue
+together, ordered by deadline, then arrival. A group launches a batch only when one of
+its variant's replicas is free — so no replica is ever queued more than one batch deep,
+and under load the queue grows and batches grow with it ("batch harder when busy") —
+and then only when the batch is full, its oldest output has waited ``max_wait_s``, or an
+output's deadline is closer than ``max_wait_s``. Groups whose oldest output waited
+longest are served first.
+
+A pure function over a frozen snapshot: the live batcher and the fleet simulator call
+the same code with their own clocks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QueuedOutput:
+    """One output waiting for a batch."""
+
+    ticket: int
+    variant: str
+    width_px: int
+    height_px: int
+    enqueued_s: float
+    deadline_s: float | None = None  # absolute, on the same clock as ``enqueued_s``
+
+
+@dataclass(frozen=True)
+class BatchingSnapshot:
+    """Everything ``plan_batches`` looks at."""
+
+    now_s: float
+    queued: tuple[QueuedOutput, ...]
+    free_replicas: Mapping[str, int]
+    max_batch_size: Mapping[str, int]
+    max_wait_s: float
+
+
+@dataclass(frozen=True)
+class BatchingDecision:
+    """Batches to launch now (tickets, in launch order) and when to decide again."""
+
+    launch: tuple[tuple[int, ...], ...]
+    wake_at_s: float | None  # None: nothing to do until an output arrives or a batch ends
+
+
+def _order(item: QueuedOutput) -> tuple[bool, float, float, int]:
+    no_deadline = item.deadline_s is None
+    return (no_deadline, item.deadline_s or 0.0, item.enqueued_s, item.ticket)
+
+
+def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
+    """Decide which batches to launch now."""
+    groups: dict[tuple[str, int, int], list[QueuedOutput]] = defaultdict(list)
+    for item in snapshot.queued:
+        groups[(item.variant, item.width_px, item.height_px)].append(item)
+    free = dict(snapshot.free_replicas)
+    now, max_wait_s = snapshot.now_s, snapshot.max_wait_s
+    launch: list[tuple[int, ...]] = []
+    wake_at: float | None = None
+    oldest_first = sorted(groups.values(), key=lambda items: min(i.enqueued_s for i in items))
+    for items in oldest_first:
+        variant = items[0].variant
+        cap = max(1, snapshot.max_batch_size.get(variant, 1))
+        items.sort(key=_order)
+        while items and free.get(variant, 0) > 0:
+            oldest_s = min(i.enqueued_s for i in items)
+            urgent = any(
+                i.deadline_s is not None and i.deadline_s - now <= max_wait_s for i in items
+            )
+            if len(items) < cap and now - oldest_s < max_wait_s and not urgent:
+                due = oldest_s + max_wait_s
+                wake_at = due if wake_at is None else min(wake_at, due)
+                break
+            launch.append(tuple(i.ticket for i in items[:cap]))
+            items = items[cap:]
+            free[variant] -= 1
+    return BatchingDecision(tuple(launch), wake_at)

@@ -1,0 +1,123 @@
+"""Batch formation (pure) and the live batcher on real in-process workers."""
+
+import asyncio
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
+from policies.policy import Policy
+from scheduler.service import Scheduler
+from telemetry.ledger import LedgerStore
+from wattserve import GenerationRequest
+
+
+def q(ticket, variant="v", size=64, at=0.0, deadline=None):
+    return QueuedOutput(ticket, variant, size, size, at, deadline)
+
+
+def snap(queued, now=0.0, free=None, cap=4, wait=0.05):
+    free = {"v": 1, "w": 1} if free is None else free
+    return BatchingSnapshot(now, tuple(queued), free, {"v": cap, "w": cap}, wait)
+
+
+def test_full_batch_launches_at_once_and_the_rest_waits_for_a_free_replica():
+    decision = plan_batches(snap([q(i) for i in range(6)], cap=4))
+    assert decision.launch == ((0, 1, 2, 3),)
+    assert decision.wake_at_s is None  # the remaining two wait for the replica, not a timer
+
+
+def test_partial_batch_waits_until_max_wait_then_launches():
+    early = plan_batches(snap([q(0, at=0.0), q(1, at=0.01)], now=0.02))
+    assert early.launch == () and early.wake_at_s == 0.05
+    due = plan_batches(snap([q(0, at=0.0), q(1, at=0.01)], now=0.05))
+    assert due.launch == ((0, 1),)
+
+
+def test_deadline_pressure_launches_early_and_orders_the_batch():
+    queued = [q(0, at=0.0), q(1, at=0.001, deadline=0.03), q(2, at=0.002)]
+    decision = plan_batches(snap(queued, now=0.002))
+    assert decision.launch == ((1, 0, 2),)
+
+
+def test_sizes_and_variants_never_mix_and_oldest_group_goes_first():
+    queued = [q(0, "v", 64, at=0.2), q(1, "v", 96, at=0.1), q(2, "w", 64, at=0.0)]
+    decision = plan_batches(snap(queued, now=1.0, free={"v": 1, "w": 1}))
+    assert decision.launch == ((2,), (1,))  # v has one replica: the older 96px group wins
+
+
+def test_no_free_replica_launches_nothing():
+    assert plan_batches(snap([q(0)], now=9, free={"v": 0})).launch == ()
+
+
+queued_outputs = st.lists(
+    st.builds(
+        QueuedOutput,
+        ticket=st.integers(0, 10_000),
+        variant=st.sampled_from(["v", "w"]),
+        width_px=st.sampled_from([64, 96]),
+        height_px=st.just(64),
+        enqueued_s=st.floats(0, 1),
+        deadline_s=st.none() | st.floats(0, 2),
+    ),
+    max_size=40,
+    unique_by=lambda o: o.ticket,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    queued=queued_outputs,
+    now=st.floats(0, 2),
+    free_v=st.integers(0, 3),
+    free_w=st.integers(0, 3),
+    cap=st.integers(1, 8),
+)
+def test_batching_invariants(queued, now, free_v, free_w, cap):
+    snapshot = snap(queued, now=now, free={"v": free_v, "w": free_w}, cap=cap)
+    decision = plan_batches(snapshot)
+    by_ticket = {o.ticket: o for o in queued}
+    launched = [t for batch in decision.launch for t in batch]
+    assert len(launched) == len(set(launched))  # nothing runs twice
+    assert set(launched) <= set(by_ticket)
+    for batch in decision.launch:
+        assert 1 <= len(batch) <= cap
+        assert len({(by_ticket[t].variant, by_ticket[t].width_px) for t in batch}) == 1
+    for variant, free in (("v", free_v), ("w", free_w)):
+        assert sum(by_ticket[b[0]].variant == variant for b in decision.launch) <= free
+    if decision.wake_at_s is not None:
+        assert decision.wake_at_s > now - 1e-9
+
+
+async def test_concurrent_distinct_requests_share_batches(catalog, inprocess_pool, tmp_path):
+    class Gate:
+        def __init__(self):
+            self.open, self.sizes = asyncio.Event(), []
+
+        def available(self):
+            return inprocess_pool.available()
+
+        async def run(self, plan):
+            self.sizes.append(len(plan.items))
+            await self.open.wait()
+            return await inprocess_pool.run(plan)
+
+    pool = Gate()
+    ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
+    scheduler = Scheduler(catalog, Policy(), pool, ledger, max_wait_s=0.01)
+    requests = [
+        GenerationRequest(prompt=f"p{i}", width_px=64, height_px=64, seed=i, quality="draft")
+        for i in range(32)
+    ]
+    tasks = [asyncio.create_task(scheduler.generate(r)) for r in requests]
+    await asyncio.sleep(0.2)
+    pool.open.set()
+    responses = await asyncio.gather(*tasks)
+    assert len(responses) == 32 and scheduler.batcher.queued == 0
+    assert sum(pool.sizes) == 32 and max(pool.sizes) == 8  # the turbo variant's cap
+    rows = ledger.recent(100)
+    assert len(rows) == 32 and max(r.batch_size for r in rows) > 1
+    by_batch = {}
+    for row in rows:
+        by_batch.setdefault(row.batch_id, []).append(row)
+    assert all(len(members) == members[0].batch_size for members in by_batch.values())
