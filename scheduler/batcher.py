@@ -83,7 +83,7 @@ class Batcher:
         max_wait_s: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
         new_batch_id: Callable[[], str],
-        on_batch: Callable[[str, EnergySource, float, int], None] | None = None,
+        on_batch: Callable[[BatchPlan, BatchOutput], None] | None = None,
     ) -> None:
         self._pool = pool
         self._catalog = catalog
@@ -107,6 +107,12 @@ class Batcher:
     def queued(self) -> int:
         """Outputs waiting for a batch."""
         return len(self._queue)
+
+    def queued_for(self, variant: str) -> int:
+        """Outputs waiting for a batch of ``variant``, plus one batch per busy replica."""
+        waiting = sum(p.queued.variant == variant for p in self._queue.values())
+        busy = self._in_flight.get(variant, 0)
+        return waiting + busy * self._cap.get(variant, 1)
 
     async def submit(
         self, variant: str, width_px: int, height_px: int, item: WorkItem, deadline_s: float | None
@@ -179,7 +185,7 @@ class Batcher:
                     )  # fmt: skip
         else:
             if self._on_batch is not None:
-                self._on_batch(plan.variant, output.energy_source, output.joules, size)
+                self._on_batch(plan, output)
             for member, png in zip(members, output.png_images, strict=True):
                 if not member.future.done():
                     member.future.set_result(BatchedOutput(

@@ -24,9 +24,10 @@ from typing import Protocol
 import structlog
 
 from policies.catalog import Catalog, VariantSpec
-from policies.plans import WorkItem
+from policies.plans import BatchOutput, BatchPlan, WorkItem
 from policies.policy import Policy
-from policies.routing import route
+from policies.profile import EnergyProfile
+from policies.routing import RouteDecision, RoutingState, route
 from scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
 from scheduler.cache import ResultCache
 from scheduler.coalescing import Flight, SharedOutput, SingleFlight
@@ -36,10 +37,12 @@ from wattserve import GenerationFailed, GenerationRequest, WattserveError
 from wattserve._schemas import (
     MAX_SEED,
     CacheStatus,
+    CandidateInfo,
     EnergySource,
     ImageDatum,
     ImageGenerationResponse,
     Receipt,
+    RouteInfo,
     WattserveExtension,
 )
 
@@ -71,7 +74,7 @@ class _Context:
     request_id: str
     arrived: float
     variant: VariantSpec
-    route_reason: str
+    decision: RouteDecision
     floor: float
     seeds: tuple[int, ...]
     keys: tuple[str | None, ...]  # output keys; None when outputs are not shareable
@@ -90,6 +93,25 @@ class _Outcome:
     cache: CacheStatus
     route_reason: str
     error: str | None = None
+
+
+def route_info(decision: RouteDecision) -> RouteInfo:
+    """The routing decision as the response shows it."""
+    return RouteInfo(
+        variant=decision.variant,
+        reason=decision.reason,
+        expected_joules_per_output=decision.expected_joules_per_image,
+        candidates=[
+            CandidateInfo(
+                variant=c.variant,
+                quality_score=c.quality_score,
+                expected_joules_per_output=c.expected_joules_per_image,
+                expected_latency_s=c.expected_latency_s,
+                rejected_because=c.rejected_because,
+            )
+            for c in decision.candidates
+        ],
+    )
 
 
 def new_id(prefix: str) -> str:
@@ -121,14 +143,30 @@ class Scheduler:
         self._flights = SingleFlight()
         self._clock = clock
         self._rng = rng or random.SystemRandom()
+        self._metrics = metrics
+        self.profile = EnergyProfile(catalog)
         self.batcher = Batcher(
             pool, catalog, max_wait_s=max_wait_s, clock=clock,
-            new_batch_id=lambda: new_id("bat"),
-            on_batch=metrics.record_batch if metrics is not None else None,
+            new_batch_id=lambda: new_id("bat"), on_batch=self._learn,
         )  # fmt: skip
 
+    def _learn(self, plan: BatchPlan, output: BatchOutput) -> None:
+        """Every finished batch updates the energy profile and the metrics."""
+        size = len(plan.items)
+        self.profile.observe(plan.variant, size, output.joules / size, output.busy_s)
+        if self._metrics is not None:
+            self._metrics.record_batch(plan.variant, output.energy_source, output.joules, size)
+
+    def routing_state(self) -> RoutingState:
+        """What is up and what each variant is expected to cost right now."""
+        estimates = {
+            v.name: self.profile.estimate(v.name, self.batcher.queued_for(v.name))
+            for v in self.catalog.variants
+        }
+        return RoutingState(self.pool.available(), estimates)
+
     def _context(self, request: GenerationRequest, arrived: float) -> _Context:
-        decision = route(request, self.catalog, self.policy, self.pool.available())
+        decision = route(request, self.catalog, self.policy, self.routing_state())
         variant = self.catalog.get(decision.variant)
         assert variant is not None  # route() only returns catalog variants
         base = request.seed if request.seed is not None else self._rng.randrange(2**31)
@@ -142,9 +180,7 @@ class Scheduler:
         floor = (
             variant.quality_score if request.model else self.policy.quality_floor(request.quality)
         )
-        return _Context(
-            request, new_id("req"), arrived, variant, decision.reason, floor, seeds, keys
-        )
+        return _Context(request, new_id("req"), arrived, variant, decision, floor, seeds, keys)
 
     async def generate(self, request: GenerationRequest) -> ImageGenerationResponse:
         """Serve ``request``; raise a ``WattserveError`` if any output could not be made."""
@@ -170,7 +206,9 @@ class Scheduler:
             created=int(time.time()),
             data=[ImageDatum(b64_json=base64.b64encode(outcomes[i].png or b"").decode())
                   for i in range(request.n)],
-            wattserve=WattserveExtension(request_id=ctx.request_id, receipts=receipts),
+            wattserve=WattserveExtension(
+                request_id=ctx.request_id, route=route_info(ctx.decision), receipts=receipts
+            ),
         )  # fmt: skip
 
     def _cache_hits(self, ctx: _Context) -> dict[int, _Outcome]:
@@ -254,7 +292,7 @@ class Scheduler:
                 raise result
             outcomes[index] = _Outcome(
                 None, variant.name, result.batch_id, result.batch_size, result.joules,
-                "estimated", "miss", ctx.route_reason, result.message,
+                "estimated", "miss", ctx.decision.reason, result.message,
             )  # fmt: skip
             self._fail_flight(ctx, index, result.message)
         if self.cache is not None and generated:
@@ -287,7 +325,7 @@ class Scheduler:
                 joules,
                 result.energy_source,
                 "miss",
-                ctx.route_reason,
+                ctx.decision.reason,
             )
             if fkey:
                 self._flights.finish(fkey, SharedOutput(
@@ -329,7 +367,7 @@ class Scheduler:
     def _unproduced(self, ctx: _Context, error: str) -> _Outcome:
         """An output that was never generated for this request: nothing to charge."""
         return _Outcome(None, ctx.variant.name, "none", 0, 0.0, "estimated", "miss",
-                        ctx.route_reason, error)  # fmt: skip
+                        ctx.decision.reason, error)  # fmt: skip
 
     def _rows(self, ctx: _Context, outcomes: dict[int, _Outcome]) -> list[LedgerRow]:
         latency_ms = (self._clock() - ctx.arrived) * 1000

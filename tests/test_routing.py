@@ -2,11 +2,18 @@ import pytest
 
 from policies.catalog import load_catalog
 from policies.policy import Policy
-from policies.routing import REASON_CHEAPEST_CAPABLE, REASON_REQUESTED_MODEL, route
-from wattserve import GenerationRequest, InvalidRequest, NotFound, ServiceUnavailable
+from policies.profile import EnergyProfile, VariantEstimate
+from policies.routing import REASON_CHEAPEST_CAPABLE, REASON_REQUESTED_MODEL, RoutingState, route
+from wattserve import (
+    AdmissionRejected,
+    GenerationRequest,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
 
 CATALOG = load_catalog()
-ALL = frozenset(CATALOG.names)
+ALL = RoutingState(frozenset(CATALOG.names))
 
 
 def request(**kw):
@@ -21,7 +28,7 @@ def test_each_tier_gets_the_cheapest_variant_meeting_its_floor(tier, variant):
     decision = route(request(quality=tier), CATALOG, Policy(), ALL)
     assert decision.variant == variant
     assert decision.reason == REASON_CHEAPEST_CAPABLE
-    assert {c.variant for c in decision.candidates} == ALL
+    assert {c.variant for c in decision.candidates} == ALL.available
     chosen = next(c for c in decision.candidates if c.variant == variant)
     others = [c for c in decision.candidates if c.rejected_because is None and c is not chosen]
     assert all(c.expected_joules_per_image >= chosen.expected_joules_per_image for c in others)
@@ -62,7 +69,59 @@ def test_unservable_size_is_a_size_error(width, height):
 
 def test_no_replica_up_is_unavailable_not_a_client_error():
     with pytest.raises(ServiceUnavailable):
-        route(request(quality="high"), CATALOG, Policy(), frozenset({"tiny-sd-turbo"}))
+        route(
+            request(quality="high"), CATALOG, Policy(), RoutingState(frozenset({"tiny-sd-turbo"}))
+        )
     # a cheaper capable variant being down moves the request to the next capable one
-    up = frozenset({"tiny-sd-large"})
+    up = RoutingState(frozenset({"tiny-sd-large"}))
     assert route(request(quality="draft"), CATALOG, Policy(), up).variant == "tiny-sd-large"
+
+
+def test_quality_floor_no_variant_meets_names_the_best_available():
+    strict = Policy(quality_floors={"draft": 0.0, "standard": 0.5, "high": 0.95})
+    with pytest.raises(InvalidRequest) as info:
+        route(request(quality="high"), CATALOG, strict, ALL)
+    assert info.value.param == "quality" and "best available is tiny-sd-large" in info.value.message
+
+
+def test_measured_profile_overrides_the_prior():
+    profile = EnergyProfile(CATALOG)
+    profile.observe("tiny-sd-medium", 1, joules_per_output=5.0, latency_s=0.1)  # cheaper now
+    estimates = {v: profile.estimate(v, queued=0) for v in CATALOG.names}
+    assert estimates["tiny-sd-medium"].measured and not estimates["tiny-sd-turbo"].measured
+    decision = route(
+        request(quality="draft"), CATALOG, Policy(), RoutingState(ALL.available, estimates)
+    )
+    assert decision.variant == "tiny-sd-medium" and decision.expected_joules_per_image == 5.0
+
+
+def test_deadline_rules_out_slow_variants_and_refuses_up_front_when_none_is_fast_enough():
+    slow = VariantEstimate(10.0, 1, expected_latency_s=3.0, measured=True)
+    fast = VariantEstimate(50.0, 1, expected_latency_s=0.2, measured=True)
+    state = RoutingState(
+        ALL.available, {"tiny-sd-turbo": slow, "tiny-sd-medium": fast, "tiny-sd-large": slow}
+    )
+    decision = route(request(quality="draft", deadline_s=1.0), CATALOG, Policy(), state)
+    assert decision.variant == "tiny-sd-medium"
+    turbo = next(c for c in decision.candidates if c.variant == "tiny-sd-turbo")
+    assert turbo.rejected_on == "deadline_s"
+    with pytest.raises(AdmissionRejected) as info:
+        route(request(quality="high", deadline_s=1.0), CATALOG, Policy(), state)
+    assert info.value.param == "deadline_s" and info.value.retry_after_s >= 1
+
+
+def test_profile_ewma_latency_and_the_batch_an_output_would_join():
+    profile = EnergyProfile(CATALOG, alpha=0.5)
+    first = profile.estimate("tiny-sd-turbo", queued=0)
+    assert (first.joules_per_output, first.expected_latency_s, first.measured) == (
+        18.0,
+        None,
+        False,
+    )
+    profile.observe("tiny-sd-turbo", 4, joules_per_output=10.0, latency_s=0.4)
+    profile.observe("tiny-sd-turbo", 4, joules_per_output=20.0, latency_s=0.6)
+    joined = profile.estimate("tiny-sd-turbo", queued=3)  # would join a batch of 4
+    assert (joined.batch_size, joined.joules_per_output) == (4, 15.0)
+    assert joined.expected_latency_s == pytest.approx(0.5)
+    queued_deep = profile.estimate("tiny-sd-turbo", queued=20)  # cap 8: three batches ahead
+    assert queued_deep.batch_size == 8 and queued_deep.expected_latency_s == pytest.approx(1.5)

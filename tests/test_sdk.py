@@ -33,7 +33,13 @@ def generation_body(n=1):
         for i in range(n)
     ]  # fmt: skip
     data = [{"b64_json": base64.b64encode(png()).decode()} for _ in range(n)]
-    return {"created": 0, "data": data, "wattserve": {"request_id": "req_1", "receipts": receipts}}
+    route = {"variant": "v", "reason": "cheapest_capable", "expected_joules_per_output": 1.5,
+             "candidates": []}  # fmt: skip
+    return {
+        "created": 0,
+        "data": data,
+        "wattserve": {"request_id": "req_1", "route": route, "receipts": receipts},
+    }
 
 
 def test_public_surface_is_small_and_importable():

@@ -56,8 +56,15 @@ def test_sdk_generate_is_reproducible_and_every_output_is_in_the_ledger(url):
 )
 def test_routing_by_tier_over_the_wire(url, quality, variant):
     with Client(url) as client:
-        receipt = client.generate("a tiny house", seed=1, quality=quality).receipts[0]
+        result = client.generate(f"a tiny house for {quality}", seed=1, quality=quality)
+    receipt = result.receipts[0]
     assert (receipt.variant, receipt.route_reason) == (variant, "cheapest_capable")
+    assert result.route.variant == variant and len(result.route.candidates) == 3
+    chosen = next(c for c in result.route.candidates if c.variant == variant)
+    assert all(
+        c.rejected_because or c.expected_joules_per_output >= chosen.expected_joules_per_output
+        for c in result.route.candidates
+    )
 
 
 def test_official_openai_client_works_unchanged(url):

@@ -28,6 +28,7 @@ from wattserve._schemas import (
     ModelList,
     Quality,
     Receipt,
+    RouteInfo,
     VariantInfo,
 )
 
@@ -54,6 +55,7 @@ class GenerationResult:
 
     request_id: str
     images: list[GeneratedImage]
+    route: RouteInfo  # the variant chosen, why, and every alternative considered
 
     @property
     def receipts(self) -> list[Receipt]:
@@ -119,7 +121,9 @@ class _BaseClient:
             GeneratedImage(png_bytes=base64.b64decode(datum.b64_json), receipt=receipt)
             for datum, receipt in zip(parsed.data, parsed.wattserve.receipts, strict=True)
         ]
-        return GenerationResult(request_id=parsed.wattserve.request_id, images=images)
+        return GenerationResult(
+            request_id=parsed.wattserve.request_id, images=images, route=parsed.wattserve.route
+        )
 
     def _transport_error(self, exc: httpx.TransportError) -> TransportError:
         return TransportError(f"cannot reach wattserve at {self.base_url}: {exc}")

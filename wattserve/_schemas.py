@@ -147,10 +147,30 @@ class ImageDatum(BaseModel):
     revised_prompt: str | None = None
 
 
+class CandidateInfo(BaseModel):
+    """One variant the router considered for a request."""
+
+    variant: str
+    quality_score: float
+    expected_joules_per_output: float
+    expected_latency_s: float | None
+    rejected_because: str | None
+
+
+class RouteInfo(BaseModel):
+    """Why the request went where it went, with every alternative considered."""
+
+    variant: str
+    reason: str
+    expected_joules_per_output: float
+    candidates: list[CandidateInfo]
+
+
 class WattserveExtension(BaseModel):
     """wattserve's part of a generation response."""
 
     request_id: str
+    route: RouteInfo
     receipts: list[Receipt]
 
 

@@ -1,0 +1,71 @@
+"""The online energy profile: what each variant costs, learned from measured batches.
+
+Per (variant, batch size) the profile keeps an exponentially weighted moving average of
+measured joules per output and of batch latency, seeded by the catalog's energy prior
+(joules) and by nothing (latency: unknown until measured). Routing reads it through
+:meth:`EnergyProfile.estimate`, which also accounts for the batch an output would join
+given the variant's queue. Plain data in, plain data out; the caller serialises updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.catalog import Catalog
+
+DEFAULT_ALPHA = 0.2
+
+
+@dataclass(frozen=True)
+class VariantEstimate:
+    """What routing expects of one variant right now."""
+
+    joules_per_output: float
+    batch_size: int  # the batch a new output would join
+    expected_latency_s: float | None  # queue wait + one batch; None until measured
+    measured: bool  # False: the catalog prior, not yet a measurement
+
+
+class EnergyProfile:
+    """EWMA of measured joules/output and latency per (variant, batch size)."""
+
+    def __init__(self, catalog: Catalog, alpha: float = DEFAULT_ALPHA) -> None:
+        self._catalog = catalog
+        self._alpha = alpha
+        self._joules: dict[tuple[str, int], float] = {}
+        self._latency_s: dict[tuple[str, int], float] = {}
+
+    def observe(
+        self, variant: str, batch_size: int, joules_per_output: float, latency_s: float
+    ) -> None:
+        """Fold one measured batch into the averages."""
+        key = (variant, batch_size)
+        for table, value in ((self._joules, joules_per_output), (self._latency_s, latency_s)):
+            old = table.get(key)
+            table[key] = value if old is None else old + self._alpha * (value - old)
+
+    def _nearest(
+        self, table: dict[tuple[str, int], float], variant: str, size: int
+    ) -> float | None:
+        sizes = [b for (v, b) in table if v == variant]
+        if not sizes:
+            return None
+        best = min(sizes, key=lambda b: (abs(b - size), b))
+        return table[(variant, best)]
+
+    def estimate(self, variant: str, queued: int) -> VariantEstimate:
+        """Expected cost and latency of one more output, given ``queued`` ahead of it."""
+        spec = self._catalog.get(variant)
+        if spec is None:
+            raise KeyError(variant)
+        cap = spec.max_batch_size
+        size = min(cap, queued + 1)
+        measured = self._joules.get((variant, size))
+        if measured is None:
+            measured = self._nearest(self._joules, variant, size)
+        joules = measured if measured is not None else spec.energy_prior.at_batch_size(size)
+        batch_latency = self._latency_s.get((variant, size)) or self._nearest(
+            self._latency_s, variant, size
+        )
+        latency = None if batch_latency is None else (queued // cap + 1) * batch_latency
+        return VariantEstimate(joules, size, latency, measured is not None)
