@@ -55,12 +55,20 @@ def _order(item: QueuedOutput) -> tuple[bool, float, float, int]:
     return (no_deadline, item.deadline_s or 0.0, item.enqueued_s, item.ticket)
 
 
+def _due(items: list[QueuedOutput], now: float, max_wait_s: float) -> tuple[float, bool]:
+    """(when the group's oldest output has waited long enough, whether a deadline is near)."""
+    oldest_s = min(i.enqueued_s for i in items)
+    urgent = any(i.deadline_s is not None and i.deadline_s - now <= max_wait_s for i in items)
+    return oldest_s + max_wait_s, urgent
+
+
 def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
     """Decide which batches to launch now."""
+    free = {name: n for name, n in snapshot.free_replicas.items() if n > 0}
     groups: dict[tuple[str, int, int], list[QueuedOutput]] = defaultdict(list)
     for item in snapshot.queued:
-        groups[(item.variant, item.width_px, item.height_px)].append(item)
-    free = dict(snapshot.free_replicas)
+        if item.variant in free:  # groups without a free replica cannot launch: skip them
+            groups[(item.variant, item.width_px, item.height_px)].append(item)
     now, max_wait_s = snapshot.now_s, snapshot.max_wait_s
     launch: list[tuple[int, ...]] = []
     wake_at: float | None = None
@@ -70,13 +78,9 @@ def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
         cap = max(1, snapshot.max_batch_size.get(variant, 1))
         items.sort(key=_order)
         while items and free.get(variant, 0) > 0:
-            oldest_s = min(i.enqueued_s for i in items)
-            urgent = any(
-                i.deadline_s is not None and i.deadline_s - now <= max_wait_s for i in items
-            )
-            if len(items) < cap and now - oldest_s < max_wait_s and not urgent:
-                due = oldest_s + max_wait_s
-                wake_at = due if wake_at is None else min(wake_at, due)
+            due_s, urgent = _due(items, now, max_wait_s)
+            if len(items) < cap and now < due_s and not urgent:
+                wake_at = due_s if wake_at is None else min(wake_at, due_s)
                 break
             launch.append(tuple(i.ticket for i in items[:cap]))
             items = items[cap:]
