@@ -165,7 +165,8 @@ def status(url: UrlOption = DEFAULT_BASE_URL, json_out: JsonOption = False) -> N
         print_json(found)
         return
     table(
-        f"cluster power {found.cluster_power_w:,.1f} W",
+        f"cluster power {found.cluster_power_w:,.1f} W"
+        + (f" (cap {found.power_cap_w:,.0f} W)" if found.power_cap_w is not None else ""),
         ["node", "device", "name", "source", "power W", "avg W (window)", "energy J", "limit W"],
         [
             [d.node_id[:12], d.index, d.name, d.source, d.power_w or 0.0,

@@ -7,7 +7,7 @@ from ray.serve import Application
 
 from cluster.settings import Settings
 from policies.catalog import Catalog, VariantSpec
-from scheduler.ingress import CacheConfig, SchedulerIngress
+from scheduler.ingress import SchedulerIngress, ServingConfig
 from workers.worker import VariantWorker
 
 # Seconds Serve waits for a worker to load (first start also builds built-in models).
@@ -40,7 +40,10 @@ def build_app(catalog: Catalog, settings: Settings) -> Application:
             health_check_period_s=10,
         )
         workers[variant.name] = deployment.bind(variant, str(settings.models_dir))
-    cache = CacheConfig(
-        str(settings.result_cache_dir), settings.cache_max_bytes, settings.cache_ttl_s
+    config = ServingConfig(
+        cache_dir=str(settings.result_cache_dir),
+        cache_max_bytes=settings.cache_max_bytes,
+        cache_ttl_s=settings.cache_ttl_s,
+        power_cap_w=settings.power_cap_w,
     )
-    return SchedulerIngress.bind(workers, catalog, settings.db_url, cache)
+    return SchedulerIngress.bind(workers, catalog, settings.db_url, config)

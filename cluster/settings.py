@@ -13,6 +13,7 @@ WATTSERVE_SIM_DEVICES  simulated GPUs per node (no NVML)      ``1``
 WATTSERVE_CACHE_DIR    result cache directory                 ``$WATTSERVE_HOME/cache``
 WATTSERVE_CACHE_MAX_BYTES  result cache size cap (LRU)        ``1073741824`` (1 GiB)
 WATTSERVE_CACHE_TTL_S  result cache entry lifetime            none (no expiry)
+WATTSERVE_POWER_CAP_W  cluster power budget in watts          none (uncapped)
 =====================  =====================================  ==========================
 """
 
@@ -39,6 +40,7 @@ class Settings:
     cache_dir: Path | None = None  # None: $WATTSERVE_HOME/cache
     cache_max_bytes: int = 1 << 30
     cache_ttl_s: float | None = None
+    power_cap_w: float | None = None
 
     @property
     def result_cache_dir(self) -> Path:
@@ -58,6 +60,7 @@ class Settings:
         catalog = os.environ.get("WATTSERVE_CATALOG")
         cache_dir = os.environ.get("WATTSERVE_CACHE_DIR")
         ttl = os.environ.get("WATTSERVE_CACHE_TTL_S")
+        cap = os.environ.get("WATTSERVE_POWER_CAP_W")
         return cls(
             home=root,
             db_url=os.environ.get("WATTSERVE_DB_URL") or f"sqlite:///{root / 'wattserve.db'}",
@@ -69,4 +72,5 @@ class Settings:
             cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
             cache_max_bytes=int(os.environ.get("WATTSERVE_CACHE_MAX_BYTES") or 1 << 30),
             cache_ttl_s=float(ttl) if ttl else None,
+            power_cap_w=float(cap) if cap else None,
         )

@@ -6,6 +6,12 @@ or the earliest wait deadline passes, and launches each planned batch as its own
 so a slow batch never blocks planning. Free replicas per variant are the catalog's
 replica count minus batches in flight (each replica takes one batch at a time).
 
+Under a power cap (``power_cap_w``), each planned batch must also pass
+``policies.admission.admit`` against the live cluster power; a batch that does not fit
+stays queued and is re-checked every ``sample_period_s``. Its outputs wait up to
+``max_hold_s`` (or their deadline), then move once to a lower-drawing variant that still
+meets their quality floor, and are otherwise refused with ``AdmissionRejected`` (429).
+
 A request that goes away while its output is still queued withdraws it; once launched,
 the batch runs for everyone in it.
 """
@@ -16,16 +22,17 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
 
+from policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
 from policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
 from policies.catalog import Catalog
 from policies.plans import BatchOutput, BatchPlan, WorkItem
 from telemetry.energy import estimated_batch_energy
-from wattserve import WattserveError
+from wattserve import AdmissionRejected, WattserveError
 from wattserve._schemas import EnergySource
 
 log = structlog.get_logger(__name__)
@@ -48,6 +55,8 @@ class BatchedOutput:
     """One output of a finished batch and its share of the batch's energy."""
 
     png: bytes
+    variant: str
+    moved: bool  # moved to a lower-drawing variant to stay under the power cap
     batch_id: str
     batch_size: int
     joules: float
@@ -69,6 +78,8 @@ class _Pending:
     queued: QueuedOutput
     item: WorkItem
     future: asyncio.Future[BatchedOutput]
+    floor: float
+    moved: bool = False
 
 
 class Batcher:
@@ -84,6 +95,10 @@ class Batcher:
         clock: Callable[[], float] = time.monotonic,
         new_batch_id: Callable[[], str],
         on_batch: Callable[[BatchPlan, BatchOutput], None] | None = None,
+        power_cap_w: float | None = None,
+        cluster_power_w: Callable[[], float | None] = lambda: None,
+        max_hold_s: float = 5.0,
+        sample_period_s: float = 0.1,
     ) -> None:
         self._pool = pool
         self._catalog = catalog
@@ -102,6 +117,11 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        self.power_cap_w = power_cap_w
+        self._cluster_power_w = cluster_power_w
+        self._max_hold_s = max_hold_s
+        self._sample_period_s = sample_period_s
+        self._launched: list[tuple[float, float]] = []  # (launch time, declared draw W)
 
     @property
     def queued(self) -> int:
@@ -115,7 +135,13 @@ class Batcher:
         return waiting + busy * self._cap.get(variant, 1)
 
     async def submit(
-        self, variant: str, width_px: int, height_px: int, item: WorkItem, deadline_s: float | None
+        self,
+        variant: str,
+        width_px: int,
+        height_px: int,
+        item: WorkItem,
+        deadline_s: float | None,
+        floor: float = 0.0,
     ) -> BatchedOutput:
         """Queue one output and wait for it; raises ``BatchFailed`` if its batch fails."""
         if self._dispatcher is None or self._dispatcher.done():
@@ -123,7 +149,7 @@ class Batcher:
         ticket = next(self._tickets)
         queued = QueuedOutput(ticket, variant, width_px, height_px, self._clock(), deadline_s)
         future: asyncio.Future[BatchedOutput] = asyncio.get_running_loop().create_future()
-        self._queue[ticket] = _Pending(queued, item, future)
+        self._queue[ticket] = _Pending(queued, item, future, floor)
         self._wakeup.set()
         try:
             return await asyncio.shield(future)
@@ -134,9 +160,10 @@ class Batcher:
     async def _dispatch(self) -> None:
         while True:
             self._wakeup.clear()
+            now = self._clock()
             decision = plan_batches(
                 BatchingSnapshot(
-                    now_s=self._clock(),
+                    now_s=now,
                     queued=tuple(p.queued for p in self._queue.values()),
                     free_replicas={
                         name: count - self._in_flight.get(name, 0)
@@ -146,20 +173,76 @@ class Batcher:
                     max_wait_s=self._max_wait_s,
                 )
             )
-            for tickets in decision.launch:
-                members = [self._queue.pop(t) for t in tickets]
-                variant = members[0].queued.variant
-                self._in_flight[variant] = self._in_flight.get(variant, 0) + 1
-                task = asyncio.create_task(self._run(members))
-                self._batches.add(task)
-                task.add_done_callback(self._batches.discard)
-            timeout = None
-            if decision.wake_at_s is not None:
-                timeout = max(0.0, decision.wake_at_s - self._clock())
+            wake_at = decision.wake_at_s
+            admitted = self._admit(now, decision.launch)
+            for tickets, ok in zip(decision.launch, admitted, strict=True):
+                if ok:
+                    self._launch(now, [self._queue.pop(t) for t in tickets])
+                else:
+                    self._settle_held(now, tickets)
+                    due = now + self._sample_period_s
+                    wake_at = due if wake_at is None else min(wake_at, due)
+            timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
                 pass
+
+    def _draw_w(self, variant: str) -> float:
+        spec = self._catalog.get(variant)
+        return spec.power_w if spec else 0.0
+
+    def _admit(self, now: float, launch: tuple[tuple[int, ...], ...]) -> list[bool]:
+        """Which planned batches fit under the power cap right now."""
+        recent = now - 2 * self._sample_period_s
+        self._launched = [(t, w) for t, w in self._launched if t >= recent]
+        snapshot = PowerSnapshot(
+            cap_w=self.power_cap_w,
+            measured_w=self._cluster_power_w() if self.power_cap_w is not None else None,
+            launching_w=sum(w for _, w in self._launched),
+        )
+        draws = [self._draw_w(self._queue[tickets[0]].queued.variant) for tickets in launch]
+        return admit(snapshot, draws)
+
+    def _settle_held(self, now: float, tickets: tuple[int, ...]) -> None:
+        """Held outputs that ran out of time move to a lower-drawing variant or are refused."""
+        for ticket in tickets:
+            pending = self._queue[ticket]
+            queued = pending.queued
+            held = HeldOutput(ticket, queued.variant, queued.enqueued_s, queued.deadline_s,
+                              pending.moved)  # fmt: skip
+            cheaper = self._lower_draw_variant(queued, pending.floor)
+            fate = held_fate(held, now, self._max_hold_s, cheaper)
+            if fate == "move" and cheaper is not None:
+                pending.queued = replace(queued, variant=cheaper, enqueued_s=now)
+                pending.moved = True
+                log.info("output_moved_power_cap", ticket=ticket, to=cheaper)
+            elif fate == "reject":
+                self._queue.pop(ticket)
+                pending.future.set_exception(
+                    AdmissionRejected(
+                        f"power cap {self.power_cap_w:.0f} W: no capacity within "
+                        f"{self._max_hold_s:.0f}s and no lower-drawing variant meets the request",
+                        retry_after_s=self._max_hold_s,
+                    )
+                )
+
+    def _lower_draw_variant(self, queued: QueuedOutput, floor: float) -> str | None:
+        current = self._draw_w(queued.variant)
+        fits = [
+            v for v in self._catalog.variants
+            if v.power_w < current and v.quality_score >= floor
+            and v.size_problem(queued.width_px, queued.height_px) is None
+        ]  # fmt: skip
+        return min(fits, key=lambda v: v.power_w).name if fits else None
+
+    def _launch(self, now: float, members: list[_Pending]) -> None:
+        variant = members[0].queued.variant
+        self._in_flight[variant] = self._in_flight.get(variant, 0) + 1
+        self._launched.append((now, self._draw_w(variant)))
+        task = asyncio.create_task(self._run(members))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     async def _run(self, members: list[_Pending]) -> None:
         first = members[0].queued
@@ -189,7 +272,8 @@ class Batcher:
             for member, png in zip(members, output.png_images, strict=True):
                 if not member.future.done():
                     member.future.set_result(BatchedOutput(
-                        png, plan.batch_id, size, output.joules / size, output.energy_source
+                        png, plan.variant, member.moved, plan.batch_id, size,
+                        output.joules / size, output.energy_source,
                     ))  # fmt: skip
         finally:
             self._in_flight[plan.variant] -= 1

@@ -80,12 +80,16 @@ def variant_info(catalog: Catalog) -> list[VariantInfo]:
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    """Where and how big the result cache is."""
+class ServingConfig:
+    """Knobs of the scheduler replica that come from the deployment's settings."""
 
-    directory: str
-    max_bytes: int
-    ttl_s: float | None
+    cache_dir: str
+    cache_max_bytes: int
+    cache_ttl_s: float | None
+    power_cap_w: float | None = None
+
+
+POWER_POLL_S = 0.1
 
 
 def telemetry_agents() -> list:
@@ -113,14 +117,20 @@ class SchedulerIngress:
         workers: dict[str, DeploymentHandle],
         catalog: Catalog,
         db_url: str,
-        cache: CacheConfig,
+        config: ServingConfig,
     ) -> None:
         configure_logging(json=True)
         self._catalog = catalog
         self._ledger = LedgerStore(db_url)
         result_cache = ResultCache(
-            self._ledger.engine, Path(cache.directory), max_bytes=cache.max_bytes, ttl_s=cache.ttl_s
+            self._ledger.engine,
+            Path(config.cache_dir),
+            max_bytes=config.cache_max_bytes,
+            ttl_s=config.cache_ttl_s,
         )
+        self._power_cap_w = config.power_cap_w
+        self._cluster_power_w: float | None = None
+        self._power_poller: asyncio.Task[None] | None = None
         self._scheduler = Scheduler(
             catalog,
             Policy(),
@@ -128,13 +138,29 @@ class SchedulerIngress:
             self._ledger,
             cache=result_cache,
             metrics=SchedulerMetrics(),
+            power_cap_w=config.power_cap_w,
+            cluster_power_w=lambda: self._cluster_power_w,
         )
         log.info("scheduler_ready", variants=catalog.names)
+
+    async def _poll_cluster_power(self) -> None:
+        """Keep the live cluster power fresh for admission; None (admit nothing) on failure."""
+        while True:
+            try:
+                agents = await asyncio.to_thread(telemetry_agents)
+                snapshots = await asyncio.gather(*(a.status.remote() for a in agents))
+                self._cluster_power_w = sum(node.power_w for node, _ in snapshots)
+            except Exception as exc:  # keep polling; admission holds work meanwhile
+                self._cluster_power_w = None
+                log.warning("cluster_power_unavailable", error=repr(exc))
+            await asyncio.sleep(POWER_POLL_S)
 
     @api.post("/v1/images/generations")
     async def generate(self, request: Request) -> dict:
         """OpenAI Images API ``generations`` with wattserve receipts."""
         body = await parse_body(request, ImageGenerationBody)
+        if self._power_cap_w is not None and self._power_poller is None:
+            self._power_poller = asyncio.create_task(self._poll_cluster_power())
         response = await self._scheduler.generate(body.to_request())
         return response.model_dump(mode="json")
 
@@ -157,7 +183,10 @@ class SchedulerIngress:
         nodes = [node for node, _ in snapshots]
         devices = [device for _, node_devices in snapshots for device in node_devices]
         return ClusterStatus(
-            cluster_power_w=sum(n.power_w for n in nodes), nodes=nodes, devices=devices
+            cluster_power_w=sum(n.power_w for n in nodes),
+            power_cap_w=self._power_cap_w,
+            nodes=nodes,
+            devices=devices,
         ).model_dump(mode="json")
 
     @api.get("/v1/report")

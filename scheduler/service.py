@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
@@ -33,7 +33,7 @@ from scheduler.cache import ResultCache
 from scheduler.coalescing import Flight, SharedOutput, SingleFlight
 from scheduler.identity import flight_key, output_key
 from telemetry.ledger import LedgerRow, LedgerStore
-from wattserve import GenerationFailed, GenerationRequest, WattserveError
+from wattserve import AdmissionRejected, GenerationFailed, GenerationRequest, WattserveError
 from wattserve._schemas import (
     MAX_SEED,
     CacheStatus,
@@ -58,6 +58,7 @@ class BatchMetrics(Protocol):
 
 
 REASON_CACHE_HIT = "cache_hit"
+REASON_DOWNGRADED = "downgraded_power_cap"
 REASON_COALESCED = "coalesced"
 CANCELLED = "cancelled by client"
 
@@ -93,6 +94,7 @@ class _Outcome:
     cache: CacheStatus
     route_reason: str
     error: str | None = None
+    retry_after_s: float | None = None  # set when refused to protect the power budget
 
 
 def route_info(decision: RouteDecision) -> RouteInfo:
@@ -134,6 +136,9 @@ class Scheduler:
         rng: random.Random | None = None,
         metrics: BatchMetrics | None = None,
         max_wait_s: float = 0.02,
+        power_cap_w: float | None = None,
+        cluster_power_w: Callable[[], float | None] = lambda: None,
+        max_hold_s: float = 5.0,
     ) -> None:
         self.catalog = catalog
         self.policy = policy
@@ -148,6 +153,7 @@ class Scheduler:
         self.batcher = Batcher(
             pool, catalog, max_wait_s=max_wait_s, clock=clock,
             new_batch_id=lambda: new_id("bat"), on_batch=self._learn,
+            power_cap_w=power_cap_w, cluster_power_w=cluster_power_w, max_hold_s=max_hold_s,
         )  # fmt: skip
 
     def _learn(self, plan: BatchPlan, output: BatchOutput) -> None:
@@ -198,6 +204,11 @@ class Scheduler:
             raise
         rows = self._rows(ctx, outcomes)
         await asyncio.to_thread(self.ledger.record, rows)
+        refused = [o for o in outcomes.values() if o.retry_after_s is not None]
+        if refused:
+            raise AdmissionRejected(
+                refused[0].error or "refused", retry_after_s=refused[0].retry_after_s or 1.0
+            )
         failed = [o.error for o in outcomes.values() if o.error]
         if failed:
             raise GenerationFailed(f"variant {ctx.variant.name!r} failed: {failed[0]}")
@@ -271,6 +282,7 @@ class Scheduler:
             self.batcher.submit(
                 variant.name, request.width_px, request.height_px,
                 WorkItem(request.prompt, request.negative_prompt, ctx.seeds[i]), deadline_s,
+                ctx.floor,
             )
             for i in leaders
         ]  # fmt: skip
@@ -287,6 +299,12 @@ class Scheduler:
         for index, result in zip(leaders, results, strict=True):
             if isinstance(result, BatchedOutput):
                 generated.append((index, result))
+                continue
+            if isinstance(result, AdmissionRejected):
+                outcomes[index] = replace(
+                    self._unproduced(ctx, result.message), retry_after_s=result.retry_after_s
+                )
+                self._fail_flight(ctx, index, result.message)
                 continue
             if not isinstance(result, BatchFailed):
                 raise result
@@ -311,35 +329,29 @@ class Scheduler:
         outcomes: dict[int, _Outcome],
     ) -> None:
         """Charge each generated output, split with whoever waited on it, release them."""
-        name = ctx.variant.name
         for index, result in generated:
             key = ctx.keys[index]
-            fkey = flight_key(key, name) if key else None
+            fkey = flight_key(key, ctx.variant.name) if key else None
             sharers = self._flights.sharers(fkey) if fkey else 1
             joules = result.joules / sharers
+            reason = REASON_DOWNGRADED if result.moved else ctx.decision.reason
             outcomes[index] = _Outcome(
-                result.png,
-                name,
-                result.batch_id,
-                result.batch_size,
-                joules,
-                result.energy_source,
-                "miss",
-                ctx.decision.reason,
-            )
+                result.png, result.variant, result.batch_id, result.batch_size, joules,
+                result.energy_source, "miss", reason,
+            )  # fmt: skip
             if fkey:
                 self._flights.finish(fkey, SharedOutput(
-                    result.png, name, result.batch_id, result.batch_size, joules,
+                    result.png, result.variant, result.batch_id, result.batch_size, joules,
                     result.energy_source, sharers,
                 ))  # fmt: skip
 
     def _store(self, ctx: _Context, generated: list[tuple[int, BatchedOutput]]) -> None:
         assert self.cache is not None
         for index, result in generated:
-            key = ctx.keys[index]
-            if key is not None:
+            key, made_by = ctx.keys[index], self.catalog.get(result.variant)
+            if key is not None and made_by is not None:
                 self.cache.put(
-                    key, ctx.variant.name, ctx.variant.quality_score, result.energy_source,
+                    key, made_by.name, made_by.quality_score, result.energy_source,
                     result.png, ctx.request_id, index,
                 )  # fmt: skip
 

@@ -35,7 +35,12 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float = 240) -
 def test_serve_binds_loopback_serves_and_sigterm_leaves_no_ray_process():
     home = tempfile.mkdtemp(prefix="wss", dir="/tmp")
     port = free_port()
-    env = {**os.environ, "WATTSERVE_HOME": home, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "WATTSERVE_HOME": home,
+        "PYTHONUNBUFFERED": "1",
+        "WATTSERVE_POWER_CAP_W": "480",  # room for one 400 W medium batch over 70 W idle
+    }
     env.pop("RAY_TMPDIR", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "serve", "--port", str(port)],
@@ -53,8 +58,14 @@ def test_serve_binds_loopback_serves_and_sigterm_leaves_no_ray_process():
             if c.status == "LISTEN" and c.laddr.port == port
         ]
         assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
-        body = {"prompt": "a red cube", "seed": 1, "quality": "draft"}
+        body = {"prompt": "a red cube", "seed": 1, "quality": "standard"}
         assert httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).status_code == 200
+        high = {"prompt": "too hot", "seed": 2, "quality": "high"}  # 450 W: never fits
+        refused = httpx.post(f"{url}/v1/images/generations", json=high, timeout=120)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert "power cap 480 W" in refused.json()["error"]["message"]
+        status = httpx.get(f"{url}/v1/status", timeout=10).json()
+        assert status["power_cap_w"] == 480 and status["cluster_power_w"] <= 480
 
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)

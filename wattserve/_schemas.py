@@ -274,6 +274,7 @@ class ClusterStatus(BaseModel):
     """Response of ``GET /v1/status``: live power, from the per-node telemetry agents."""
 
     cluster_power_w: float
+    power_cap_w: float | None  # the budget in force; None when uncapped
     nodes: list[NodeInfo]
     devices: list[DeviceInfo]
 
