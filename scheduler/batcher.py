@@ -99,6 +99,7 @@ class Batcher:
         cluster_power_w: Callable[[], float | None] = lambda: None,
         max_hold_s: float = 5.0,
         sample_period_s: float = 0.1,
+        max_queued: int = 4096,
     ) -> None:
         self._pool = pool
         self._catalog = catalog
@@ -122,6 +123,7 @@ class Batcher:
         self._max_hold_s = max_hold_s
         self._sample_period_s = sample_period_s
         self._launched: list[tuple[float, float]] = []  # (launch time, declared draw W)
+        self._max_queued = max_queued
 
     @property
     def queued(self) -> int:
@@ -143,7 +145,14 @@ class Batcher:
         deadline_s: float | None,
         floor: float = 0.0,
     ) -> BatchedOutput:
-        """Queue one output and wait for it; raises ``BatchFailed`` if its batch fails."""
+        """Queue one output and wait for it; raises ``BatchFailed`` if its batch fails.
+
+        Raises ``AdmissionRejected`` at once when ``max_queued`` outputs already wait.
+        """
+        if len(self._queue) >= self._max_queued:
+            raise AdmissionRejected(
+                f"queue full: {len(self._queue)} outputs waiting", retry_after_s=1.0
+            )
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="wattserve-batcher")
         ticket = next(self._tickets)
@@ -244,6 +253,19 @@ class Batcher:
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
+    async def _run_with_retry(self, plan: BatchPlan) -> BatchOutput:
+        """Run a batch; if its replica fails, run it once more (Serve picks a healthy one).
+
+        The failed attempt is not charged to anyone: whatever it drew stays on the device's
+        books (``wattserve report``), and the outputs are charged once, by the attempt that
+        made them.
+        """
+        try:
+            return await self._pool.run(plan)
+        except Exception as exc:
+            log.warning("batch_retry", batch_id=plan.batch_id, error=f"{type(exc).__name__}: {exc}")
+            return await self._pool.run(plan)
+
     async def _run(self, members: list[_Pending]) -> None:
         first = members[0].queued
         plan = BatchPlan(
@@ -253,7 +275,7 @@ class Batcher:
         size = len(members)
         started = self._clock()
         try:
-            output = await self._pool.run(plan)
+            output = await self._run_with_retry(plan)
         except Exception as exc:
             variant = self._catalog.get(plan.variant)
             power_w = variant.power_w if variant else 0.0

@@ -126,11 +126,23 @@ async def test_unseeded_requests_are_neither_cached_nor_coalesced(catalog, inpro
     assert cache.stats()["entries"] == 0
 
 
+async def test_a_crashed_batch_is_retried_once_and_charged_once(catalog, inprocess_pool, stores):
+    ledger, cache = stores
+    pool = GatedPool(inprocess_pool, fail_first=1)
+    pool.gate.set()
+    scheduler = Scheduler(catalog, Policy(), pool, ledger, cache=cache)
+    response = await scheduler.generate(request(seed=51, n=2))
+    assert len(pool.plans) == 2 and pool.plans[0] == pool.plans[1]  # same batch, run again
+    rows = ledger.for_request(response.wattserve.request_id)
+    assert [r.status for r in rows] == ["ok", "ok"]
+    assert sum(r.joules for r in rows) == pytest.approx(pool.outputs[0].joules)
+
+
 async def test_leader_failure_promotes_a_waiter_and_nobody_is_charged_twice(
     catalog, inprocess_pool, stores
 ):
     ledger, cache = stores
-    pool = GatedPool(inprocess_pool, fail_first=1)
+    pool = GatedPool(inprocess_pool, fail_first=2)  # the batch and its one retry both fail
     scheduler = Scheduler(catalog, Policy(), pool, ledger, cache=cache)
     leader = asyncio.create_task(scheduler.generate(request(seed=31)))
     await until(lambda: len(pool.plans) == 1)
@@ -140,7 +152,7 @@ async def test_leader_failure_promotes_a_waiter_and_nobody_is_charged_twice(
     with pytest.raises(GenerationFailed, match="worker crashed"):
         await leader
     served = await asyncio.gather(*waiters)
-    assert len(pool.plans) == 2  # the failed batch, and one retry by a promoted waiter
+    assert len(pool.plans) == 3  # the failed batch, its retry, and a promoted waiter's batch
     assert sorted(r.wattserve.receipts[0].cache for r in served) == [
         "coalesced",
         "coalesced",
