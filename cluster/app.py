@@ -45,5 +45,6 @@ def build_app(catalog: Catalog, settings: Settings) -> Application:
         cache_max_bytes=settings.cache_max_bytes,
         cache_ttl_s=settings.cache_ttl_s,
         power_cap_w=settings.power_cap_w,
+        joules_per_output_target=settings.joules_per_output_target,
     )
     return SchedulerIngress.bind(workers, catalog, settings.db_url, config)

@@ -14,6 +14,7 @@ WATTSERVE_CACHE_DIR    result cache directory                 ``$WATTSERVE_HOME/
 WATTSERVE_CACHE_MAX_BYTES  result cache size cap (LRU)        ``1073741824`` (1 GiB)
 WATTSERVE_CACHE_TTL_S  result cache entry lifetime            none (no expiry)
 WATTSERVE_POWER_CAP_W  cluster power budget in watts          none (uncapped)
+WATTSERVE_JOULES_PER_OUTPUT_TARGET  J/output target            none
 =====================  =====================================  ==========================
 """
 
@@ -41,6 +42,7 @@ class Settings:
     cache_max_bytes: int = 1 << 30
     cache_ttl_s: float | None = None
     power_cap_w: float | None = None
+    joules_per_output_target: float | None = None
 
     @property
     def result_cache_dir(self) -> Path:
@@ -61,6 +63,7 @@ class Settings:
         cache_dir = os.environ.get("WATTSERVE_CACHE_DIR")
         ttl = os.environ.get("WATTSERVE_CACHE_TTL_S")
         cap = os.environ.get("WATTSERVE_POWER_CAP_W")
+        target = os.environ.get("WATTSERVE_JOULES_PER_OUTPUT_TARGET")
         return cls(
             home=root,
             db_url=os.environ.get("WATTSERVE_DB_URL") or f"sqlite:///{root / 'wattserve.db'}",
@@ -73,4 +76,5 @@ class Settings:
             cache_max_bytes=int(os.environ.get("WATTSERVE_CACHE_MAX_BYTES") or 1 << 30),
             cache_ttl_s=float(ttl) if ttl else None,
             power_cap_w=float(cap) if cap else None,
+            joules_per_output_target=float(target) if target else None,
         )

@@ -23,6 +23,10 @@ class Policy:
     quality_floors: dict[Quality, float] = field(default_factory=_default_floors)
     # Unseeded requests get a fresh seed; share their outputs only when this is on.
     share_unseeded: bool = False
+    # When the rolling measured J/output runs above this, batch harder (wait longer for
+    # fuller batches); routing is already the cheapest variant within each quality floor.
+    joules_per_output_target: float | None = None
+    over_target_wait_factor: float = 4.0
 
     def quality_floor(self, tier: Quality) -> float:
         """Minimum catalog quality score a variant needs to serve ``tier``."""

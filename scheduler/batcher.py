@@ -103,7 +103,7 @@ class Batcher:
     ) -> None:
         self._pool = pool
         self._catalog = catalog
-        self._max_wait_s = max_wait_s
+        self.max_wait_s = max_wait_s
         self._cap = {
             v.name: min(v.max_batch_size, max_batch_size or v.max_batch_size)
             for v in catalog.variants
@@ -179,7 +179,7 @@ class Batcher:
                         for name, count in self._replicas.items()
                     },
                     max_batch_size=self._cap,
-                    max_wait_s=self._max_wait_s,
+                    max_wait_s=self.max_wait_s,
                 )
             )
             wake_at = decision.wake_at_s

@@ -36,6 +36,7 @@ from wattserve._schemas import (
     LedgerPage,
     ModelList,
     ReconciliationInfo,
+    TargetInfo,
     VariantInfo,
 )
 
@@ -87,6 +88,7 @@ class ServingConfig:
     cache_max_bytes: int
     cache_ttl_s: float | None
     power_cap_w: float | None = None
+    joules_per_output_target: float | None = None
 
 
 POWER_POLL_S = 0.1
@@ -133,7 +135,7 @@ class SchedulerIngress:
         self._power_poller: asyncio.Task[None] | None = None
         self._scheduler = Scheduler(
             catalog,
-            Policy(),
+            Policy(joules_per_output_target=config.joules_per_output_target),
             ServeWorkerPool(workers),
             self._ledger,
             cache=result_cache,
@@ -196,8 +198,14 @@ class SchedulerIngress:
         books = await asyncio.gather(*(a.reconciliation.remote() for a in agents))
         total = sum(books, Reconciliation.zero())
         usage = await asyncio.to_thread(self._ledger.usage_by_variant)
+        scheduler = self._scheduler
         return EnergyReport(
             reconciliation=ReconciliationInfo(**asdict(total), error_pct=total.error_pct),
+            target=TargetInfo(
+                joules_per_output_target=scheduler.policy.joules_per_output_target,
+                rolling_joules_per_output=scheduler.rolling_joules_per_output,
+                over_target=scheduler.over_target,
+            ),
             variants=usage,
         ).model_dump(mode="json")
 

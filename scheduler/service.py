@@ -57,6 +57,7 @@ class BatchMetrics(Protocol):
         ...
 
 
+TARGET_EWMA_ALPHA = 0.1
 REASON_CACHE_HIT = "cache_hit"
 REASON_DOWNGRADED = "downgraded_power_cap"
 REASON_COALESCED = "coalesced"
@@ -149,6 +150,8 @@ class Scheduler:
         self._clock = clock
         self._rng = rng or random.SystemRandom()
         self._metrics = metrics
+        self._base_max_wait_s = max_wait_s
+        self.rolling_joules_per_output: float | None = None  # EWMA over generated outputs
         self.profile = EnergyProfile(catalog)
         self.batcher = Batcher(
             pool, catalog, max_wait_s=max_wait_s, clock=clock,
@@ -157,11 +160,24 @@ class Scheduler:
         )  # fmt: skip
 
     def _learn(self, plan: BatchPlan, output: BatchOutput) -> None:
-        """Every finished batch updates the energy profile and the metrics."""
+        """Every finished batch updates the profile, the J/output target state and metrics."""
         size = len(plan.items)
-        self.profile.observe(plan.variant, size, output.joules / size, output.busy_s)
+        per_output = output.joules / size
+        self.profile.observe(plan.variant, size, per_output, output.busy_s)
+        old = self.rolling_joules_per_output
+        self.rolling_joules_per_output = (
+            per_output if old is None else old + TARGET_EWMA_ALPHA * (per_output - old)
+        )
+        factor = self.policy.over_target_wait_factor if self.over_target else 1.0
+        self.batcher.max_wait_s = self._base_max_wait_s * factor
         if self._metrics is not None:
             self._metrics.record_batch(plan.variant, output.energy_source, output.joules, size)
+
+    @property
+    def over_target(self) -> bool:
+        """Whether the rolling measured J/output is above the policy's target."""
+        target, actual = self.policy.joules_per_output_target, self.rolling_joules_per_output
+        return target is not None and actual is not None and actual > target
 
     def routing_state(self) -> RoutingState:
         """What is up and what each variant is expected to cost right now."""

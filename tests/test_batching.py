@@ -121,3 +121,18 @@ async def test_concurrent_distinct_requests_share_batches(catalog, inprocess_poo
     for row in rows:
         by_batch.setdefault(row.batch_id, []).append(row)
     assert all(len(members) == members[0].batch_size for members in by_batch.values())
+
+
+async def test_over_the_joules_per_output_target_batches_harder(catalog, inprocess_pool, tmp_path):
+    ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
+    strict = Scheduler(catalog, Policy(joules_per_output_target=1.0), inprocess_pool, ledger,
+                       max_wait_s=0.01)  # fmt: skip
+    lenient = Scheduler(catalog, Policy(joules_per_output_target=1e9), inprocess_pool, ledger,
+                        max_wait_s=0.01)  # fmt: skip
+    for scheduler in (strict, lenient):
+        assert scheduler.rolling_joules_per_output is None and not scheduler.over_target
+        await scheduler.generate(GenerationRequest(prompt="t", width_px=64, height_px=64,
+                                                   quality="draft"))  # fmt: skip
+        assert scheduler.rolling_joules_per_output > 1.0
+    assert strict.over_target and strict.batcher.max_wait_s == 0.04
+    assert not lenient.over_target and lenient.batcher.max_wait_s == 0.01

@@ -79,6 +79,8 @@ def test_status_and_report_commands(url):
         "device_j", "attributed_j", "idle_j", "unattributed_j", "error_pct",
     }  # fmt: skip
     assert all("joules_per_output" in v for v in report["variants"])
+    assert report["target"]["joules_per_output_target"] is None  # none configured here
+    assert report["target"]["rolling_joules_per_output"] > 0
     for command in ("status", "report"):
         assert runner.invoke(app, [command, "--url", url]).exit_code == 0
 

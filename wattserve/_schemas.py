@@ -304,8 +304,17 @@ class VariantUsage(BaseModel):
     joules_by_source: dict[str, float]
 
 
+class TargetInfo(BaseModel):
+    """The policy's joules-per-output target against the rolling measurement."""
+
+    joules_per_output_target: float | None
+    rolling_joules_per_output: float | None  # EWMA over generated outputs, this replica
+    over_target: bool
+
+
 class EnergyReport(BaseModel):
     """Response of ``GET /v1/report``."""
 
     reconciliation: ReconciliationInfo
+    target: TargetInfo
     variants: list[VariantUsage]
