@@ -31,6 +31,10 @@ class TelemetryAgentActor:
         self._agent.start()
         log.info("telemetry_agent_ready", node_id=node_id, kind=devices.kind, reason=devices.reason)
 
+    def assign_device(self, worker_key: str) -> str | None:
+        """See ``TelemetryAgent.assign_device``."""
+        return self._agent.assign_device(worker_key)
+
     def batch_started(self, batch_id: str, power_w: float, device_uuid: str | None) -> None:
         """See ``TelemetryAgent.batch_started``."""
         self._agent.batch_started(batch_id, power_w, device_uuid)

@@ -9,7 +9,7 @@ WATTSERVE_CATALOG      variant catalog file (TOML)            the built-in catal
 RAY_TMPDIR             Ray's session/temp files               ``$WATTSERVE_HOME/ray``
 WATTSERVE_POWER_SOURCE auto | nvml | simulated                ``auto``
 WATTSERVE_SAMPLE_HZ    telemetry samples per second/device    ``10``
-WATTSERVE_SIM_DEVICES  simulated GPUs per node (no NVML)      ``1``
+WATTSERVE_SIM_DEVICES  simulated GPUs per node (no NVML)      ``4``
 WATTSERVE_CACHE_DIR    result cache directory                 ``$WATTSERVE_HOME/cache``
 WATTSERVE_CACHE_MAX_BYTES  result cache size cap (LRU)        ``1073741824`` (1 GiB)
 WATTSERVE_CACHE_TTL_S  result cache entry lifetime            none (no expiry)
@@ -37,7 +37,7 @@ class Settings:
     ray_tmpdir: Path
     power_source: str = "auto"
     sample_hz: float = 10.0
-    sim_devices: int = 1
+    sim_devices: int = 4
     cache_dir: Path | None = None  # None: $WATTSERVE_HOME/cache
     cache_max_bytes: int = 1 << 30
     cache_ttl_s: float | None = None
@@ -71,7 +71,7 @@ class Settings:
             ray_tmpdir=Path(os.environ.get("RAY_TMPDIR") or root / "ray"),
             power_source=os.environ.get("WATTSERVE_POWER_SOURCE") or "auto",
             sample_hz=float(os.environ.get("WATTSERVE_SAMPLE_HZ") or 10.0),
-            sim_devices=int(os.environ.get("WATTSERVE_SIM_DEVICES") or 1),
+            sim_devices=int(os.environ.get("WATTSERVE_SIM_DEVICES") or 4),
             cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
             cache_max_bytes=int(os.environ.get("WATTSERVE_CACHE_MAX_BYTES") or 1 << 30),
             cache_ttl_s=float(ttl) if ttl else None,

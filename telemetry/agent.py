@@ -82,6 +82,7 @@ class TelemetryAgent:
             maxlen=max(1, int(window_s * sample_hz))
         )
         self._batch_device: dict[str, int] = {}
+        self._assigned: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sampling_cpu_s = 0.0
@@ -146,6 +147,17 @@ class TelemetryAgent:
         return self._sampling_cpu_s / self._sampling_wall_s * 100
 
     # ------------------------------------------------------------------ batches
+
+    def assign_device(self, worker_key: str) -> str | None:
+        """A simulated device for a worker with no GPU of its own: round-robin, sticky.
+
+        On a real (NVML) node a worker without a GPU gets None: it is not charged to a GPU.
+        """
+        if self.kind != "simulated":
+            return None
+        with self._lock:
+            index = self._assigned.setdefault(worker_key, len(self._assigned) % len(self.devices))
+        return self.devices[index].uuid
 
     def device_index(self, device_uuid: str | None) -> int:
         """The local device a worker runs on: by UUID, else the first device."""

@@ -58,3 +58,11 @@ def test_sampling_thread_runs_and_costs_little():
     agent.stop()
     assert agent.status()[0].window_s >= 0.3  # ring buffer filled by the thread
     assert 0 < agent.sampling_cpu_pct < 20
+
+
+def test_workers_without_a_gpu_get_their_own_simulated_device_round_robin():
+    clock = Clock()
+    agent = agent_with(clock, count=2)
+    first, second, third = (agent.assign_device(k) for k in ("w1", "w2", "w3"))
+    assert (first, second, third) == ("SIM-local-0", "SIM-local-1", "SIM-local-0")
+    assert agent.assign_device("w2") == second  # sticky

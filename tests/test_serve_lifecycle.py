@@ -39,7 +39,8 @@ def test_serve_binds_loopback_serves_and_sigterm_leaves_no_ray_process():
         **os.environ,
         "WATTSERVE_HOME": home,
         "PYTHONUNBUFFERED": "1",
-        "WATTSERVE_POWER_CAP_W": "480",  # room for one 400 W medium batch over 70 W idle
+        # 4 simulated GPUs idle at 70 W each: room for one 400 W medium batch, not a 450 W one
+        "WATTSERVE_POWER_CAP_W": "700",
     }
     env.pop("RAY_TMPDIR", None)
     proc = subprocess.Popen(
@@ -63,9 +64,9 @@ def test_serve_binds_loopback_serves_and_sigterm_leaves_no_ray_process():
         high = {"prompt": "too hot", "seed": 2, "quality": "high"}  # 450 W: never fits
         refused = httpx.post(f"{url}/v1/images/generations", json=high, timeout=120)
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
-        assert "power cap 480 W" in refused.json()["error"]["message"]
+        assert "power cap 700 W" in refused.json()["error"]["message"]
         status = httpx.get(f"{url}/v1/status", timeout=10).json()
-        assert status["power_cap_w"] == 480 and status["cluster_power_w"] <= 480
+        assert status["power_cap_w"] == 700 and status["cluster_power_w"] <= 700
 
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)

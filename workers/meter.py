@@ -33,10 +33,17 @@ class AgentMeter:
 
     @classmethod
     def for_this_node(cls, device: Any) -> AgentMeter:
-        """Find the agent of the node this process runs on."""
-        node_id = ray.get_runtime_context().get_node_id()
-        agent = ray.get_actor(agent_actor_name(node_id), namespace=AGENT_NAMESPACE)
-        return cls(agent, cuda_device_uuid(device))
+        """Find the agent of the node this process runs on, and this worker's device.
+
+        A worker on a GPU is metered on that GPU; one without (CPU, simulation) asks the
+        agent for a simulated device of its own, keyed by this actor's id.
+        """
+        context = ray.get_runtime_context()
+        agent = ray.get_actor(agent_actor_name(context.get_node_id()), namespace=AGENT_NAMESPACE)
+        uuid = cuda_device_uuid(device)
+        if uuid is None:
+            uuid = ray.get(agent.assign_device.remote(context.get_actor_id() or "driver"))
+        return cls(agent, uuid)
 
     def begin(self, batch_id: str, power_w: float) -> None:
         """Report a batch start."""
