@@ -208,7 +208,11 @@ def drive_workload(
             "joules": round(savings.saved_joules, 3),
             "fraction": round(savings.saved_joules / savings.baseline_joules, 4),
             "by_cause_joules": {k: round(v, 3) for k, v in savings.by_cause_joules.items()},
-            "note": "power capping is not in this version: 0 J",
+            "note": (
+                "power capping savings are not attributed yet (0 J). A negative batching "
+                "figure means batched outputs cost more per image than the same variant's "
+                "batch-1 outputs in this run (on a CPU, batching gives no speedup)."
+            ),
         },
         "contact_sheet": str(out_dir / SHEET_NAME),
         "requests": [
