@@ -46,5 +46,7 @@ def build_app(catalog: Catalog, settings: Settings) -> Application:
         cache_ttl_s=settings.cache_ttl_s,
         power_cap_w=settings.power_cap_w,
         joules_per_output_target=settings.joules_per_output_target,
+        coalescers=settings.coalescers,
     )
-    return SchedulerIngress.bind(workers, catalog, settings.db_url, config)
+    ingress = SchedulerIngress.options(num_replicas=settings.scheduler_replicas)
+    return ingress.bind(workers, catalog, settings.db_url, config)

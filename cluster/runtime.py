@@ -18,6 +18,12 @@ import structlog
 
 from cluster.settings import Settings
 from policies.catalog import Catalog, load_catalog
+from wattserve import WattserveError
+
+
+class SettingsError(WattserveError):
+    """The settings contradict each other; the message says how."""
+
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +56,7 @@ class LocalService:
         self.port = port
         self.catalog: Catalog | None = None
         self._ray_started = False
-        self._agents: list[Any] = []
+        self._actors: list[Any] = []
 
     @property
     def url(self) -> str:
@@ -62,6 +68,11 @@ class LocalService:
         """Start Ray, Serve and the app; return the URL once ``/healthz`` answers."""
         # Validate the catalog before anything heavy starts: a bad file fails in a second.
         self.catalog = load_catalog(self.settings.catalog_path)
+        if self.settings.power_cap_w is not None and self.settings.scheduler_replicas > 1:
+            raise SettingsError(
+                "WATTSERVE_POWER_CAP_W needs a single scheduler replica: each replica admits "
+                "against the same measured power, so several could overshoot the cap together"
+            )
         for key, value in _PROCESS_ENV.items():
             os.environ.setdefault(key, value)
         import ray
@@ -69,6 +80,7 @@ class LocalService:
 
         from cluster.agents import start_agents
         from cluster.app import build_app
+        from cluster.coalescers import start_coalescers
 
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self.settings.ray_tmpdir.mkdir(parents=True, exist_ok=True)
@@ -88,9 +100,9 @@ class LocalService:
             # owns the cluster and must get the chance to stop it cleanly, so restore ours.
             signal.signal(signal.SIGTERM, sigterm_handler)
         # Keep the handles: a non-detached actor dies when its last handle goes away.
-        self._agents = start_agents(
+        self._actors = start_agents(
             self.settings.power_source, self.settings.sample_hz, self.settings.sim_devices
-        )
+        ) + start_coalescers(self.settings.coalescers)
         serve.start(http_options={"host": self.host, "port": self.port})
         serve.run(build_app(self.catalog, self.settings), name=APP_NAME, route_prefix="/")
         self._wait_ready(ready_timeout_s)
@@ -120,7 +132,7 @@ class LocalService:
         try:
             serve.shutdown()
         finally:
-            self._agents = []
+            self._actors = []
             ray.shutdown()
             self._ray_started = False
             log.info("service_stopped")

@@ -15,6 +15,7 @@ WATTSERVE_CACHE_MAX_BYTES  result cache size cap (LRU)        ``1073741824`` (1 
 WATTSERVE_CACHE_TTL_S  result cache entry lifetime            none (no expiry)
 WATTSERVE_POWER_CAP_W  cluster power budget in watts          none (uncapped)
 WATTSERVE_JOULES_PER_OUTPUT_TARGET  J/output target            none
+WATTSERVE_SCHEDULER_REPLICAS  scheduler (ingress) replicas    ``1``
 =====================  =====================================  ==========================
 """
 
@@ -43,6 +44,12 @@ class Settings:
     cache_ttl_s: float | None = None
     power_cap_w: float | None = None
     joules_per_output_target: float | None = None
+    scheduler_replicas: int = 1
+
+    @property
+    def coalescers(self) -> int:
+        """Coalescer actors to start: none for one scheduler replica (it coalesces itself)."""
+        return 0 if self.scheduler_replicas <= 1 else 2
 
     @property
     def result_cache_dir(self) -> Path:
@@ -77,4 +84,5 @@ class Settings:
             cache_ttl_s=float(ttl) if ttl else None,
             power_cap_w=float(cap) if cap else None,
             joules_per_output_target=float(target) if target else None,
+            scheduler_replicas=int(os.environ.get("WATTSERVE_SCHEDULER_REPLICAS") or 1),
         )

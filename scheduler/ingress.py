@@ -21,6 +21,13 @@ from policies.plans import BatchOutput, BatchPlan
 from policies.policy import Policy
 from scheduler._http import install_error_handlers, parse_body
 from scheduler.cache import ResultCache
+from scheduler.coalescing import (
+    COALESCER_NAMESPACE,
+    Flights,
+    LocalFlights,
+    RemoteFlights,
+    coalescer_actor_name,
+)
 from scheduler.service import Scheduler
 from telemetry.agent import AGENT_NAMESPACE, agent_actor_name
 from telemetry.attribution import Reconciliation
@@ -89,6 +96,7 @@ class ServingConfig:
     cache_ttl_s: float | None
     power_cap_w: float | None = None
     joules_per_output_target: float | None = None
+    coalescers: int = 0  # 0: this replica coalesces by itself
 
 
 POWER_POLL_S = 0.1
@@ -133,12 +141,18 @@ class SchedulerIngress:
         self._power_cap_w = config.power_cap_w
         self._cluster_power_w: float | None = None
         self._power_poller: asyncio.Task[None] | None = None
+        flights: Flights = LocalFlights()
+        if config.coalescers:
+            names = [coalescer_actor_name(i) for i in range(config.coalescers)]
+            handles = [ray.get_actor(n, namespace=COALESCER_NAMESPACE) for n in names]
+            flights = RemoteFlights(names, handles)
         self._scheduler = Scheduler(
             catalog,
             Policy(joules_per_output_target=config.joules_per_output_target),
             ServeWorkerPool(workers),
             self._ledger,
             cache=result_cache,
+            flights=flights,
             metrics=SchedulerMetrics(),
             power_cap_w=config.power_cap_w,
             cluster_power_w=lambda: self._cluster_power_w,

@@ -30,10 +30,10 @@ from policies.profile import EnergyProfile
 from policies.routing import RouteDecision, RoutingState, route
 from scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
 from scheduler.cache import ResultCache
-from scheduler.coalescing import Flight, SharedOutput, SingleFlight
+from scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
 from scheduler.identity import flight_key, output_key
 from telemetry.ledger import LedgerRow, LedgerStore
-from wattserve import AdmissionRejected, GenerationFailed, GenerationRequest, WattserveError
+from wattserve import AdmissionRejected, GenerationFailed, GenerationRequest
 from wattserve._schemas import (
     MAX_SEED,
     CacheStatus,
@@ -62,10 +62,6 @@ REASON_CACHE_HIT = "cache_hit"
 REASON_DOWNGRADED = "downgraded_power_cap"
 REASON_COALESCED = "coalesced"
 CANCELLED = "cancelled by client"
-
-
-class LeaderGone(WattserveError):
-    """The generation a request was waiting on failed or was cancelled; retry it."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +129,7 @@ class Scheduler:
         ledger: LedgerStore,
         *,
         cache: ResultCache | None = None,
+        flights: Flights | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         metrics: BatchMetrics | None = None,
@@ -146,7 +143,7 @@ class Scheduler:
         self.pool = pool
         self.ledger = ledger
         self.cache = cache
-        self._flights = SingleFlight()
+        self._flights: Flights = flights if flights is not None else LocalFlights()
         self._clock = clock
         self._rng = rng or random.SystemRandom()
         self._metrics = metrics
@@ -258,35 +255,37 @@ class Scheduler:
         self, ctx: _Context, indices: list[int], outcomes: dict[int, _Outcome], retries_left: int
     ) -> None:
         """Lead or join a flight for each output; generate what this request leads."""
-        leaders, joined = [], {}
+        leaders, joined = [], []
         for index in indices:
             key = ctx.keys[index]
-            if key is None:
-                leaders.append(index)
-                continue
-            flight, leads = self._flights.lead_or_join(flight_key(key, ctx.variant.name))
-            if leads:
+            if key is None or await self._flights.claim(flight_key(key, ctx.variant.name)):
                 leaders.append(index)
             else:
-                joined[index] = flight
+                joined.append(index)
         if leaders:
             await self._run_leaders(ctx, leaders, outcomes)
         retry = []
-        for index, flight in joined.items():
+        for index in joined:
             try:
-                shared: SharedOutput = await SingleFlight.wait(flight)
-            except WattserveError as exc:
+                shared = await self._flights.wait(self._fkey(ctx, index))
+            except LeaderGone as exc:
                 if retries_left:
                     retry.append(index)
                 else:
                     outcomes[index] = self._unproduced(ctx, exc.message)
                 continue
             except asyncio.CancelledError:
-                self._abandon(ctx, joined, outcomes)
+                await asyncio.shield(self._abandon(ctx, joined, outcomes))
                 raise
             outcomes[index] = self._coalesced(shared)
         if retry:
             await self._produce(ctx, retry, outcomes, retries_left - 1)
+
+    @staticmethod
+    def _fkey(ctx: _Context, index: int) -> str:
+        key = ctx.keys[index]
+        assert key is not None  # only shareable outputs have flights
+        return flight_key(key, ctx.variant.name)
 
     async def _run_leaders(
         self, ctx: _Context, leaders: list[int], outcomes: dict[int, _Outcome]
@@ -309,7 +308,7 @@ class Scheduler:
             # the device's books (report) but this request is not charged a guessed share.
             for index in leaders:
                 outcomes[index] = self._unproduced(ctx, CANCELLED)
-                self._fail_flight(ctx, index, CANCELLED)
+            await asyncio.shield(self._fail_flights(ctx, leaders, CANCELLED))
             raise
         generated = []
         for index, result in zip(leaders, results, strict=True):
@@ -320,7 +319,7 @@ class Scheduler:
                 outcomes[index] = replace(
                     self._unproduced(ctx, result.message), retry_after_s=result.retry_after_s
                 )
-                self._fail_flight(ctx, index, result.message)
+                await self._fail_flights(ctx, [index], result.message)
                 continue
             if not isinstance(result, BatchFailed):
                 raise result
@@ -328,17 +327,17 @@ class Scheduler:
                 None, variant.name, result.batch_id, result.batch_size, result.joules,
                 "estimated", "miss", ctx.decision.reason, result.message,
             )  # fmt: skip
-            self._fail_flight(ctx, index, result.message)
+            await self._fail_flights(ctx, [index], result.message)
         if self.cache is not None and generated:
             await asyncio.to_thread(self._store, ctx, generated)
-        self._settle(ctx, generated, outcomes)
+        await self._settle(ctx, generated, outcomes)
 
-    def _fail_flight(self, ctx: _Context, index: int, error: str) -> None:
-        key = ctx.keys[index]
-        if key is not None:
-            self._flights.fail(flight_key(key, ctx.variant.name), LeaderGone(error))
+    async def _fail_flights(self, ctx: _Context, indices: list[int], error: str) -> None:
+        for index in indices:
+            if ctx.keys[index] is not None:
+                await self._flights.fail(self._fkey(ctx, index), error)
 
-    def _settle(
+    async def _settle(
         self,
         ctx: _Context,
         generated: list[tuple[int, BatchedOutput]],
@@ -346,20 +345,15 @@ class Scheduler:
     ) -> None:
         """Charge each generated output, split with whoever waited on it, release them."""
         for index, result in generated:
-            key = ctx.keys[index]
-            fkey = flight_key(key, ctx.variant.name) if key else None
-            sharers = self._flights.sharers(fkey) if fkey else 1
-            joules = result.joules / sharers
             reason = REASON_DOWNGRADED if result.moved else ctx.decision.reason
+            shared = SharedOutput(result.png, result.variant, result.batch_id, result.batch_size,
+                                  result.joules, result.energy_source)  # fmt: skip
+            if ctx.keys[index] is not None:
+                shared = await self._flights.finish(self._fkey(ctx, index), shared)
             outcomes[index] = _Outcome(
-                result.png, result.variant, result.batch_id, result.batch_size, joules,
+                result.png, result.variant, result.batch_id, result.batch_size, shared.joules,
                 result.energy_source, "miss", reason,
             )  # fmt: skip
-            if fkey:
-                self._flights.finish(fkey, SharedOutput(
-                    result.png, result.variant, result.batch_id, result.batch_size, joules,
-                    result.energy_source, sharers,
-                ))  # fmt: skip
 
     def _store(self, ctx: _Context, generated: list[tuple[int, BatchedOutput]]) -> None:
         assert self.cache is not None
@@ -374,23 +368,20 @@ class Scheduler:
     @staticmethod
     def _coalesced(shared: SharedOutput, error: str | None = None) -> _Outcome:
         return _Outcome(
-            shared.png, shared.variant, shared.batch_id, shared.batch_size,
-            shared.joules_per_sharer, shared.energy_source,  # type: ignore[arg-type]
+            shared.png, shared.variant, shared.batch_id, shared.batch_size, shared.joules,
+            shared.energy_source,  # type: ignore[arg-type]
             "coalesced", REASON_COALESCED, error,
         )  # fmt: skip
 
-    def _abandon(
-        self, ctx: _Context, joined: dict[int, Flight], outcomes: dict[int, _Outcome]
+    async def _abandon(
+        self, ctx: _Context, joined: list[int], outcomes: dict[int, _Outcome]
     ) -> None:
         """A cancelled request leaves its flights: it keeps a share only if one was counted."""
-        for index, flight in joined.items():
-            if index in outcomes:
-                continue
-            if flight.future.done() and flight.future.exception() is None:
-                # counted among the sharers when the flight finished: its share stays on record
-                outcomes[index] = self._coalesced(flight.future.result(), CANCELLED)
-            elif not flight.future.done():
-                flight.waiters -= 1
+        for index in joined:
+            if index not in outcomes:
+                shared = await self._flights.leave(self._fkey(ctx, index))
+                if shared is not None:  # counted among the sharers: its share stays on record
+                    outcomes[index] = self._coalesced(shared, CANCELLED)
 
     def _unproduced(self, ctx: _Context, error: str) -> _Outcome:
         """An output that was never generated for this request: nothing to charge."""
