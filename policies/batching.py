@@ -29,6 +29,7 @@ class QueuedOutput:
     height_px: int
     enqueued_s: float
     deadline_s: float | None = None  # absolute, on the same clock as ``enqueued_s``
+    solo: bool = False  # must run in a batch of its own (the baseline policy)
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,11 @@ def _due(items: list[QueuedOutput], now: float, max_wait_s: float) -> tuple[floa
 def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
     """Decide which batches to launch now."""
     free = {name: n for name, n in snapshot.free_replicas.items() if n > 0}
-    groups: dict[tuple[str, int, int], list[QueuedOutput]] = defaultdict(list)
+    groups: dict[tuple[str, int, int, int], list[QueuedOutput]] = defaultdict(list)
     for item in snapshot.queued:
         if item.variant in free:  # groups without a free replica cannot launch: skip them
-            groups[(item.variant, item.width_px, item.height_px)].append(item)
+            group = -item.ticket - 1 if item.solo else 0  # a solo output is its own group
+            groups[(item.variant, item.width_px, item.height_px, group)].append(item)
     now, max_wait_s = snapshot.now_s, snapshot.max_wait_s
     launch: list[tuple[int, ...]] = []
     wake_at: float | None = None
@@ -79,7 +81,7 @@ def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
         items.sort(key=_order)
         while items and free.get(variant, 0) > 0:
             due_s, urgent = _due(items, now, max_wait_s)
-            if len(items) < cap and now < due_s and not urgent:
+            if len(items) < cap and now < due_s and not urgent and not items[0].solo:
                 wake_at = due_s if wake_at is None else min(wake_at, due_s)
                 break
             launch.append(tuple(i.ticket for i in items[:cap]))

@@ -27,6 +27,7 @@ from wattserve import (
 
 REASON_CHEAPEST_CAPABLE = "cheapest_capable"
 REASON_REQUESTED_MODEL = "requested_model"
+REASON_BASELINE = "baseline"
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ def route(
         return RouteDecision(
             variant.name, REASON_REQUESTED_MODEL, candidate.expected_joules_per_image, (candidate,)
         )
+    if request.policy == "baseline":
+        return _baseline(request, catalog, state)
     floor = policy.quality_floor(request.quality)
     candidates = tuple(_assess(v, request, floor, state) for v in catalog.variants)
     capable = [c for c in candidates if c.rejected_because is None]
@@ -137,3 +140,13 @@ def route(
     return RouteDecision(
         best.variant, REASON_CHEAPEST_CAPABLE, best.expected_joules_per_image, candidates
     )
+
+
+def _baseline(request: GenerationRequest, catalog: Catalog, state: RoutingState) -> RouteDecision:
+    """The reference without wattserve: the highest-quality variant that can serve it."""
+    candidates = tuple(_assess(v, request, 0.0, state) for v in catalog.variants)
+    capable = [c for c in candidates if c.rejected_because is None]
+    if not capable:
+        _refuse(request, candidates, 0.0)
+    best = max(capable, key=lambda c: (c.quality_score, c.variant))
+    return RouteDecision(best.variant, REASON_BASELINE, best.expected_joules_per_image, candidates)

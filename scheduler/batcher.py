@@ -144,6 +144,7 @@ class Batcher:
         item: WorkItem,
         deadline_s: float | None,
         floor: float = 0.0,
+        solo: bool = False,
     ) -> BatchedOutput:
         """Queue one output and wait for it; raises ``BatchFailed`` if its batch fails.
 
@@ -156,7 +157,7 @@ class Batcher:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="wattserve-batcher")
         ticket = next(self._tickets)
-        queued = QueuedOutput(ticket, variant, width_px, height_px, self._clock(), deadline_s)
+        queued = QueuedOutput(ticket, variant, width_px, height_px, self._clock(), deadline_s, solo)
         future: asyncio.Future[BatchedOutput] = asyncio.get_running_loop().create_future()
         self._queue[ticket] = _Pending(queued, item, future, floor)
         self._wakeup.set()

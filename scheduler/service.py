@@ -190,7 +190,8 @@ class Scheduler:
         assert variant is not None  # route() only returns catalog variants
         base = request.seed if request.seed is not None else self._rng.randrange(2**31)
         seeds = tuple((base + i) % (MAX_SEED + 1) for i in range(request.n))
-        shareable = request.seed is not None or self.policy.share_unseeded
+        baseline = request.policy == "baseline"  # no cache, no coalescing, batch of one
+        shareable = not baseline and (request.seed is not None or self.policy.share_unseeded)
         keys = tuple(
             output_key(request.prompt, request.negative_prompt, request.width_px,
                        request.height_px, seed) if shareable else None
@@ -297,7 +298,7 @@ class Scheduler:
             self.batcher.submit(
                 variant.name, request.width_px, request.height_px,
                 WorkItem(request.prompt, request.negative_prompt, ctx.seeds[i]), deadline_s,
-                ctx.floor,
+                ctx.floor, solo=request.policy == "baseline",
             )
             for i in leaders
         ]  # fmt: skip

@@ -136,3 +136,31 @@ async def test_over_the_joules_per_output_target_batches_harder(catalog, inproce
         assert scheduler.rolling_joules_per_output > 1.0
     assert strict.over_target and strict.batcher.max_wait_s == 0.04
     assert not lenient.over_target and lenient.batcher.max_wait_s == 0.01
+
+
+def test_solo_outputs_run_alone_and_without_waiting():
+    queued = [
+        QueuedOutput(0, "v", 64, 64, 0.0, solo=True),
+        QueuedOutput(1, "v", 64, 64, 0.0, solo=True),
+        q(2, at=0.0),
+    ]
+    decision = plan_batches(snap(queued, now=0.0, free={"v": 3}))
+    assert sorted(decision.launch) == [(0,), (1,)]  # the shared output still waits to fill
+
+
+async def test_baseline_requests_share_nothing(catalog, inprocess_pool, tmp_path):
+    from scheduler.cache import ResultCache
+
+    ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
+    scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger,
+                          cache=ResultCache(ledger.engine, tmp_path / "c"))  # fmt: skip
+    same = GenerationRequest(prompt="b", width_px=64, height_px=64, seed=3, quality="draft",
+                             policy="baseline")  # fmt: skip
+    before = len(inprocess_pool.plans)
+    responses = await asyncio.gather(*(scheduler.generate(same) for _ in range(3)))
+    await scheduler.generate(same)
+    assert len(inprocess_pool.plans) - before == 4  # no coalescing, no cache
+    receipts = [r.wattserve.receipts[0] for r in responses]
+    assert {(r.variant, r.batch_size, r.cache, r.route_reason) for r in receipts} == {
+        ("tiny-sd-large", 1, "miss", "baseline")
+    }

@@ -34,6 +34,9 @@ def test_demo_report_covers_every_variant_with_labeled_receipts(url, catalog, tm
         "avoided_by_coalescing"
     ] == len(receipts)
     assert "tiny-sd-large" in on_disk["baseline"]["name"]
+    measured = on_disk["baseline_measured"]
+    assert measured["variants"] == ["tiny-sd-large"] and measured["images"] == len(receipts)
+    assert measured["joules_per_image"] > on_disk["totals"]["joules_per_image"]
     causes = on_disk["savings"]["by_cause_joules"]
     assert sum(causes.values()) == pytest.approx(on_disk["savings"]["joules"], abs=0.01)
     assert Image.open(tmp_path / "demo-contact-sheet.png").size[0] > 0

@@ -125,3 +125,8 @@ def test_profile_ewma_latency_and_the_batch_an_output_would_join():
     assert joined.expected_latency_s == pytest.approx(0.5)
     queued_deep = profile.estimate("tiny-sd-turbo", queued=20)  # cap 8: three batches ahead
     assert queued_deep.batch_size == 8 and queued_deep.expected_latency_s == pytest.approx(1.5)
+
+
+def test_baseline_policy_always_takes_the_highest_quality_variant():
+    decision = route(request(quality="draft", policy="baseline"), CATALOG, Policy(), ALL)
+    assert (decision.variant, decision.reason) == ("tiny-sd-large", "baseline")

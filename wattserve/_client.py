@@ -28,6 +28,7 @@ from wattserve._schemas import (
     ModelList,
     Quality,
     Receipt,
+    RequestPolicy,
     RouteInfo,
     VariantInfo,
 )
@@ -86,6 +87,7 @@ class _BaseClient:
         deadline_s: float | None,
         model: str | None,
         user: str | None,
+        policy: str = "default",
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "prompt": prompt,
@@ -95,6 +97,8 @@ class _BaseClient:
             "model": model or AUTO_MODEL,
             "response_format": "b64_json",
         }
+        if policy != "default":
+            body["policy"] = policy
         optional = {
             "seed": seed,
             "negative_prompt": negative_prompt,
@@ -164,11 +168,16 @@ class Client(_BaseClient):
         deadline_s: float | None = None,
         model: str | None = None,
         user: str | None = None,
+        policy: RequestPolicy = "default",
     ) -> GenerationResult:
-        """Generate ``n`` images; each comes with its energy receipt."""
+        """Generate ``n`` images; each comes with its energy receipt.
+
+        ``policy="baseline"`` asks for serving without wattserve's savings (highest-quality
+        variant, batch of one, no cache, no coalescing), to measure what they save.
+        """
         body = self._generation_body(
-            prompt, n=n, size=size, seed=seed, quality=quality,
-            negative_prompt=negative_prompt, deadline_s=deadline_s, model=model, user=user,
+            prompt, n=n, size=size, seed=seed, quality=quality, negative_prompt=negative_prompt,
+            deadline_s=deadline_s, model=model, user=user, policy=policy,
         )  # fmt: skip
         return self._generation_result(self._request("POST", "/v1/images/generations", json=body))
 
@@ -239,11 +248,16 @@ class AsyncClient(_BaseClient):
         deadline_s: float | None = None,
         model: str | None = None,
         user: str | None = None,
+        policy: RequestPolicy = "default",
     ) -> GenerationResult:
-        """Generate ``n`` images; each comes with its energy receipt."""
+        """Generate ``n`` images; each comes with its energy receipt.
+
+        ``policy="baseline"`` asks for serving without wattserve's savings (highest-quality
+        variant, batch of one, no cache, no coalescing), to measure what they save.
+        """
         body = self._generation_body(
-            prompt, n=n, size=size, seed=seed, quality=quality,
-            negative_prompt=negative_prompt, deadline_s=deadline_s, model=model, user=user,
+            prompt, n=n, size=size, seed=seed, quality=quality, negative_prompt=negative_prompt,
+            deadline_s=deadline_s, model=model, user=user, policy=policy,
         )  # fmt: skip
         body = await self._request("POST", "/v1/images/generations", json=body)
         return self._generation_result(body)

@@ -18,6 +18,7 @@ Quality = Literal["draft", "standard", "high"]
 CacheStatus = Literal["miss", "hit", "coalesced"]
 EnergySource = Literal["nvml-counter", "nvml-power", "simulated", "estimated"]
 LedgerStatus = Literal["ok", "failed"]
+RequestPolicy = Literal["default", "baseline"]
 
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGES_PER_REQUEST = 8
@@ -64,6 +65,7 @@ class ImageGenerationBody(BaseModel):
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     quality: StrictStr = "standard"
     deadline_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    policy: RequestPolicy = "default"
 
     @field_validator("prompt")
     @classmethod
@@ -102,6 +104,7 @@ class ImageGenerationBody(BaseModel):
             deadline_s=self.deadline_s,
             model=None if self.model in (None, "", AUTO_MODEL) else self.model,
             user=self.user,
+            policy=self.policy,
         )
 
 
@@ -120,6 +123,9 @@ class GenerationRequest(BaseModel):
     deadline_s: float | None = None
     model: str | None = None
     user: str | None = None
+    # "baseline": what serving costs without wattserve — the highest-quality variant,
+    # batch size 1, no cache, no coalescing. For measuring savings, not for production.
+    policy: RequestPolicy = "default"
 
 
 class Receipt(BaseModel):
