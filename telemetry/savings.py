@@ -2,17 +2,20 @@
 
 The baseline is "every output made by the reference variant (the highest-quality one)
 at batch size 1, with no cache or coalescing", priced at the reference variant's mean
-measured joules per image at batch size 1 *in the same run*, so baseline and achieved
-figures share one energy source and one machine. Each output's saving is split into
-causes that add up exactly to the total:
+measured joules per generated output at batch size 1 *in the same run* (B), so
+baseline and achieved figures share one energy source and one machine.
 
-* ``cache`` / ``coalescing``: an output served without generating saves the whole
-  baseline price minus whatever it was charged;
-* ``variant_choice``: baseline price minus the chosen variant's batch-1 price;
-* ``batching``: the chosen variant's batch-1 price minus what the output was charged.
+Outputs are grouped by generation: a generated output and every coalesced request that
+shared it (same ``batch_id`` and ``seed``) form one group of n sharers whose receipts sum
+to the generation's full cost F. With P the chosen variant's batch-1 price, the group
+saves n*B - F, split exactly as
 
-A variant with no batch-1 sample in the run has no batch-1 price, so its whole
-difference is counted as variant choice and batching gets zero for it.
+* ``variant_choice`` = n * (B - P): the chosen variant instead of the reference;
+* ``coalescing`` = (n - 1) * P: generations avoided by sharing;
+* ``batching`` = P - F: the one generation cost less (or more) than a batch of one.
+
+A cache hit saves B - 0 (``cache``). A variant with no batch-1 sample in the run has no
+price of its own: P = F, and batching gets nothing for it.
 """
 
 from __future__ import annotations
@@ -44,13 +47,22 @@ class SavingsReport:
         return self.baseline_joules - self.achieved_joules
 
 
-def batch1_prices(receipts: Sequence[Receipt]) -> dict[str, float]:
-    """Mean joules per output of each variant's generated batch-1 outputs."""
-    totals: dict[str, list[float]] = defaultdict(list)
+def _generations(receipts: Sequence[Receipt]) -> dict[tuple[str, int], list[Receipt]]:
+    """Generated outputs and their sharers, keyed by (batch_id, seed)."""
+    groups: dict[tuple[str, int], list[Receipt]] = defaultdict(list)
     for receipt in receipts:
-        if receipt.cache == "miss" and receipt.batch_size == 1:
-            totals[receipt.variant].append(receipt.joules)
-    return {variant: sum(js) / len(js) for variant, js in totals.items()}
+        if receipt.cache != "hit":
+            groups[(receipt.batch_id, receipt.seed)].append(receipt)
+    return groups
+
+
+def batch1_prices(receipts: Sequence[Receipt]) -> dict[str, float]:
+    """Mean full cost of each variant's outputs generated in batches of one."""
+    costs: dict[str, list[float]] = defaultdict(list)
+    for group in _generations(receipts).values():
+        if group[0].batch_size == 1:
+            costs[group[0].variant].append(sum(r.joules for r in group))
+    return {variant: sum(js) / len(js) for variant, js in costs.items()}
 
 
 def savings_by_cause(receipts: Sequence[Receipt], reference_variant: str) -> SavingsReport:
@@ -63,15 +75,13 @@ def savings_by_cause(receipts: Sequence[Receipt], reference_variant: str) -> Sav
         )
     baseline_price = prices[reference_variant]
     causes = dict.fromkeys(CAUSES, 0.0)
-    for receipt in receipts:
-        if receipt.cache == "hit":
-            causes["cache"] += baseline_price - receipt.joules
-        elif receipt.cache == "coalesced":
-            causes["coalescing"] += baseline_price - receipt.joules
-        else:
-            own_price = prices.get(receipt.variant, receipt.joules)
-            causes["variant_choice"] += baseline_price - own_price
-            causes["batching"] += own_price - receipt.joules
+    causes["cache"] = sum(baseline_price - r.joules for r in receipts if r.cache == "hit")
+    for group in _generations(receipts).values():
+        sharers, full_cost = len(group), sum(r.joules for r in group)
+        own_price = prices.get(group[0].variant, full_cost)
+        causes["variant_choice"] += sharers * (baseline_price - own_price)
+        causes["coalescing"] += (sharers - 1) * own_price
+        causes["batching"] += own_price - full_cost
     return SavingsReport(
         baseline_name=f"every output on {reference_variant} at batch size 1, no cache",
         baseline_joules_per_output=baseline_price,
