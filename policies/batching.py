@@ -14,7 +14,6 @@ the same code with their own clocks.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -64,27 +63,47 @@ def _due(items: list[QueuedOutput], now: float, max_wait_s: float) -> tuple[floa
 
 
 def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
-    """Decide which batches to launch now."""
+    """Decide which batches to launch now.
+
+    One pass groups the queue and notes each group's oldest arrival and deadline
+    pressure; only groups that launch are sorted. Groups whose variant has no free
+    replica are skipped outright.
+    """
     free = {name: n for name, n in snapshot.free_replicas.items() if n > 0}
-    groups: dict[tuple[str, int, int, int], list[QueuedOutput]] = defaultdict(list)
-    for item in snapshot.queued:
-        if item.variant in free:  # groups without a free replica cannot launch: skip them
-            group = -item.ticket - 1 if item.solo else 0  # a solo output is its own group
-            groups[(item.variant, item.width_px, item.height_px, group)].append(item)
     now, max_wait_s = snapshot.now_s, snapshot.max_wait_s
+    groups: dict[tuple[str, int, int, int], list] = {}
+    for item in snapshot.queued:
+        if item.variant not in free:
+            continue
+        key = (item.variant, item.width_px, item.height_px, -item.ticket - 1 if item.solo else 0)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = [[], item.enqueued_s, False]
+        group[0].append(item)
+        if item.enqueued_s < group[1]:
+            group[1] = item.enqueued_s
+        if item.deadline_s is not None and item.deadline_s - now <= max_wait_s:
+            group[2] = True
     launch: list[tuple[int, ...]] = []
     wake_at: float | None = None
-    oldest_first = sorted(groups.values(), key=lambda items: min(i.enqueued_s for i in items))
-    for items in oldest_first:
+    for items, oldest_s, urgent in sorted(groups.values(), key=lambda g: g[1]):
         variant = items[0].variant
         cap = max(1, snapshot.max_batch_size.get(variant, 1))
+        due_s = oldest_s + max_wait_s
+        if len(items) < cap and now < due_s and not urgent and not items[0].solo:
+            wake_at = due_s if wake_at is None else min(wake_at, due_s)
+            continue
+        if free.get(variant, 0) <= 0:
+            continue  # an older group of this variant took the last free replica
         items.sort(key=_order)
-        while items and free.get(variant, 0) > 0:
-            due_s, urgent = _due(items, now, max_wait_s)
-            if len(items) < cap and now < due_s and not urgent and not items[0].solo:
-                wake_at = due_s if wake_at is None else min(wake_at, due_s)
-                break
+        while True:
             launch.append(tuple(i.ticket for i in items[:cap]))
             items = items[cap:]
             free[variant] -= 1
+            if not items or free[variant] <= 0:
+                break
+            due_s, urgent = _due(items, now, max_wait_s)
+            if len(items) < cap and now < due_s and not urgent:
+                wake_at = due_s if wake_at is None else min(wake_at, due_s)
+                break
     return BatchingDecision(tuple(launch), wake_at)
