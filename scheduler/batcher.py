@@ -6,7 +6,7 @@ or the earliest wait deadline passes, and launches each planned batch as its own
 so a slow batch never blocks planning. Free replicas per variant are the catalog's
 replica count minus batches in flight (each replica takes one batch at a time).
 
-Under a power cap (``power_cap_w``), each planned batch must also pass
+Under a power cap (``power_cap_w()``, read at every decision), each planned batch must also pass
 ``policies.admission.admit`` against the live cluster power; a batch that does not fit
 stays queued and is re-checked every ``sample_period_s``. Its outputs wait up to
 ``max_hold_s`` (or their deadline), then move once to a lower-drawing variant that still
@@ -95,7 +95,7 @@ class Batcher:
         clock: Callable[[], float] = time.monotonic,
         new_batch_id: Callable[[], str],
         on_batch: Callable[[BatchPlan, BatchOutput], None] | None = None,
-        power_cap_w: float | None = None,
+        power_cap_w: Callable[[], float | None] = lambda: None,
         cluster_power_w: Callable[[], float | None] = lambda: None,
         max_hold_s: float = 5.0,
         sample_period_s: float = 0.1,
@@ -118,7 +118,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
-        self.power_cap_w = power_cap_w
+        self._power_cap_w = power_cap_w
         self._cluster_power_w = cluster_power_w
         self._max_hold_s = max_hold_s
         self._sample_period_s = sample_period_s
@@ -206,9 +206,10 @@ class Batcher:
         """Which planned batches fit under the power cap right now."""
         recent = now - 2 * self._sample_period_s
         self._launched = [(t, w) for t, w in self._launched if t >= recent]
+        cap_w = self._power_cap_w()
         snapshot = PowerSnapshot(
-            cap_w=self.power_cap_w,
-            measured_w=self._cluster_power_w() if self.power_cap_w is not None else None,
+            cap_w=cap_w,
+            measured_w=self._cluster_power_w() if cap_w is not None else None,
             launching_w=sum(w for _, w in self._launched),
         )
         draws = [self._draw_w(self._queue[tickets[0]].queued.variant) for tickets in launch]
@@ -231,7 +232,7 @@ class Batcher:
                 self._queue.pop(ticket)
                 pending.future.set_exception(
                     AdmissionRejected(
-                        f"power cap {self.power_cap_w:.0f} W: no capacity within "
+                        f"power cap {self._power_cap_w() or 0:.0f} W: no capacity within "
                         f"{self._max_hold_s:.0f}s and no lower-drawing variant meets the request",
                         retry_after_s=self._max_hold_s,
                     )

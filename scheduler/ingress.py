@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 import wattserve
 from policies.catalog import Catalog
 from policies.plans import BatchOutput, BatchPlan
-from policies.policy import Policy
+from policies.policy import Budget, Policy
 from scheduler._http import install_error_handlers, parse_body
 from scheduler.cache import ResultCache
 from scheduler.coalescing import (
@@ -138,7 +138,8 @@ class SchedulerIngress:
             max_bytes=config.cache_max_bytes,
             ttl_s=config.cache_ttl_s,
         )
-        self._power_cap_w = config.power_cap_w
+        # Static until the control plane feeds budgets live through this same callable.
+        budget = Budget(config.power_cap_w, config.joules_per_output_target)
         self._cluster_power_w: float | None = None
         self._power_poller: asyncio.Task[None] | None = None
         flights: Flights = LocalFlights()
@@ -148,13 +149,13 @@ class SchedulerIngress:
             flights = RemoteFlights(names, handles)
         self._scheduler = Scheduler(
             catalog,
-            Policy(joules_per_output_target=config.joules_per_output_target),
+            Policy(),
             ServeWorkerPool(workers),
             self._ledger,
             cache=result_cache,
             flights=flights,
             metrics=SchedulerMetrics(),
-            power_cap_w=config.power_cap_w,
+            budget=lambda: budget,
             cluster_power_w=lambda: self._cluster_power_w,
         )
         log.info("scheduler_ready", variants=catalog.names)
@@ -175,7 +176,7 @@ class SchedulerIngress:
     async def generate(self, request: Request) -> dict:
         """OpenAI Images API ``generations`` with wattserve receipts."""
         body = await parse_body(request, ImageGenerationBody)
-        if self._power_cap_w is not None and self._power_poller is None:
+        if self._scheduler.budget().cluster_cap_w is not None and self._power_poller is None:
             self._power_poller = asyncio.create_task(self._poll_cluster_power())
         response = await self._scheduler.generate(body.to_request())
         return response.model_dump(mode="json")
@@ -200,7 +201,7 @@ class SchedulerIngress:
         devices = [device for _, node_devices in snapshots for device in node_devices]
         return ClusterStatus(
             cluster_power_w=sum(n.power_w for n in nodes),
-            power_cap_w=self._power_cap_w,
+            power_cap_w=self._scheduler.budget().cluster_cap_w,
             nodes=nodes,
             devices=devices,
         ).model_dump(mode="json")
@@ -216,7 +217,7 @@ class SchedulerIngress:
         return EnergyReport(
             reconciliation=ReconciliationInfo(**asdict(total), error_pct=total.error_pct),
             target=TargetInfo(
-                joules_per_output_target=scheduler.policy.joules_per_output_target,
+                joules_per_output_target=scheduler.budget().joules_per_output_target,
                 rolling_joules_per_output=scheduler.rolling_joules_per_output,
                 over_target=scheduler.over_target,
             ),

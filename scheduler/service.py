@@ -25,7 +25,7 @@ import structlog
 
 from policies.catalog import Catalog, VariantSpec
 from policies.plans import BatchOutput, BatchPlan, WorkItem
-from policies.policy import Policy
+from policies.policy import Budget, Policy
 from policies.profile import EnergyProfile
 from policies.routing import RouteDecision, RoutingState, route
 from scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
@@ -134,7 +134,7 @@ class Scheduler:
         rng: random.Random | None = None,
         metrics: BatchMetrics | None = None,
         max_wait_s: float = 0.02,
-        power_cap_w: float | None = None,
+        budget: Callable[[], Budget] = Budget,
         cluster_power_w: Callable[[], float | None] = lambda: None,
         max_hold_s: float = 5.0,
     ) -> None:
@@ -147,13 +147,15 @@ class Scheduler:
         self._clock = clock
         self._rng = rng or random.SystemRandom()
         self._metrics = metrics
+        self.budget = budget
         self._base_max_wait_s = max_wait_s
         self.rolling_joules_per_output: float | None = None  # EWMA over generated outputs
         self.profile = EnergyProfile(catalog)
         self.batcher = Batcher(
             pool, catalog, max_wait_s=max_wait_s, clock=clock,
             new_batch_id=lambda: new_id("bat"), on_batch=self._learn,
-            power_cap_w=power_cap_w, cluster_power_w=cluster_power_w, max_hold_s=max_hold_s,
+            power_cap_w=lambda: self.budget().cluster_cap_w, cluster_power_w=cluster_power_w,
+            max_hold_s=max_hold_s,
         )  # fmt: skip
 
     def _learn(self, plan: BatchPlan, output: BatchOutput) -> None:
@@ -173,7 +175,7 @@ class Scheduler:
     @property
     def over_target(self) -> bool:
         """Whether the rolling measured J/output is above the policy's target."""
-        target, actual = self.policy.joules_per_output_target, self.rolling_joules_per_output
+        target, actual = self.budget().joules_per_output_target, self.rolling_joules_per_output
         return target is not None and actual is not None and actual > target
 
     def routing_state(self) -> RoutingState:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
-from policies.policy import Policy
+from policies.policy import Budget, Policy
 from scheduler.service import Scheduler
 from telemetry.ledger import LedgerStore
 from wattserve import GenerationRequest
@@ -125,10 +125,10 @@ async def test_concurrent_distinct_requests_share_batches(catalog, inprocess_poo
 
 async def test_over_the_joules_per_output_target_batches_harder(catalog, inprocess_pool, tmp_path):
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
-    strict = Scheduler(catalog, Policy(joules_per_output_target=1.0), inprocess_pool, ledger,
-                       max_wait_s=0.01)  # fmt: skip
-    lenient = Scheduler(catalog, Policy(joules_per_output_target=1e9), inprocess_pool, ledger,
-                        max_wait_s=0.01)  # fmt: skip
+    strict = Scheduler(catalog, Policy(), inprocess_pool, ledger, max_wait_s=0.01,
+                       budget=lambda: Budget(joules_per_output_target=1.0))  # fmt: skip
+    lenient = Scheduler(catalog, Policy(), inprocess_pool, ledger, max_wait_s=0.01,
+                        budget=lambda: Budget(joules_per_output_target=1e9))  # fmt: skip
     for scheduler in (strict, lenient):
         assert scheduler.rolling_joules_per_output is None and not scheduler.over_target
         await scheduler.generate(GenerationRequest(prompt="t", width_px=64, height_px=64,
@@ -164,3 +164,17 @@ async def test_baseline_requests_share_nothing(catalog, inprocess_pool, tmp_path
     assert {(r.variant, r.batch_size, r.cache, r.route_reason) for r in receipts} == {
         ("tiny-sd-large", 1, "miss", "baseline")
     }
+
+
+async def test_a_new_budget_applies_to_the_next_decision_without_restart(
+    catalog, inprocess_pool, tmp_path
+):
+    budget = {"now": Budget(joules_per_output_target=1e9)}
+    ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
+    scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger, max_wait_s=0.01,
+                          budget=lambda: budget["now"])  # fmt: skip
+    request = GenerationRequest(prompt="live", width_px=64, height_px=64, quality="draft")
+    await scheduler.generate(request)
+    assert not scheduler.over_target
+    budget["now"] = Budget(joules_per_output_target=1.0)  # what the control plane will do
+    assert scheduler.over_target

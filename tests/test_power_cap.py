@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
-from policies.policy import Policy
+from policies.policy import Budget, Policy
 from scheduler.service import Scheduler
 from telemetry.ledger import LedgerStore
 from wattserve import AdmissionRejected, GenerationRequest
@@ -64,8 +64,10 @@ async def test_cap_holds_then_serves_everything_without_exceeding_it(
     sample, samples = watch_power
     ledger = LedgerStore(f"sqlite:///{tmp_path}/l.db")
     power = lambda: inprocess_pool.agent.status()[0].power_w  # noqa: E731
-    scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger, power_cap_w=480,
-                          cluster_power_w=power, max_hold_s=30)  # fmt: skip
+    scheduler = Scheduler(
+        catalog, Policy(), inprocess_pool, ledger, budget=lambda: Budget(cluster_cap_w=480),
+        cluster_power_w=power, max_hold_s=30,
+    )  # fmt: skip
     results = await run_capped(
         scheduler, [request(seed=i, quality="standard") for i in range(6)], sample
     )
@@ -81,8 +83,10 @@ async def test_work_moves_to_a_lower_drawing_variant_or_is_refused_with_429(
     sample, samples = watch_power
     ledger = LedgerStore(f"sqlite:///{tmp_path}/l.db")
     power = lambda: inprocess_pool.agent.status()[0].power_w  # noqa: E731
-    scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger, power_cap_w=440,
-                          cluster_power_w=power, max_hold_s=0.2)  # fmt: skip
+    scheduler = Scheduler(
+        catalog, Policy(), inprocess_pool, ledger, budget=lambda: Budget(cluster_cap_w=440),
+        cluster_power_w=power, max_hold_s=0.2,
+    )  # fmt: skip
     scheduler.profile.observe("tiny-sd-medium", 1, joules_per_output=1.0, latency_s=0.1)
     draft = [request(seed=100 + i, quality="draft") for i in range(3)]  # routed to medium now
     high = [request(seed=200 + i, quality="high") for i in range(2)]  # only large qualifies
