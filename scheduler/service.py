@@ -209,7 +209,8 @@ class Scheduler:
         ctx = self._context(request, arrived=self._clock())
         outcomes: dict[int, _Outcome] = {}
         try:
-            outcomes.update(await asyncio.to_thread(self._cache_hits, ctx))
+            if self.cache is not None and any(ctx.keys):  # no thread hop when nothing to look up
+                outcomes.update(await asyncio.to_thread(self._cache_hits, ctx))
             pending = [i for i in range(request.n) if i not in outcomes]
             await self._produce(ctx, pending, outcomes, retries_left=1)
         except asyncio.CancelledError:
@@ -240,8 +241,7 @@ class Scheduler:
 
     def _cache_hits(self, ctx: _Context) -> dict[int, _Outcome]:
         """Outputs the result cache already holds at or above the quality floor."""
-        if self.cache is None:
-            return {}
+        assert self.cache is not None
         only = ctx.variant.name if ctx.request.model else None
         hits = {}
         for index, key in enumerate(ctx.keys):
