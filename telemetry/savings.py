@@ -21,7 +21,7 @@ price of its own: P = F, and batching gets nothing for it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from wattserve import Receipt
@@ -56,10 +56,10 @@ def _generations(receipts: Sequence[Receipt]) -> dict[tuple[str, int], list[Rece
     return groups
 
 
-def batch1_prices(receipts: Sequence[Receipt]) -> dict[str, float]:
+def _batch1_prices(groups: Iterable[list[Receipt]]) -> dict[str, float]:
     """Mean full cost of each variant's outputs generated in batches of one."""
     costs: dict[str, list[float]] = defaultdict(list)
-    for group in _generations(receipts).values():
+    for group in groups:
         if group[0].batch_size == 1:
             costs[group[0].variant].append(sum(r.joules for r in group))
     return {variant: sum(js) / len(js) for variant, js in costs.items()}
@@ -67,7 +67,8 @@ def batch1_prices(receipts: Sequence[Receipt]) -> dict[str, float]:
 
 def savings_by_cause(receipts: Sequence[Receipt], reference_variant: str) -> SavingsReport:
     """Attribute the run's saving against the reference variant at batch 1."""
-    prices = batch1_prices(receipts)
+    generations = _generations(receipts).values()
+    prices = _batch1_prices(generations)
     if reference_variant not in prices:
         raise ValueError(
             f"no batch-1 output of reference variant {reference_variant!r} in this run; "
@@ -76,7 +77,7 @@ def savings_by_cause(receipts: Sequence[Receipt], reference_variant: str) -> Sav
     baseline_price = prices[reference_variant]
     causes = dict.fromkeys(CAUSES, 0.0)
     causes["cache"] = sum(baseline_price - r.joules for r in receipts if r.cache == "hit")
-    for group in _generations(receipts).values():
+    for group in generations:
         sharers, full_cost = len(group), sum(r.joules for r in group)
         own_price = prices.get(group[0].variant, full_cost)
         causes["variant_choice"] += sharers * (baseline_price - own_price)
