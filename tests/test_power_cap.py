@@ -58,16 +58,20 @@ async def run_capped(scheduler, requests, sample):
     return results
 
 
+def capped_scheduler(catalog, pool, ledger, cap_w, max_hold_s):
+    """A scheduler under a cluster cap, reading live power from the pool's simulated GPU."""
+    return Scheduler(
+        catalog, Policy(), pool, ledger, budget=lambda: Budget(cluster_cap_w=cap_w),
+        cluster_power_w=lambda: pool.agent.status()[0].power_w, max_hold_s=max_hold_s,
+    )  # fmt: skip
+
+
 async def test_cap_holds_then_serves_everything_without_exceeding_it(
     catalog, inprocess_pool, tmp_path, watch_power
 ):
     sample, samples = watch_power
     ledger = LedgerStore(f"sqlite:///{tmp_path}/l.db")
-    power = lambda: inprocess_pool.agent.status()[0].power_w  # noqa: E731
-    scheduler = Scheduler(
-        catalog, Policy(), inprocess_pool, ledger, budget=lambda: Budget(cluster_cap_w=480),
-        cluster_power_w=power, max_hold_s=30,
-    )  # fmt: skip
+    scheduler = capped_scheduler(catalog, inprocess_pool, ledger, cap_w=480, max_hold_s=30)
     results = await run_capped(
         scheduler, [request(seed=i, quality="standard") for i in range(6)], sample
     )
@@ -82,11 +86,7 @@ async def test_work_moves_to_a_lower_drawing_variant_or_is_refused_with_429(
 ):
     sample, samples = watch_power
     ledger = LedgerStore(f"sqlite:///{tmp_path}/l.db")
-    power = lambda: inprocess_pool.agent.status()[0].power_w  # noqa: E731
-    scheduler = Scheduler(
-        catalog, Policy(), inprocess_pool, ledger, budget=lambda: Budget(cluster_cap_w=440),
-        cluster_power_w=power, max_hold_s=0.2,
-    )  # fmt: skip
+    scheduler = capped_scheduler(catalog, inprocess_pool, ledger, cap_w=440, max_hold_s=0.2)
     scheduler.profile.observe("tiny-sd-medium", 1, joules_per_output=1.0, latency_s=0.1)
     draft = [request(seed=100 + i, quality="draft") for i in range(3)]  # routed to medium now
     high = [request(seed=200 + i, quality="high") for i in range(2)]  # only large qualifies
