@@ -1,8 +1,7 @@
-"""Serving policy: the operator's knobs that decisions read, as plain frozen data.
+"""Serving policy and energy budget: the operator's knobs, as plain frozen data.
 
-Only what is enforced today lives here: the quality floor of each tier and whether
-unseeded outputs may be shared. Budgets, batching limits and cache settings join it
-when the control plane persists policies.
+The control plane (``policies.store``) persists both and every scheduler replica swaps
+in the new values within its refresh interval; decisions read whatever is in force.
 """
 
 from __future__ import annotations
@@ -21,11 +20,24 @@ class Policy:
     """Knobs the routing decision reads."""
 
     quality_floors: dict[Quality, float] = field(default_factory=_default_floors)
+    # The tier of a request that names none.
+    default_quality: Quality = "standard"
     # Unseeded requests get a fresh seed; share their outputs only when this is on.
     share_unseeded: bool = False
+    # Batching: an upper bound over every variant's own limit (None: the variant's), and
+    # how long a partial batch may wait for company.
+    max_batch_size: int | None = None
+    max_wait_s: float = 0.02
     # While the rolling measured J/output runs above the budget's target, the batcher waits
     # this much longer for fuller batches (routing is already cheapest within each floor).
     over_target_wait_factor: float = 4.0
+    # Result cache: entry lifetime (None: no expiry) and size cap (LRU beyond it).
+    cache_ttl_s: float | None = None
+    cache_max_bytes: int = 1 << 30
+    # The deadline of a request that names none (None: no deadline).
+    default_deadline_s: float | None = None
+    # Once any tenant exists, whether requests without an API key are still served.
+    allow_anonymous: bool = False
 
     def quality_floor(self, tier: Quality) -> float:
         """Minimum catalog quality score a variant needs to serve ``tier``."""
@@ -42,3 +54,24 @@ class Budget:
 
     cluster_cap_w: float | None = None
     joules_per_output_target: float | None = None
+    # Per-node caps keyed by Ray node id or a prefix of it. Where the scheduler cannot
+    # know which node a batch lands on, a batch must fit under every capped node.
+    node_caps_w: dict[str, float] = field(default_factory=dict)
+
+    def effective_cap_w(
+        self, cluster_power_w: float | None, node_power_w: dict[str, float]
+    ) -> float | None:
+        """The one cluster-wide cap admission enforces, folding in the node caps.
+
+        A node cap with headroom h admits a batch only if it draws at most h; expressed
+        as a cluster cap that is ``cluster_power_w + h``. The tightest of all applies.
+        """
+        caps = [] if self.cluster_cap_w is None else [self.cluster_cap_w]
+        if self.node_caps_w and cluster_power_w is None:
+            caps.extend(self.node_caps_w.values())  # no reading: admission holds everything
+        elif self.node_caps_w and cluster_power_w is not None:
+            for prefix, cap_w in self.node_caps_w.items():
+                for node_id, power_w in node_power_w.items():
+                    if node_id.startswith(prefix):
+                        caps.append(cluster_power_w + cap_w - power_w)
+        return min(caps) if caps else None

@@ -25,6 +25,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
+from telemetry.database import write_transaction
+
 DEFAULT_MAX_BYTES = 1 << 30
 
 
@@ -76,7 +78,6 @@ class ResultCache:
         self._clock = clock
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
-        SQLModel.metadata.create_all(engine, tables=[CacheRow.__table__])
 
     def _path(self, sha: str) -> Path:
         return self.directory / sha[:2] / f"{sha}.png"
@@ -99,7 +100,7 @@ class ResultCache:
             query = query.where(table.c.created_s >= now - self.ttl_s)
         if variant is not None:
             query = query.where(table.c.variant == variant)
-        with self._lock, self.engine.begin() as conn:
+        with self._lock, write_transaction(self.engine) as conn:
             for row in conn.execute(query).mappings():
                 try:
                     png = self._path(row["png_sha256"]).read_bytes()
@@ -151,7 +152,7 @@ class ResultCache:
             source_request_id=source_request_id,
             source_image_index=source_image_index,
         )
-        with self._lock, self.engine.begin() as conn:
+        with self._lock, write_transaction(self.engine) as conn:
             exists = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(CacheRow.__table__)

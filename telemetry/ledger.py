@@ -5,34 +5,43 @@ image_index)``: what variant made it, in which batch, the joules charged to it a
 method that measured them, its cache status and outcome. Writes are idempotent (a
 replayed write of the same key is ignored), so a retry can never double-count.
 
-SQLite is the embedded default (WAL, busy timeout); any SQLAlchemy URL works.
+The schema is created and upgraded by ``telemetry.database.migrate``; opening a store
+migrates its database first, so an old database upgrades rather than breaks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
+from telemetry.database import make_engine, migrate, write_transaction
 from wattserve._schemas import LedgerEntry, VariantUsage
-
-SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _naive_utc(moment: datetime) -> datetime:
+    """``moment`` as the naive UTC datetime the ``DateTime`` columns compare against."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
 class LedgerRow(SQLModel, table=True):
     """One output of one request."""
 
     __tablename__ = "ledger"
-    __table_args__ = (sa.UniqueConstraint("request_id", "image_index", name="uq_ledger_output"),)
+    __table_args__ = (
+        sa.UniqueConstraint("request_id", "image_index", name="uq_ledger_output"),
+        sa.Index("ix_ledger_tenant", "tenant", "created_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     request_id: str = Field(index=True, max_length=64)
@@ -40,6 +49,7 @@ class LedgerRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=_utcnow, index=True)
     finished_at: datetime = Field(default_factory=_utcnow)
     user: str | None = Field(default=None, index=True, max_length=256)
+    tenant: str | None = Field(default=None, max_length=64)  # indexed with created_at
     variant: str = Field(index=True, max_length=64)
     quality: str = Field(max_length=16)
     route_reason: str = Field(max_length=64)
@@ -60,34 +70,12 @@ class LedgerRow(SQLModel, table=True):
         return LedgerEntry.model_validate(self, from_attributes=True)
 
 
-def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
-    cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def make_engine(db_url: str) -> sa.Engine:
-    """An engine for ``db_url``; SQLite gets WAL, a busy timeout and its directory made."""
-    url = sa.make_url(db_url)
-    if url.get_backend_name() != "sqlite":
-        return create_engine(db_url, pool_pre_ping=True)
-    if url.database and url.database != ":memory:":
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(
-        db_url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-    )
-    sa.event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
-
-
 class LedgerStore:
     """Reads and idempotent writes of ledger rows."""
 
     def __init__(self, db_url: str) -> None:
         self.engine = make_engine(db_url)
-        SQLModel.metadata.create_all(self.engine, tables=[LedgerRow.__table__])
+        migrate(self.engine)
 
     def record(self, rows: Iterable[LedgerRow]) -> int:
         """Insert rows in one transaction, skipping keys already written; return rows added."""
@@ -103,15 +91,51 @@ class LedgerStore:
             stmt = pg_insert(LedgerRow).on_conflict_do_nothing(constraint="uq_ledger_output")
         else:
             raise NotImplementedError(f"idempotent ledger writes not implemented for {dialect}")
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             result = conn.execute(stmt, values)
         return max(result.rowcount, 0)
 
-    def recent(self, limit: int) -> list[LedgerRow]:
-        """The newest ``limit`` rows, newest first."""
+    def recent(
+        self,
+        limit: int,
+        *,
+        tenant: str | None = None,
+        variant: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+    ) -> list[LedgerRow]:
+        """The newest ``limit`` rows matching every filter given, newest first."""
+        query = select(LedgerRow)
+        for column, value in ((LedgerRow.tenant, tenant), (LedgerRow.variant, variant),
+                              (LedgerRow.status, status)):  # fmt: skip
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(LedgerRow.created_at >= _naive_utc(since))
         with Session(self.engine) as session:
-            query = select(LedgerRow).order_by(col(LedgerRow.id).desc()).limit(limit)
-            return list(session.exec(query))
+            return list(session.exec(query.order_by(col(LedgerRow.id).desc()).limit(limit)))
+
+    def tenant_joules(self, tenant: str, since: datetime) -> float:
+        """Joules charged to ``tenant``'s outputs since ``since``: what its quotas count."""
+        query = sa.select(sa.func.coalesce(sa.func.sum(LedgerRow.joules), 0.0)).where(
+            LedgerRow.tenant == tenant, LedgerRow.created_at >= _naive_utc(since)
+        )
+        with self.engine.connect() as conn:
+            return float(conn.execute(query).scalar_one())
+
+    def window(
+        self, since: datetime | None, until: datetime | None, tenant: str | None = None
+    ) -> list[LedgerRow]:
+        """Every row in ``[since, until)`` (optionally one tenant's), oldest first."""
+        query = select(LedgerRow)
+        if since is not None:
+            query = query.where(LedgerRow.created_at >= _naive_utc(since))
+        if until is not None:
+            query = query.where(LedgerRow.created_at < _naive_utc(until))
+        if tenant is not None:
+            query = query.where(LedgerRow.tenant == tenant)
+        with Session(self.engine) as session:
+            return list(session.exec(query.order_by(col(LedgerRow.id))))
 
     def for_request(self, request_id: str) -> list[LedgerRow]:
         """Every row of one request, by image index."""

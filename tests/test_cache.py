@@ -1,6 +1,6 @@
 from scheduler.cache import ResultCache
 from scheduler.identity import flight_key, normalize_prompt, output_key
-from telemetry.ledger import make_engine
+from telemetry.database import make_engine, migrate
 
 
 class Clock:
@@ -13,6 +13,7 @@ class Clock:
 
 def cache_at(tmp_path, **kw):
     engine = make_engine(f"sqlite:///{tmp_path}/c.db")
+    migrate(engine)
     return ResultCache(engine, tmp_path / "blobs", **kw)
 
 

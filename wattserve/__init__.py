@@ -9,6 +9,8 @@
 from wattserve._client import AsyncClient, Client, GeneratedImage, GenerationResult
 from wattserve._exceptions import (
     AdmissionRejected,
+    Conflict,
+    Forbidden,
     GenerationFailed,
     InvalidRequest,
     NotFound,
@@ -33,6 +35,8 @@ __all__ = [
     "AdmissionRejected",
     "AsyncClient",
     "Client",
+    "Conflict",
+    "Forbidden",
     "GeneratedImage",
     "GenerationFailed",
     "GenerationRequest",

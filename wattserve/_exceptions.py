@@ -5,7 +5,9 @@
     WattserveError                 500  anything unexpected
     ├── InvalidRequest             400  a field is missing, malformed or out of range (``param``)
     ├── Unauthorized               401  missing or wrong credentials
+    ├── Forbidden                  403  authenticated, but not allowed this (e.g. a tier)
     ├── NotFound                   404  unknown model/variant or route
+    ├── Conflict                   409  the change clashes with current state (duplicate name)
     ├── AdmissionRejected          429  over a budget or quota; retry after ``retry_after_s``
     ├── GenerationFailed           502  a worker failed while generating
     ├── ServiceUnavailable         503  no capable variant is up right now
@@ -59,11 +61,25 @@ class Unauthorized(WattserveError):
     error_type = "authentication_error"
 
 
+class Forbidden(WattserveError):
+    """The caller is known but may not do this."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
 class NotFound(WattserveError):
     """The named model, variant or route does not exist."""
 
     status_code = 404
     error_type = "not_found_error"
+
+
+class Conflict(WattserveError):
+    """The change clashes with the current state, e.g. a name that is already taken."""
+
+    status_code = 409
+    error_type = "conflict_error"
 
 
 class AdmissionRejected(WattserveError):
@@ -102,7 +118,9 @@ _BY_STATUS: dict[int, type[WattserveError]] = {
     for cls in (
         InvalidRequest,
         Unauthorized,
+        Forbidden,
         NotFound,
+        Conflict,
         AdmissionRejected,
         GenerationFailed,
         ServiceUnavailable,

@@ -276,11 +276,22 @@ class NodeInfo(BaseModel):
     sampling_cpu_pct: float
 
 
+class BudgetInfo(BaseModel):
+    """The energy budget in force and when it last changed."""
+
+    cluster_cap_w: float | None  # None: uncapped
+    joules_per_output_target: float | None
+    node_caps_w: dict[str, float]  # per-node caps, keyed by Ray node id (or its prefix)
+    updated_at: datetime | None  # None: never changed since the database was created
+    revision: int  # control-plane revision that set it
+
+
 class ClusterStatus(BaseModel):
     """Response of ``GET /v1/status``: live power, from the per-node telemetry agents."""
 
     cluster_power_w: float
     power_cap_w: float | None  # the budget in force; None when uncapped
+    budget: BudgetInfo
     nodes: list[NodeInfo]
     devices: list[DeviceInfo]
 

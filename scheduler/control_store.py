@@ -1,0 +1,556 @@
+"""The control plane's persisted state: budgets, policies, tenants and variants.
+
+Every change is one write transaction that also bumps the single ``control_meta``
+revision, so a change is applied fully or not at all, and a scheduler replica learns
+that *something* changed by reading one integer (``revision()``) every refresh
+interval; only then does it load a whole new :class:`ControlSnapshot`. The engine is
+injected (it is the ledger's; ``telemetry.database`` creates and migrates it). What the
+state *means* is pure data in ``policies`` (``Budget``, ``Policy``, ``Tenant``).
+
+Variants have a lifecycle: ``deploying`` (added, being started) → ``active`` (routed
+to) → ``retiring`` (no new work; in-flight work drains) → ``retired`` (its deployment
+is gone). A deploy that fails is ``failed`` with the reason in ``detail``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlmodel import Field, SQLModel
+
+from policies.catalog import Catalog, VariantSpec
+from policies.policy import Budget, Policy
+from policies.tenancy import Tenant, hash_key, new_api_key
+from telemetry.database import write_transaction
+from wattserve import Conflict, InvalidRequest, NotFound
+from wattserve._admin import (
+    BudgetUpdate,
+    PolicyUpdate,
+    TenantCreate,
+    TenantInfo,
+    TenantUpdate,
+    VariantRecord,
+)
+from wattserve._schemas import BudgetInfo
+
+CLUSTER_SCOPE = "cluster"
+NODE_SCOPE_PREFIX = "node:"
+DEFAULT_POLICY = "default"
+ROUTABLE_STATES = ("active",)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """Database datetimes come back naive (UTC); make them say so."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+class ControlMetaRow(SQLModel, table=True):
+    """The single revision counter every change bumps."""
+
+    __tablename__ = "control_meta"
+
+    id: int = Field(primary_key=True)
+    revision: int
+    updated_at: datetime
+
+
+class BudgetRow(SQLModel, table=True):
+    """The cluster budget (scope ``cluster``) or one node's cap (scope ``node:<id>``)."""
+
+    __tablename__ = "budgets"
+
+    scope: str = Field(primary_key=True, max_length=80)
+    cap_w: float | None = None
+    joules_per_output_target: float | None = None
+    updated_at: datetime
+    revision: int
+
+
+class PolicyRow(SQLModel, table=True):
+    """A serving policy; only ``default`` is used today."""
+
+    __tablename__ = "policies"
+
+    name: str = Field(primary_key=True, max_length=64)
+    default_quality: str = Field(max_length=16)
+    max_batch_size: int | None = None
+    max_wait_ms: float
+    share_unseeded: bool
+    cache_ttl_s: float | None = None
+    cache_max_bytes: int = Field(sa_type=sa.BigInteger)
+    default_deadline_s: float | None = None
+    allow_anonymous: bool
+    updated_at: datetime
+    revision: int
+
+
+class TenantRow(SQLModel, table=True):
+    """A tenant: its key's hash (never the key), quotas and limits."""
+
+    __tablename__ = "tenants"
+
+    name: str = Field(primary_key=True, max_length=64)
+    key_hash: str = Field(max_length=64, unique=True)
+    key_prefix: str = Field(max_length=16)
+    daily_kj: float | None = None
+    monthly_kj: float | None = None
+    qualities: str = Field(max_length=64)  # comma-separated tiers
+    rate_limit_per_min: int | None = None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class VariantRow(SQLModel, table=True):
+    """One catalog variant and where it is in its lifecycle."""
+
+    __tablename__ = "variants"
+
+    name: str = Field(primary_key=True, max_length=64)
+    spec_json: str = Field(sa_type=sa.Text)
+    state: str = Field(max_length=16)
+    origin: str = Field(max_length=1000)
+    detail: str | None = Field(default=None, max_length=1000)
+    updated_at: datetime
+
+
+class VariantDrainRow(SQLModel, table=True):
+    """A scheduler replica's word that it has no work left on a retiring variant."""
+
+    __tablename__ = "variant_drains"
+
+    variant: str = Field(primary_key=True, max_length=64)
+    replica: str = Field(primary_key=True, max_length=128)
+    drained_at: datetime
+
+
+@dataclass(frozen=True)
+class ControlSnapshot:
+    """Everything the control plane decides, as of one revision."""
+
+    revision: int
+    budget: Budget
+    budget_updated_at: datetime | None
+    policy: Policy
+    policy_updated_at: datetime | None
+    tenants: dict[str, Tenant] = field(default_factory=dict)  # by key hash, active only
+    variants: tuple[tuple[VariantSpec, str], ...] = ()  # (spec, state), every state
+
+    def budget_info(self) -> BudgetInfo:
+        """The budget as the wire shows it."""
+        return BudgetInfo(
+            cluster_cap_w=self.budget.cluster_cap_w,
+            joules_per_output_target=self.budget.joules_per_output_target,
+            node_caps_w=dict(self.budget.node_caps_w),
+            updated_at=self.budget_updated_at,
+            revision=self.revision,
+        )
+
+    def catalog(self, source_path: str = "database") -> Catalog:
+        """The variants routing may use now (state ``active``)."""
+        specs = tuple(spec for spec, state in self.variants if state in ROUTABLE_STATES)
+        return Catalog(source_path=source_path, variants=specs)
+
+    def in_state(self, state: str) -> list[str]:
+        """Names of the variants in ``state``."""
+        return [spec.name for spec, s in self.variants if s == state]
+
+
+def parse_variant_entry(text: str) -> VariantSpec:
+    """One ``[[variant]]`` table (or bare variant table) of TOML text, validated."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest(f"toml: not valid TOML: {exc}", param="toml") from exc
+    entries = raw.get("variant", raw)
+    if isinstance(entries, list):
+        if len(entries) != 1:
+            raise InvalidRequest("toml: give exactly one [[variant]] table", param="toml")
+        entries = entries[0]
+    try:
+        return VariantSpec.model_validate(entries)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err["loc"]) or "(table)"
+        raise InvalidRequest(f"variant field '{where}': {err['msg']}", param=where) from exc
+
+
+class ControlStore:
+    """Reads and atomic, revision-bumping writes of the control-plane tables."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    # --- reads ------------------------------------------------------------------------
+
+    def revision(self) -> int:
+        """The current revision: cheap enough to poll every refresh interval."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(ControlMetaRow.revision)).scalar_one())
+
+    def snapshot(self) -> ControlSnapshot:
+        """Everything in force now, read in one transaction."""
+        with self.engine.connect() as conn, conn.begin():
+            revision = int(conn.execute(sa.select(ControlMetaRow.revision)).scalar_one())
+            budgets = [
+                BudgetRow.model_validate(r._mapping) for r in conn.execute(sa.select(BudgetRow))
+            ]
+            policy_row = conn.execute(
+                sa.select(PolicyRow).where(PolicyRow.name == DEFAULT_POLICY)
+            ).first()
+            tenants = conn.execute(
+                sa.select(TenantRow).where(TenantRow.revoked_at.is_(None))  # type: ignore[union-attr]
+            ).all()
+            variants = conn.execute(sa.select(VariantRow).order_by(VariantRow.name)).all()
+        cluster = next((b for b in budgets if b.scope == CLUSTER_SCOPE), None)
+        nodes = {
+            b.scope.removeprefix(NODE_SCOPE_PREFIX): b.cap_w
+            for b in budgets
+            if b.scope.startswith(NODE_SCOPE_PREFIX) and b.cap_w is not None
+        }
+        budget = Budget(
+            cluster_cap_w=cluster.cap_w if cluster else None,
+            joules_per_output_target=cluster.joules_per_output_target if cluster else None,
+            node_caps_w=nodes,
+        )
+        budget_at = max((_aware(b.updated_at) for b in budgets), default=None)  # type: ignore[type-var]
+        policy = Policy()
+        policy_at = None
+        if policy_row is not None:
+            p = PolicyRow.model_validate(policy_row._mapping)
+            policy = _policy_from_row(p)
+            policy_at = _aware(p.updated_at)
+        return ControlSnapshot(
+            revision=revision,
+            budget=budget,
+            budget_updated_at=budget_at,
+            policy=policy,
+            policy_updated_at=policy_at,
+            tenants={
+                t.key_hash: _tenant_from_row(TenantRow.model_validate(t._mapping)) for t in tenants
+            },
+            variants=tuple(
+                (VariantSpec.model_validate_json(v.spec_json), v.state) for v in variants
+            ),
+        )
+
+    def tenants(self) -> list[TenantInfo]:
+        """Every tenant, revoked ones included, by name."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(TenantRow).order_by(TenantRow.name)).all()
+        return [_tenant_info(TenantRow.model_validate(r._mapping)) for r in rows]
+
+    def tenant(self, name: str) -> TenantInfo:
+        """One tenant, or ``NotFound``."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(TenantRow).where(TenantRow.name == name)).first()
+        if row is None:
+            raise NotFound(f"no tenant named {name!r}", param="name")
+        return _tenant_info(TenantRow.model_validate(row._mapping))
+
+    def variants(self) -> list[VariantRecord]:
+        """Every variant with its state, by name."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(VariantRow).order_by(VariantRow.name)).all()
+        return [_variant_record(VariantRow.model_validate(r._mapping)) for r in rows]
+
+    def variant(self, name: str) -> VariantRecord:
+        """One variant, or ``NotFound``."""
+        found = [v for v in self.variants() if v.name == name]
+        if not found:
+            raise NotFound(f"no variant named {name!r}", param="name")
+        return found[0]
+
+    def drains(self, variant: str) -> int:
+        """How many scheduler replicas have drained ``variant``."""
+        with self.engine.connect() as conn:
+            query = sa.select(sa.func.count()).where(VariantDrainRow.variant == variant)
+            return int(conn.execute(query).scalar_one())
+
+    # --- writes -----------------------------------------------------------------------
+
+    def _bump(self, conn: sa.Connection, now: datetime) -> int:
+        conn.execute(
+            sa.update(ControlMetaRow).values(revision=ControlMetaRow.revision + 1, updated_at=now)
+        )
+        return int(conn.execute(sa.select(ControlMetaRow.revision)).scalar_one())
+
+    def set_budget(self, update: BudgetUpdate) -> None:
+        """Apply the fields set in ``update`` (``null`` clears) to one scope, atomically."""
+        fields = update.model_fields_set - {"node"}
+        if not fields:
+            raise InvalidRequest("nothing to change: give watts and/or joules_per_output")
+        if update.node is not None and "joules_per_output" in fields:
+            raise InvalidRequest(
+                "joules_per_output is cluster-wide; set it without node", param="node"
+            )
+        scope = CLUSTER_SCOPE if update.node is None else NODE_SCOPE_PREFIX + update.node
+        now = _utcnow()
+        with write_transaction(self.engine) as conn:
+            revision = self._bump(conn, now)
+            row = conn.execute(sa.select(BudgetRow).where(BudgetRow.scope == scope)).first()
+            values = dict(row._mapping) if row else {"scope": scope, "cap_w": None,
+                                                      "joules_per_output_target": None}  # fmt: skip
+            if "watts" in fields:
+                values["cap_w"] = update.watts
+            if "joules_per_output" in fields:
+                values["joules_per_output_target"] = update.joules_per_output
+            values.update(updated_at=now, revision=revision)
+            conn.execute(sa.delete(BudgetRow).where(BudgetRow.scope == scope))
+            conn.execute(sa.insert(BudgetRow).values(**values))
+
+    def seed_budget(self, cap_w: float | None, joules_per_output_target: float | None) -> bool:
+        """Set the cluster budget from settings only if none was ever set; True if it was."""
+        if cap_w is None and joules_per_output_target is None:
+            return False
+        with write_transaction(self.engine) as conn:
+            exists = conn.execute(
+                sa.select(BudgetRow.scope).where(BudgetRow.scope == CLUSTER_SCOPE)
+            ).first()
+            if exists:
+                return False
+            now = _utcnow()
+            revision = self._bump(conn, now)
+            conn.execute(sa.insert(BudgetRow).values(
+                scope=CLUSTER_SCOPE, cap_w=cap_w, joules_per_output_target=joules_per_output_target,
+                updated_at=now, revision=revision,
+            ))  # fmt: skip
+        return True
+
+    def set_policy(self, update: PolicyUpdate) -> None:
+        """Apply the fields set in ``update`` to the default policy, atomically."""
+        fields = update.model_fields_set
+        if not fields:
+            raise InvalidRequest("nothing to change: give at least one policy field")
+        non_nullable = {"default_quality", "max_wait_ms", "share_unseeded", "cache_max_bytes",
+                        "allow_anonymous"}  # fmt: skip
+        for name in fields & non_nullable:
+            if getattr(update, name) is None:
+                raise InvalidRequest(f"{name}: may not be null", param=name)
+        now = _utcnow()
+        with write_transaction(self.engine) as conn:
+            revision = self._bump(conn, now)
+            row = conn.execute(sa.select(PolicyRow).where(PolicyRow.name == DEFAULT_POLICY)).first()
+            values = dict(row._mapping) if row else _policy_row_values(Policy())
+            for name in fields:
+                values[name] = getattr(update, name)
+            values.update(name=DEFAULT_POLICY, updated_at=now, revision=revision)
+            conn.execute(sa.delete(PolicyRow).where(PolicyRow.name == DEFAULT_POLICY))
+            conn.execute(sa.insert(PolicyRow).values(**values))
+
+    def create_tenant(self, create: TenantCreate) -> tuple[TenantInfo, str]:
+        """A new tenant and its API key (returned once, stored only as a hash)."""
+        api_key = new_api_key()
+        now = _utcnow()
+        row = TenantRow(
+            name=create.name, key_hash=hash_key(api_key), key_prefix=api_key[:10],
+            daily_kj=create.daily_kj, monthly_kj=create.monthly_kj,
+            qualities=",".join(dict.fromkeys(create.qualities)),
+            rate_limit_per_min=create.rate_limit_per_min, created_at=now,
+        )  # fmt: skip
+        with write_transaction(self.engine) as conn:
+            taken = conn.execute(sa.select(TenantRow.name).where(TenantRow.name == create.name))
+            if taken.first():
+                raise Conflict(f"a tenant named {create.name!r} already exists", param="name")
+            self._bump(conn, now)
+            conn.execute(sa.insert(TenantRow).values(**row.model_dump()))
+        return _tenant_info(row), api_key
+
+    def update_tenant(self, name: str, update: TenantUpdate) -> TenantInfo:
+        """Apply the fields set in ``update`` (``null`` removes a limit)."""
+        fields = update.model_fields_set
+        if not fields:
+            raise InvalidRequest("nothing to change: give at least one tenant field")
+        if "qualities" in fields and update.qualities is None:
+            raise InvalidRequest("qualities: may not be null", param="qualities")
+        values = {f: getattr(update, f) for f in fields}
+        if "qualities" in values:
+            values["qualities"] = ",".join(dict.fromkeys(values["qualities"]))
+        with write_transaction(self.engine) as conn:
+            self._live_tenant(conn, name)
+            self._bump(conn, _utcnow())
+            conn.execute(sa.update(TenantRow).where(TenantRow.name == name).values(**values))
+        return self.tenant(name)
+
+    def revoke_tenant(self, name: str) -> TenantInfo:
+        """Revoke the tenant's key: its requests are refused from the next refresh on."""
+        now = _utcnow()
+        with write_transaction(self.engine) as conn:
+            self._live_tenant(conn, name)
+            self._bump(conn, now)
+            conn.execute(sa.update(TenantRow).where(TenantRow.name == name).values(revoked_at=now))
+        return self.tenant(name)
+
+    @staticmethod
+    def _live_tenant(conn: sa.Connection, name: str) -> None:
+        row = conn.execute(sa.select(TenantRow.revoked_at).where(TenantRow.name == name)).first()
+        if row is None:
+            raise NotFound(f"no tenant named {name!r}", param="name")
+        if row[0] is not None:
+            raise Conflict(f"tenant {name!r} is revoked", param="name")
+
+    def seed_variants(self, catalog: Catalog) -> list[str]:
+        """Insert the catalog file's variants the database does not know; return them.
+
+        Variants already in the database keep their state and definition: the database,
+        not the file, is the catalog once seeded (a retired variant stays retired).
+        """
+        now = _utcnow()
+        with write_transaction(self.engine) as conn:
+            known = set(conn.execute(sa.select(VariantRow.name)).scalars())
+            new = [v for v in catalog.variants if v.name not in known]
+            if new:
+                self._bump(conn, now)
+                conn.execute(sa.insert(VariantRow), [
+                    {"name": v.name, "spec_json": v.model_dump_json(), "state": "active",
+                     "origin": catalog.source_path, "detail": None, "updated_at": now}
+                    for v in new
+                ])  # fmt: skip
+        return [v.name for v in new]
+
+    def add_variant(self, spec: VariantSpec, origin: str = "admin") -> VariantRecord:
+        """Record a new variant as ``deploying``; the cluster's reconciler deploys it."""
+        now = _utcnow()
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(sa.select(VariantRow.state).where(VariantRow.name == spec.name))
+            state = row.scalar()
+            if state is not None and state != "retired":
+                raise Conflict(f"variant {spec.name!r} already exists ({state})", param="name")
+            self._bump(conn, now)
+            conn.execute(sa.delete(VariantRow).where(VariantRow.name == spec.name))
+            conn.execute(sa.delete(VariantDrainRow).where(VariantDrainRow.variant == spec.name))
+            conn.execute(sa.insert(VariantRow).values(
+                name=spec.name, spec_json=spec.model_dump_json(), state="deploying",
+                origin=origin, detail=None, updated_at=now,
+            ))  # fmt: skip
+        return self.variant(spec.name)
+
+    def retire_variant(self, name: str) -> VariantRecord:
+        """Stop routing to ``name`` and let its in-flight work drain before it goes."""
+        with write_transaction(self.engine) as conn:
+            state = conn.execute(
+                sa.select(VariantRow.state).where(VariantRow.name == name)
+            ).scalar()
+            if state is None:
+                raise NotFound(f"no variant named {name!r}", param="name")
+            if state != "active":
+                raise Conflict(f"variant {name!r} is {state}, not active", param="name")
+            others = conn.execute(
+                sa.select(sa.func.count()).where(
+                    VariantRow.state == "active", VariantRow.name != name
+                )
+            ).scalar_one()
+            if not others:
+                raise Conflict(f"variant {name!r} is the last active variant", param="name")
+            self._set_state(conn, name, "retiring", None)
+        return self.variant(name)
+
+    def set_variant_state(self, name: str, state: str, detail: str | None = None) -> None:
+        """Move ``name`` along its lifecycle (the reconciler's and the drainers' call)."""
+        with write_transaction(self.engine) as conn:
+            self._set_state(conn, name, state, detail)
+
+    def _set_state(self, conn: sa.Connection, name: str, state: str, detail: str | None) -> None:
+        now = _utcnow()
+        self._bump(conn, now)
+        conn.execute(
+            sa.update(VariantRow)
+            .where(VariantRow.name == name)
+            .values(state=state, detail=detail, updated_at=now)
+        )
+
+    def record_drain(self, variant: str, replica: str) -> None:
+        """Record that ``replica`` has nothing left queued or running on ``variant``."""
+        with write_transaction(self.engine) as conn:
+            conn.execute(
+                sa.delete(VariantDrainRow).where(
+                    VariantDrainRow.variant == variant, VariantDrainRow.replica == replica
+                )
+            )
+            conn.execute(
+                sa.insert(VariantDrainRow).values(
+                    variant=variant, replica=replica, drained_at=_utcnow()
+                )
+            )
+
+
+def _policy_from_row(row: PolicyRow) -> Policy:
+    return Policy(
+        default_quality=row.default_quality,  # type: ignore[arg-type]
+        max_batch_size=row.max_batch_size,
+        max_wait_s=row.max_wait_ms / 1000,
+        share_unseeded=row.share_unseeded,
+        cache_ttl_s=row.cache_ttl_s,
+        cache_max_bytes=row.cache_max_bytes,
+        default_deadline_s=row.default_deadline_s,
+        allow_anonymous=row.allow_anonymous,
+    )
+
+
+def _policy_row_values(policy: Policy) -> dict:
+    return {
+        "default_quality": policy.default_quality,
+        "max_batch_size": policy.max_batch_size,
+        "max_wait_ms": policy.max_wait_s * 1000,
+        "share_unseeded": policy.share_unseeded,
+        "cache_ttl_s": policy.cache_ttl_s,
+        "cache_max_bytes": policy.cache_max_bytes,
+        "default_deadline_s": policy.default_deadline_s,
+        "allow_anonymous": policy.allow_anonymous,
+    }
+
+
+def policy_values(policy: Policy) -> dict:
+    """``policy`` in the field names of the wire's ``PolicyInfo``."""
+    return _policy_row_values(policy)
+
+
+def _tenant_from_row(row: TenantRow) -> Tenant:
+    return Tenant(
+        name=row.name,
+        key_hash=row.key_hash,
+        daily_kj=row.daily_kj,
+        monthly_kj=row.monthly_kj,
+        qualities=tuple(row.qualities.split(",")),  # type: ignore[arg-type]
+        rate_limit_per_min=row.rate_limit_per_min,
+        revoked=row.revoked_at is not None,
+    )
+
+
+def _tenant_info(row: TenantRow) -> TenantInfo:
+    return TenantInfo(
+        name=row.name,
+        key_prefix=row.key_prefix,
+        daily_kj=row.daily_kj,
+        monthly_kj=row.monthly_kj,
+        qualities=row.qualities.split(","),  # type: ignore[arg-type]
+        rate_limit_per_min=row.rate_limit_per_min,
+        state="revoked" if row.revoked_at else "active",
+        created_at=_aware(row.created_at),  # type: ignore[arg-type]
+        revoked_at=_aware(row.revoked_at),
+    )
+
+
+def _variant_record(row: VariantRow) -> VariantRecord:
+    spec = json.loads(row.spec_json)
+    return VariantRecord(
+        name=row.name,
+        state=row.state,  # type: ignore[arg-type]
+        origin=row.origin,
+        quality_score=spec["quality_score"],
+        power_w=spec["power_w"],
+        steps=spec["steps"],
+        source=spec["source"],
+        detail=row.detail,
+        updated_at=_aware(row.updated_at),  # type: ignore[arg-type]
+    )

@@ -1,0 +1,248 @@
+"""The database: engines, write transactions and versioned schema migrations.
+
+One database holds the ledger, the result-cache index and the control plane (budgets,
+policies, tenants, variants). SQLite is the embedded default; PostgreSQL is the choice
+when several nodes or replicas write. Any SQLAlchemy URL is accepted.
+
+**Schema versions are migrated, never recreated.** ``MIGRATIONS`` is an ordered list of
+steps, each written against *frozen* table definitions (what the schema was at that
+version, not what the models say today), so a database written by any earlier release
+upgrades in place without losing rows. A fresh database runs every step from the start:
+there is one way to build the schema. ``tests/test_migrations.py`` checks that the
+migrated schema matches the SQLModel tables the code uses, so the two cannot drift.
+
+=========  ===================================================================
+version    change
+=========  ===================================================================
+1          ``ledger`` and ``result_cache`` (issues 2-4; no version table yet)
+2          control plane: ``control_meta``, ``budgets``, ``policies``, ``tenants``,
+           ``variants``, ``variant_drains``
+3          ``ledger.tenant`` (+ index): per-tenant ledgers, usage and quotas
+=========  ===================================================================
+
+**Writers never see "database is locked".** On SQLite every write transaction starts
+with ``BEGIN IMMEDIATE`` (it takes the write lock up front and waits up to the busy
+timeout for it, instead of failing when a read transaction tries to upgrade), while
+reads start a deferred ``BEGIN`` and run beside writers under WAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+import structlog
+from sqlmodel import create_engine
+
+log = structlog.get_logger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+_WRITE = "wattserve_write"  # execution option that marks a write transaction
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is newer than this code, or a migration failed."""
+
+
+def _sqlite_connect(dbapi_conn: object, _record: object) -> None:
+    # Let SQLAlchemy's "begin" event (below) emit BEGIN: pysqlite's own implicit BEGIN
+    # is always deferred and cannot be made IMMEDIATE per transaction.
+    dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
+    cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    immediate = conn.get_execution_options().get(_WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def make_engine(db_url: str) -> sa.Engine:
+    """An engine for ``db_url``; SQLite gets WAL, a busy timeout and its directory made."""
+    url = sa.make_url(db_url)
+    if url.get_backend_name() != "sqlite":
+        return create_engine(db_url, pool_pre_ping=True)
+    if url.database and url.database != ":memory:":
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        db_url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+    )
+    sa.event.listen(engine, "connect", _sqlite_connect)
+    sa.event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+@contextmanager
+def write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """One atomic write: all of it commits, or (on any exception) none of it does."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{_WRITE: True})
+        with conn.begin():
+            yield conn
+
+
+# --- migrations ---------------------------------------------------------------------
+
+VERSION_TABLE = "wattserve_schema"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _v1_ledger_and_cache(conn: sa.Connection) -> None:
+    """The schema issues 2-4 shipped (created then by ``create_all``, frozen here)."""
+    md = sa.MetaData()
+    sa.Table(
+        "ledger", md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("request_id", sa.String(64), nullable=False, index=True),
+        sa.Column("image_index", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.DateTime, nullable=False, index=True),
+        sa.Column("finished_at", sa.DateTime, nullable=False),
+        sa.Column("user", sa.String(256), index=True),
+        sa.Column("variant", sa.String(64), nullable=False, index=True),
+        sa.Column("quality", sa.String(16), nullable=False),
+        sa.Column("route_reason", sa.String(64), nullable=False),
+        sa.Column("batch_id", sa.String(64), nullable=False),
+        sa.Column("batch_size", sa.Integer, nullable=False),
+        sa.Column("joules", sa.Float, nullable=False),
+        sa.Column("energy_source", sa.String(16), nullable=False),
+        sa.Column("cache", sa.String(16), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False, index=True),
+        sa.Column("error", sa.String(1000)),
+        sa.Column("latency_ms", sa.Float, nullable=False),
+        sa.Column("seed", sa.BigInteger, nullable=False),
+        sa.Column("width_px", sa.Integer, nullable=False),
+        sa.Column("height_px", sa.Integer, nullable=False),
+        sa.UniqueConstraint("request_id", "image_index", name="uq_ledger_output"),
+    )  # fmt: skip
+    sa.Table(
+        "result_cache", md,
+        sa.Column("output_key", sa.String(64), primary_key=True),
+        sa.Column("variant", sa.String(64), primary_key=True),
+        sa.Column("quality_score", sa.Float, nullable=False),
+        sa.Column("energy_source", sa.String(16), nullable=False),
+        sa.Column("png_sha256", sa.String(64), nullable=False, index=True),
+        sa.Column("size_bytes", sa.Integer, nullable=False),
+        sa.Column("created_s", sa.Float, nullable=False),
+        sa.Column("last_used_s", sa.Float, nullable=False, index=True),
+        sa.Column("source_request_id", sa.String(64), nullable=False),
+        sa.Column("source_image_index", sa.Integer, nullable=False),
+    )  # fmt: skip
+    md.create_all(conn)
+
+
+def _v2_control_plane(conn: sa.Connection) -> None:
+    """Budgets, policies, tenants and variants: persisted, revisioned control state."""
+    md = sa.MetaData()
+    sa.Table(
+        "control_meta", md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("revision", sa.Integer, nullable=False),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+    )  # fmt: skip
+    sa.Table(
+        "budgets", md,
+        sa.Column("scope", sa.String(80), primary_key=True),
+        sa.Column("cap_w", sa.Float),
+        sa.Column("joules_per_output_target", sa.Float),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("revision", sa.Integer, nullable=False),
+    )  # fmt: skip
+    sa.Table(
+        "policies", md,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("default_quality", sa.String(16), nullable=False),
+        sa.Column("max_batch_size", sa.Integer),
+        sa.Column("max_wait_ms", sa.Float, nullable=False),
+        sa.Column("share_unseeded", sa.Boolean, nullable=False),
+        sa.Column("cache_ttl_s", sa.Float),
+        sa.Column("cache_max_bytes", sa.BigInteger, nullable=False),
+        sa.Column("default_deadline_s", sa.Float),
+        sa.Column("allow_anonymous", sa.Boolean, nullable=False),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("revision", sa.Integer, nullable=False),
+    )  # fmt: skip
+    sa.Table(
+        "tenants", md,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+        sa.Column("key_prefix", sa.String(16), nullable=False),
+        sa.Column("daily_kj", sa.Float),
+        sa.Column("monthly_kj", sa.Float),
+        sa.Column("qualities", sa.String(64), nullable=False),
+        sa.Column("rate_limit_per_min", sa.Integer),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("revoked_at", sa.DateTime),
+    )  # fmt: skip
+    sa.Table(
+        "variants", md,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("spec_json", sa.Text, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("origin", sa.String(1000), nullable=False),
+        sa.Column("detail", sa.String(1000)),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+    )  # fmt: skip
+    sa.Table(
+        "variant_drains", md,
+        sa.Column("variant", sa.String(64), primary_key=True),
+        sa.Column("replica", sa.String(128), primary_key=True),
+        sa.Column("drained_at", sa.DateTime, nullable=False),
+    )  # fmt: skip
+    md.create_all(conn)
+    conn.execute(md.tables["control_meta"].insert().values(id=1, revision=0, updated_at=_utcnow()))
+
+
+def _v3_ledger_tenant(conn: sa.Connection) -> None:
+    """Who each output was for: per-tenant ledgers, usage and quotas."""
+    conn.execute(sa.text("ALTER TABLE ledger ADD COLUMN tenant VARCHAR(64)"))
+    conn.execute(sa.text("CREATE INDEX ix_ledger_tenant ON ledger (tenant, created_at)"))
+
+
+Migration = Callable[[sa.Connection], None]
+MIGRATIONS: tuple[Migration, ...] = (_v1_ledger_and_cache, _v2_control_plane, _v3_ledger_tenant)
+HEAD = len(MIGRATIONS)
+
+
+def schema_version(conn: sa.Connection) -> int:
+    """The version of the schema behind ``conn``: 0 for an empty database."""
+    tables = set(sa.inspect(conn).get_table_names())
+    if VERSION_TABLE in tables:
+        row = conn.execute(sa.text(f"SELECT version FROM {VERSION_TABLE}")).first()
+        return int(row[0]) if row else 0
+    return 1 if "ledger" in tables else 0  # issues 2-4 wrote no version table
+
+
+def migrate(engine: sa.Engine, target: int = HEAD) -> int:
+    """Upgrade the schema to ``target`` in one transaction; return the version before.
+
+    Concurrent callers (several replicas starting at once) serialize on the write lock
+    and the later ones find nothing to do.
+    """
+    with write_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7170751)"))  # one migrator
+        before = schema_version(conn)
+        if before > HEAD:
+            raise SchemaError(
+                f"database schema version {before} is newer than this wattserve ({HEAD}): "
+                "upgrade wattserve instead of downgrading the database"
+            )
+        if before >= target:
+            return before
+        for version in range(before + 1, target + 1):
+            MIGRATIONS[version - 1](conn)
+        if VERSION_TABLE not in sa.inspect(conn).get_table_names():
+            conn.execute(sa.text(f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)"))
+            conn.execute(sa.text(f"INSERT INTO {VERSION_TABLE} (version) VALUES (0)"))
+        conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version = :v"), {"v": target})
+    log.info("schema_migrated", before=before, after=target)
+    return before
