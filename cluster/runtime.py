@@ -16,9 +16,10 @@ from typing import Any
 import httpx
 import structlog
 
-from cluster.settings import Settings
+from cluster.settings import Settings, ensure_admin_token
 from policies.catalog import Catalog, load_catalog
 from wattserve import WattserveError
+from wattserve._admin import PolicyUpdate
 
 
 class SettingsError(WattserveError):
@@ -55,8 +56,10 @@ class LocalService:
         self.host = host
         self.port = port
         self.catalog: Catalog | None = None
+        self.admin_token: str | None = None
         self._ray_started = False
         self._actors: list[Any] = []
+        self._reconciler: Any = None
 
     @property
     def url(self) -> str:
@@ -73,16 +76,18 @@ class LocalService:
                 "WATTSERVE_POWER_CAP_W needs a single scheduler replica: each replica admits "
                 "against the same measured power, so several could overshoot the cap together"
             )
+        self.admin_token = ensure_admin_token(self.settings.home)
         for key, value in _PROCESS_ENV.items():
             os.environ.setdefault(key, value)
         import ray
         from ray import serve
 
         from cluster.agents import start_agents
-        from cluster.app import build_app
+        from cluster.app import ingress_app
         from cluster.coalescers import start_coalescers
+        from cluster.variants import VariantReconciler, deploy_variants
 
-        self.settings.home.mkdir(parents=True, exist_ok=True)
+        control = self._prepare_database()
         self.settings.ray_tmpdir.mkdir(parents=True, exist_ok=True)
         in_main_thread = threading.current_thread() is threading.main_thread()
         sigterm_handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
@@ -104,10 +109,41 @@ class LocalService:
             self.settings.power_source, self.settings.sample_hz, self.settings.sim_devices
         ) + start_coalescers(self.settings.coalescers)
         serve.start(http_options={"host": self.host, "port": self.port})
-        serve.run(build_app(self.catalog, self.settings), name=APP_NAME, route_prefix="/")
+        snapshot = control.snapshot()
+        deploy_variants(
+            [spec for spec, state in snapshot.variants if state in ("active", "deploying")],
+            self.settings,
+        )
+        for name in snapshot.in_state("deploying"):
+            control.set_variant_state(name, "active")
+        serve.run(ingress_app(self.settings, self.admin_token), name=APP_NAME, route_prefix="/")
+        self._reconciler = VariantReconciler(control, self.settings)
+        self._reconciler.start()
         self._wait_ready(ready_timeout_s)
-        log.info("service_ready", url=self.url, variants=self.catalog.names)
+        log.info("service_ready", url=self.url, variants=control.snapshot().catalog().names)
         return self.url
+
+    def _prepare_database(self) -> Any:
+        """Migrate the database and seed it from the settings where it is still empty."""
+        from scheduler.control_store import ControlStore
+        from telemetry.ledger import LedgerStore
+
+        assert self.catalog is not None
+        ledger = LedgerStore(self.settings.db_url)  # migrates to the current schema
+        control = ControlStore(ledger.engine)
+        seeded = control.seed_variants(self.catalog)
+        control.seed_budget(self.settings.power_cap_w, self.settings.joules_per_output_target)
+        control.seed_policy(
+            PolicyUpdate(
+                cache_max_bytes=self.settings.cache_max_bytes,
+                cache_ttl_s=self.settings.cache_ttl_s,
+            )
+        )
+        # Nothing is in flight across a restart: a variant that was draining is done.
+        for name in control.snapshot().in_state("retiring"):
+            control.set_variant_state(name, "retired")
+        log.info("database_ready", seeded_variants=seeded)
+        return control
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -130,6 +166,9 @@ class LocalService:
         from ray import serve
 
         try:
+            if self._reconciler is not None:
+                self._reconciler.stop()
+                self._reconciler = None
             serve.shutdown()
         finally:
             self._actors = []

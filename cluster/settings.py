@@ -13,17 +13,29 @@ WATTSERVE_SIM_DEVICES  simulated GPUs per node (no NVML)      ``4``
 WATTSERVE_CACHE_DIR    result cache directory                 ``$WATTSERVE_HOME/cache``
 WATTSERVE_CACHE_MAX_BYTES  result cache size cap (LRU)        ``1073741824`` (1 GiB)
 WATTSERVE_CACHE_TTL_S  result cache entry lifetime            none (no expiry)
-WATTSERVE_POWER_CAP_W  cluster power budget in watts          none (uncapped)
-WATTSERVE_JOULES_PER_OUTPUT_TARGET  J/output target            none
+WATTSERVE_POWER_CAP_W  cluster power budget in watts (seed)   none (uncapped)
+WATTSERVE_JOULES_PER_OUTPUT_TARGET  J/output target (seed)     none
 WATTSERVE_SCHEDULER_REPLICAS  scheduler (ingress) replicas    ``1``
+WATTSERVE_ADMIN_TOKEN  admin API token                        generated into the state dir
 =====================  =====================================  ==========================
+
+The catalog file, the power cap, the J/output target and the cache limits *seed* the
+control plane's database on first start; after that the database is authoritative and
+``wattserve budget|policy|variants`` change it live (a restart does not undo a change).
+
+The admin token is ``WATTSERVE_ADMIN_TOKEN`` if set, else ``$WATTSERVE_HOME/admin-token``,
+created with mode 0600 on first start; the CLI reads it from the same place.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from wattserve._admin import ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE
 
 DEFAULT_HOME = "~/.wattserve"
 
@@ -86,3 +98,32 @@ class Settings:
             joules_per_output_target=float(target) if target else None,
             scheduler_replicas=int(os.environ.get("WATTSERVE_SCHEDULER_REPLICAS") or 1),
         )
+
+
+class AdminTokenError(RuntimeError):
+    """The admin token file exists but is unsafe or unreadable."""
+
+
+def ensure_admin_token(home: Path) -> str:
+    """The admin token: from the environment, else the state dir's file (made if absent)."""
+    from_env = os.environ.get(ADMIN_TOKEN_ENV)
+    if from_env:
+        return from_env
+    path = home / ADMIN_TOKEN_FILE
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise AdminTokenError(
+                f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
+            ) from None
+        token = path.read_text(encoding="utf-8").strip()
+        if not token:
+            raise AdminTokenError(f"{path} is empty; delete it to generate a new token") from None
+        return token
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(token + "\n")
+    return token

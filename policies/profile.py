@@ -35,6 +35,10 @@ class EnergyProfile:
         self._joules: dict[tuple[str, int], float] = {}
         self._latency_s: dict[tuple[str, int], float] = {}
 
+    def use_catalog(self, catalog: Catalog) -> None:
+        """Estimate against ``catalog`` from now on; what was learned is kept."""
+        self._catalog = catalog
+
     def observe(
         self, variant: str, batch_size: int, joules_per_output: float, latency_s: float
     ) -> None:

@@ -150,3 +150,8 @@ def _baseline(request: GenerationRequest, catalog: Catalog, state: RoutingState)
         _refuse(request, candidates, 0.0)
     best = max(capable, key=lambda c: (c.quality_score, c.variant))
     return RouteDecision(best.variant, REASON_BASELINE, best.expected_joules_per_image, candidates)
+
+
+def reference_variant(catalog: Catalog) -> VariantSpec:
+    """The variant the baseline serves everything with: the highest-quality one."""
+    return max(catalog.variants, key=lambda v: (v.quality_score, v.name))

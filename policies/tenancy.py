@@ -124,3 +124,47 @@ class RateLimiter:
             return None
         self._buckets[tenant.name] = (tokens, now)
         return (1.0 - tokens) * 60.0 / limit
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the operator (admin token), a tenant, or nobody in particular."""
+
+    kind: str  # "admin" | "tenant" | "anonymous"
+    tenant: Tenant | None = None
+
+    @property
+    def name(self) -> str | None:
+        """The tenant's name, if a tenant."""
+        return self.tenant.name if self.tenant else None
+
+
+class AuthError(Exception):
+    """Credentials missing or wrong; the message says which (never the secret)."""
+
+
+def identify(
+    token: str | None,
+    tenants: dict[str, Tenant],
+    allow_anonymous: bool,
+    admin_token_sha256: str | None,
+) -> Caller:
+    """The caller behind a bearer ``token`` (``tenants`` are keyed by key hash).
+
+    While no tenant exists the service is open: any token (the OpenAI client always sends
+    one) is served anonymously. Once one exists, an unknown or revoked key is refused, and
+    so is no key at all unless the policy allows anonymous use.
+    """
+    if token:
+        digest = hash_key(token)
+        if admin_token_sha256 is not None and same_secret(digest, admin_token_sha256):
+            return Caller("admin")
+        tenant = tenants.get(digest)
+        if tenant is not None and same_secret(digest, tenant.key_hash):
+            return Caller("tenant", tenant)
+        if tenants:
+            raise AuthError("unknown or revoked API key")
+        return Caller("anonymous")
+    if tenants and not allow_anonymous:
+        raise AuthError("an API key is required: send it as 'Authorization: Bearer <key>'")
+    return Caller("anonymous")

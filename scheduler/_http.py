@@ -1,4 +1,4 @@
-"""HTTP edge of the scheduler: body parsing and the one exception-to-response mapping."""
+"""HTTP edge of the scheduler: the FastAPI app, bodies, bearer tokens, error mapping."""
 
 from __future__ import annotations
 
@@ -12,12 +12,20 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import wattserve
 from wattserve import AdmissionRejected, InvalidRequest, NotFound, WattserveError
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 M = TypeVar("M", bound=BaseModel)
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _param(err: dict[str, Any]) -> str | None:
@@ -85,3 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error", error=repr(exc))
         return error_response(WattserveError("internal error"))
+
+
+api = FastAPI(title="wattserve", version=wattserve.__version__)
+install_error_handlers(api)

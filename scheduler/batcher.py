@@ -102,20 +102,18 @@ class Batcher:
         max_queued: int = 4096,
     ) -> None:
         self._pool = pool
-        self._catalog = catalog
         self.max_wait_s = max_wait_s
-        self._cap = {
-            v.name: min(v.max_batch_size, max_batch_size or v.max_batch_size)
-            for v in catalog.variants
-        }
-        self._replicas = {v.name: v.resources.replicas for v in catalog.variants}
+        self._catalog = catalog
+        self._cap: dict[str, int] = {}
+        self._replicas: dict[str, int] = {}
+        self._wakeup = asyncio.Event()
+        self.configure(catalog, max_batch_size=max_batch_size)
         self._clock = clock
         self._new_batch_id = new_batch_id
         self._on_batch = on_batch
         self._tickets = itertools.count()
         self._queue: dict[int, _Pending] = {}
         self._in_flight: dict[str, int] = {}
-        self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._power_cap_w = power_cap_w
@@ -124,6 +122,24 @@ class Batcher:
         self._sample_period_s = sample_period_s
         self._launched: list[tuple[float, float]] = []  # (launch time, declared draw W)
         self._max_queued = max_queued
+
+    def configure(self, catalog: Catalog, *, max_batch_size: int | None) -> None:
+        """Adopt a new catalog and batch-size bound.
+
+        Variants that left the catalog keep their limits, so what is already queued on
+        them still launches: that is how a retiring variant drains.
+        """
+        self._catalog = catalog
+        for v in catalog.variants:
+            self._cap[v.name] = min(v.max_batch_size, max_batch_size or v.max_batch_size)
+            self._replicas[v.name] = v.resources.replicas
+        self._wakeup.set()
+
+    def busy_with(self, variant: str) -> bool:
+        """Whether any output of ``variant`` is queued or running here."""
+        return self._in_flight.get(variant, 0) > 0 or any(
+            p.queued.variant == variant for p in self._queue.values()
+        )
 
     @property
     def queued(self) -> int:

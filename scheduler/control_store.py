@@ -327,6 +327,15 @@ class ControlStore:
             ))  # fmt: skip
         return True
 
+    def seed_policy(self, update: PolicyUpdate) -> bool:
+        """Apply ``update`` only if the policy was never set; True if it was applied."""
+        with self.engine.connect() as conn:
+            exists = conn.execute(sa.select(PolicyRow.name)).first()
+        if exists or not update.model_fields_set:
+            return False
+        self.set_policy(update)
+        return True
+
     def set_policy(self, update: PolicyUpdate) -> None:
         """Apply the fields set in ``update`` to the default policy, atomically."""
         fields = update.model_fields_set

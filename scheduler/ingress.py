@@ -1,25 +1,44 @@
 """The Ray Serve ingress deployment: the HTTP API in front of the scheduler.
 
+Each replica keeps a :class:`ControlSnapshot` (budget, policy, tenants, catalog) and
+polls the control plane's revision every ``REFRESH_S``; a change made through the admin
+API on any replica therefore applies on every replica within about that interval, and
+at once on the replica that made it. Variants are Serve applications of their own
+(``variant_app_name``), so adding or retiring one never redeploys this ingress.
+
 No ``from __future__ import annotations`` here: FastAPI must see real annotation
 objects on the route methods to recognise ``Request`` and query parameters.
 """
 
 import asyncio
+import time
+import uuid
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import ray
 import structlog
-from fastapi import FastAPI, Query, Request
+from fastapi import Query, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 import wattserve
 from policies.catalog import Catalog
 from policies.plans import BatchOutput, BatchPlan
-from policies.policy import Budget, Policy
-from scheduler._http import install_error_handlers, parse_body
+from policies.tenancy import (
+    AuthError,
+    Caller,
+    RateLimiter,
+    Tenant,
+    check_quota,
+    day_window,
+    identify,
+    month_window,
+)
+from scheduler._http import api, bearer_token, parse_body
+from scheduler.admin import AdminRoutes
 from scheduler.cache import ResultCache
 from scheduler.coalescing import (
     COALESCER_NAMESPACE,
@@ -28,13 +47,15 @@ from scheduler.coalescing import (
     RemoteFlights,
     coalescer_actor_name,
 )
+from scheduler.control_store import ControlSnapshot, ControlStore
 from scheduler.service import Scheduler
 from telemetry.agent import AGENT_NAMESPACE, agent_actor_name
 from telemetry.attribution import Reconciliation
-from telemetry.ledger import LedgerStore
+from telemetry.ledger import ANY_TENANT, LedgerStore
 from telemetry.logs import configure_logging
 from telemetry.metrics import SchedulerMetrics
-from wattserve import ServiceUnavailable
+from wattserve import AdmissionRejected, Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
+from wattserve._admin import QuotaUsage, TenantInfo
 from wattserve._schemas import (
     ClusterStatus,
     EnergyReport,
@@ -49,22 +70,41 @@ from wattserve._schemas import (
 
 log = structlog.get_logger(__name__)
 
-api = FastAPI(title="wattserve", version=wattserve.__version__)
-install_error_handlers(api)
+
+WORKER_DEPLOYMENT = "worker"
+
+
+def variant_app_name(variant: str) -> str:
+    """The Serve application that runs ``variant``'s workers."""
+    return f"wattserve-variant-{variant}"
 
 
 class ServeWorkerPool:
-    """``WorkerPool`` over one Serve deployment handle per variant."""
+    """``WorkerPool`` over the Serve application of each routable variant."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self._handles = handles
+    def __init__(self) -> None:
+        self._handles: dict[str, DeploymentHandle] = {}
+        self._available: frozenset[str] = frozenset()
+
+    def set_variants(self, names: list[str]) -> None:
+        """Route to exactly ``names`` from now on (blocking: it may look up handles)."""
+        for name in names:
+            if name not in self._handles:
+                self._handles[name] = serve.get_deployment_handle(
+                    WORKER_DEPLOYMENT, app_name=variant_app_name(name)
+                )
+        self._available = frozenset(names)
 
     def available(self) -> frozenset[str]:
-        """Variants with a deployment; Serve itself routes around unhealthy replicas."""
-        return frozenset(self._handles)
+        """Variants routing may choose; Serve itself routes around unhealthy replicas."""
+        return self._available
 
     async def run(self, plan: BatchPlan) -> BatchOutput:
-        """Run ``plan`` on a replica of its variant, waiting in Serve's queue if all are busy."""
+        """Run ``plan`` on a replica of its variant, waiting in Serve's queue if all are busy.
+
+        A retiring variant is no longer available but keeps its handle, so work already
+        queued for it still runs: that is the drain.
+        """
         return await self._handles[plan.variant].run.remote(plan)
 
 
@@ -92,14 +132,13 @@ class ServingConfig:
     """Knobs of the scheduler replica that come from the deployment's settings."""
 
     cache_dir: str
-    cache_max_bytes: int
-    cache_ttl_s: float | None
-    power_cap_w: float | None = None
-    joules_per_output_target: float | None = None
+    admin_token_sha256: str | None  # None: the admin API refuses everyone
+    replicas: int = 1
     coalescers: int = 0  # 0: this replica coalesces by itself
 
 
 POWER_POLL_S = 0.1
+REFRESH_S = 0.5
 
 
 def telemetry_agents() -> list:
@@ -119,89 +158,207 @@ def telemetry_agents() -> list:
 
 @serve.deployment(name="scheduler", ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
-class SchedulerIngress:
-    """HTTP API: OpenAI-shaped image generation, model list, ledger, health."""
+class SchedulerIngress(AdminRoutes):
+    """HTTP API: OpenAI-shaped image generation, models, ledger, status, usage, admin."""
 
-    def __init__(
-        self,
-        workers: dict[str, DeploymentHandle],
-        catalog: Catalog,
-        db_url: str,
-        config: ServingConfig,
-    ) -> None:
+    async def __init__(self, db_url: str, config: ServingConfig) -> None:
         configure_logging(json=True)
-        self._catalog = catalog
-        self._ledger = LedgerStore(db_url)
+        self._config = config
+        self.replica_id = uuid.uuid4().hex[:12]
+        self._ledger = LedgerStore(db_url)  # migrates: a no-op once the service has
+        self._control = ControlStore(self._ledger.engine)
+        self._snapshot: ControlSnapshot = await asyncio.to_thread(self._control.snapshot)
+        policy = self._snapshot.policy
         result_cache = ResultCache(
             self._ledger.engine,
             Path(config.cache_dir),
-            max_bytes=config.cache_max_bytes,
-            ttl_s=config.cache_ttl_s,
+            max_bytes=policy.cache_max_bytes,
+            ttl_s=policy.cache_ttl_s,
         )
-        # Static until the control plane feeds budgets live through this same callable.
-        budget = Budget(config.power_cap_w, config.joules_per_output_target)
         self._cluster_power_w: float | None = None
+        self._node_power_w: dict[str, float] = {}
         self._power_poller: asyncio.Task[None] | None = None
+        self._rates = RateLimiter(time.monotonic)
+        self._drained: set[str] = set()
         flights: Flights = LocalFlights()
         if config.coalescers:
             names = [coalescer_actor_name(i) for i in range(config.coalescers)]
             handles = [ray.get_actor(n, namespace=COALESCER_NAMESPACE) for n in names]
             flights = RemoteFlights(names, handles)
+        self._pool = ServeWorkerPool()
+        catalog = self._snapshot.catalog()
+        await asyncio.to_thread(self._pool.set_variants, catalog.names)
         self._scheduler = Scheduler(
             catalog,
-            Policy(),
-            ServeWorkerPool(workers),
+            policy,
+            self._pool,
             self._ledger,
             cache=result_cache,
             flights=flights,
             metrics=SchedulerMetrics(),
-            budget=lambda: budget,
+            budget=lambda: self._snapshot.budget,
             cluster_power_w=lambda: self._cluster_power_w,
+            node_power_w=lambda: self._node_power_w,
         )
-        log.info("scheduler_ready", variants=catalog.names)
+        self._start_power_poller()
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        log.info("scheduler_ready", variants=catalog.names, revision=self._snapshot.revision)
 
-    async def _poll_cluster_power(self) -> None:
-        """Keep the live cluster power fresh for admission; None (admit nothing) on failure."""
+    # --- control plane ------------------------------------------------------------------
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self.refresh()
+            except Exception as exc:  # the database may blip; keep the last snapshot
+                log.warning("control_refresh_failed", error=repr(exc))
+
+    async def refresh(self, force: bool = False) -> ControlSnapshot:
+        """Load the control state if its revision moved, apply it; record drains."""
+        revision = await asyncio.to_thread(self._control.revision)
+        if force or revision != self._snapshot.revision:
+            snapshot = await asyncio.to_thread(self._control.snapshot)
+            catalog = snapshot.catalog()
+            await asyncio.to_thread(self._pool.set_variants, catalog.names)
+            self._snapshot = snapshot
+            self._scheduler.apply(catalog, snapshot.policy)
+            self._start_power_poller()
+            log.info("control_applied", revision=snapshot.revision, variants=catalog.names)
+        for name in self._snapshot.in_state("retiring"):
+            if name not in self._drained and not self._scheduler.batcher.busy_with(name):
+                await asyncio.to_thread(self._control.record_drain, name, self.replica_id)
+                self._drained.add(name)
+                log.info("variant_drained", variant=name, replica=self.replica_id)
+        return self._snapshot
+
+    def _start_power_poller(self) -> None:
+        budget = self._snapshot.budget
+        capped = budget.cluster_cap_w is not None or bool(budget.node_caps_w)
+        if capped and self._power_poller is None:
+            self._power_poller = asyncio.get_running_loop().create_task(self._poll_power())
+
+    async def _poll_power(self) -> None:
+        """Keep live cluster and node power fresh for admission; None (admit nothing) on failure."""
         while True:
             try:
                 agents = await asyncio.to_thread(telemetry_agents)
                 snapshots = await asyncio.gather(*(a.status.remote() for a in agents))
-                self._cluster_power_w = sum(node.power_w for node, _ in snapshots)
+                self._node_power_w = {node.node_id: node.power_w for node, _ in snapshots}
+                self._cluster_power_w = sum(self._node_power_w.values())
             except Exception as exc:  # keep polling; admission holds work meanwhile
                 self._cluster_power_w = None
                 log.warning("cluster_power_unavailable", error=repr(exc))
             await asyncio.sleep(POWER_POLL_S)
 
+    # --- callers ------------------------------------------------------------------------
+
+    def caller(self, request: Request) -> Caller:
+        """Who sent ``request``; ``Unauthorized`` when its credentials do not hold."""
+        snapshot = self._snapshot
+        try:
+            return identify(
+                bearer_token(request),
+                snapshot.tenants,
+                snapshot.policy.allow_anonymous,
+                self._config.admin_token_sha256,
+            )
+        except AuthError as exc:
+            raise Unauthorized(str(exc)) from None
+
+    async def _admit_tenant(self, tenant: Tenant, quality: str) -> None:
+        """Tier, rate limit and energy quotas of ``tenant``, checked before any work."""
+        if quality not in tenant.qualities:
+            raise Forbidden(
+                f"tenant {tenant.name!r} may use quality {', '.join(tenant.qualities)}; "
+                f"not {quality!r}",
+                param="quality",
+            )
+        wait_s = self._rates.allow(tenant)
+        if wait_s is not None:
+            raise AdmissionRejected(
+                f"rate limit of {tenant.rate_limit_per_min} requests/min reached for "
+                f"tenant {tenant.name!r}",
+                retry_after_s=wait_s,
+            )
+        if tenant.daily_kj is None and tenant.monthly_kj is None:
+            return
+        now = datetime.now(UTC)
+        day_j, month_j = await asyncio.to_thread(self._quota_usage_j, tenant.name, now)
+        refusal = check_quota(tenant, day_j, month_j, now)
+        if refusal is not None:
+            raise AdmissionRejected(refusal.message, retry_after_s=refusal.retry_after_s)
+
+    def _quota_usage_j(self, tenant: str, now: datetime) -> tuple[float, float]:
+        day = self._ledger.tenant_joules(tenant, day_window(now)[0])
+        month = self._ledger.tenant_joules(tenant, month_window(now)[0])
+        return day, month
+
+    def tenant_usage(self, info: TenantInfo) -> TenantInfo:
+        """``info`` with its energy use in the current day and month (blocking)."""
+        now = datetime.now(UTC)
+        day_j, month_j = self._quota_usage_j(info.name, now)
+        usage = [
+            QuotaUsage(window="day", used_kj=day_j / 1000, quota_kj=info.daily_kj,
+                       resets_at=day_window(now)[1]),
+            QuotaUsage(window="month", used_kj=month_j / 1000, quota_kj=info.monthly_kj,
+                       resets_at=month_window(now)[1]),
+        ]  # fmt: skip
+        return info.model_copy(update={"usage": usage})
+
+    # --- public API ---------------------------------------------------------------------
+
     @api.post("/v1/images/generations")
     async def generate(self, request: Request) -> dict:
         """OpenAI Images API ``generations`` with wattserve receipts."""
+        caller = self.caller(request)
         body = await parse_body(request, ImageGenerationBody)
-        if self._scheduler.budget().cluster_cap_w is not None and self._power_poller is None:
-            self._power_poller = asyncio.create_task(self._poll_cluster_power())
-        response = await self._scheduler.generate(body.to_request())
+        policy = self._snapshot.policy
+        generation = body.to_request(
+            default_quality=policy.default_quality,
+            default_deadline_s=policy.default_deadline_s,
+            tenant=caller.name,
+        )
+        if caller.tenant is not None:
+            await self._admit_tenant(caller.tenant, generation.quality)
+        response = await self._scheduler.generate(generation)
         return response.model_dump(mode="json")
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        """The variants this service routes to."""
-        return ModelList(data=variant_info(self._catalog)).model_dump(mode="json")
+        """The variants this service routes to now."""
+        return ModelList(data=variant_info(self._scheduler.catalog)).model_dump(mode="json")
 
     @api.get("/v1/ledger")
-    async def ledger(self, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:
-        """The newest ledger rows, newest first."""
-        rows = await asyncio.to_thread(self._ledger.recent, limit)
+    async def ledger(
+        self, request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    ) -> dict:
+        """The caller's newest ledger rows, newest first (all rows for the admin)."""
+        caller = self.caller(request)
+        owner = ANY_TENANT if caller.kind == "admin" else caller.name
+        rows = await asyncio.to_thread(self._ledger.recent, limit, tenant=owner)
         return LedgerPage(data=[row.to_entry() for row in rows]).model_dump(mode="json")
+
+    @api.get("/v1/usage")
+    async def usage(self, request: Request) -> dict:
+        """The calling tenant's limits and energy used against its quotas."""
+        caller = self.caller(request)
+        if caller.tenant is None:
+            raise InvalidRequest("usage is per tenant: call with a tenant's API key")
+        info = await asyncio.to_thread(self._control.tenant, caller.tenant.name)
+        return (await asyncio.to_thread(self.tenant_usage, info)).model_dump(mode="json")
 
     @api.get("/v1/status")
     async def status(self) -> dict:
-        """Live power per device and node, from the telemetry agents."""
+        """Live power per device and node, and the budget in force."""
         agents = await asyncio.to_thread(telemetry_agents)  # GCS lookups: off the event loop
         snapshots = await asyncio.gather(*(a.status.remote() for a in agents))
         nodes = [node for node, _ in snapshots]
         devices = [device for _, node_devices in snapshots for device in node_devices]
         return ClusterStatus(
             cluster_power_w=sum(n.power_w for n in nodes),
-            power_cap_w=self._scheduler.budget().cluster_cap_w,
+            power_cap_w=self._snapshot.budget.cluster_cap_w,
+            budget=self._snapshot.budget_info(),
             nodes=nodes,
             devices=devices,
         ).model_dump(mode="json")

@@ -133,9 +133,9 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         metrics: BatchMetrics | None = None,
-        max_wait_s: float = 0.02,
         budget: Callable[[], Budget] = Budget,
         cluster_power_w: Callable[[], float | None] = lambda: None,
+        node_power_w: Callable[[], dict[str, float]] = dict,
         max_hold_s: float = 5.0,
     ) -> None:
         self.catalog = catalog
@@ -148,15 +148,33 @@ class Scheduler:
         self._rng = rng or random.SystemRandom()
         self._metrics = metrics
         self.budget = budget
-        self._base_max_wait_s = max_wait_s
         self.rolling_joules_per_output: float | None = None  # EWMA over generated outputs
         self.profile = EnergyProfile(catalog)
         self.batcher = Batcher(
-            pool, catalog, max_wait_s=max_wait_s, clock=clock,
-            new_batch_id=lambda: new_id("bat"), on_batch=self._learn,
-            power_cap_w=lambda: self.budget().cluster_cap_w, cluster_power_w=cluster_power_w,
-            max_hold_s=max_hold_s,
+            pool, catalog, max_batch_size=policy.max_batch_size, max_wait_s=policy.max_wait_s,
+            clock=clock, new_batch_id=lambda: new_id("bat"), on_batch=self._learn,
+            power_cap_w=lambda: self.budget().effective_cap_w(cluster_power_w(), node_power_w()),
+            cluster_power_w=cluster_power_w, max_hold_s=max_hold_s,
         )  # fmt: skip
+
+    def apply(self, catalog: Catalog, policy: Policy) -> None:
+        """Swap in a new catalog and policy (from the control plane) between decisions.
+
+        Learned energy profiles are kept; outputs already queued on a variant that left
+        the catalog still run (that is how a retiring variant drains).
+        """
+        self.catalog = catalog
+        self.policy = policy
+        self.profile.use_catalog(catalog)
+        self.batcher.configure(catalog, max_batch_size=policy.max_batch_size)
+        self._set_wait()
+        if self.cache is not None:
+            self.cache.max_bytes = policy.cache_max_bytes
+            self.cache.ttl_s = policy.cache_ttl_s
+
+    def _set_wait(self) -> None:
+        factor = self.policy.over_target_wait_factor if self.over_target else 1.0
+        self.batcher.max_wait_s = self.policy.max_wait_s * factor
 
     def _learn(self, plan: BatchPlan, output: BatchOutput) -> None:
         """Every finished batch updates the profile, the J/output target state and metrics."""
@@ -167,8 +185,7 @@ class Scheduler:
         self.rolling_joules_per_output = (
             per_output if old is None else old + TARGET_EWMA_ALPHA * (per_output - old)
         )
-        factor = self.policy.over_target_wait_factor if self.over_target else 1.0
-        self.batcher.max_wait_s = self._base_max_wait_s * factor
+        self._set_wait()
         if self._metrics is not None:
             self._metrics.record_batch(plan.variant, output.energy_source, output.joules, size)
 
@@ -399,6 +416,7 @@ class Scheduler:
                 request_id=ctx.request_id,
                 image_index=index,
                 user=request.user,
+                tenant=request.tenant,
                 variant=outcome.variant,
                 quality=request.quality,
                 route_reason=outcome.route_reason,

@@ -22,6 +22,8 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from telemetry.database import make_engine, migrate, write_transaction
 from wattserve._schemas import LedgerEntry, VariantUsage
 
+ANY_TENANT = "*"  # ``recent(tenant=ANY_TENANT)``: every row; ``tenant=None``: anonymous rows
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -99,15 +101,22 @@ class LedgerStore:
         self,
         limit: int,
         *,
-        tenant: str | None = None,
+        tenant: str | None = ANY_TENANT,
         variant: str | None = None,
         status: str | None = None,
         since: datetime | None = None,
     ) -> list[LedgerRow]:
-        """The newest ``limit`` rows matching every filter given, newest first."""
+        """The newest ``limit`` rows matching every filter given, newest first.
+
+        ``tenant`` is a tenant's name, None for rows of anonymous requests, or
+        ``ANY_TENANT`` for all rows.
+        """
         query = select(LedgerRow)
-        for column, value in ((LedgerRow.tenant, tenant), (LedgerRow.variant, variant),
-                              (LedgerRow.status, status)):  # fmt: skip
+        if tenant != ANY_TENANT:
+            query = query.where(
+                LedgerRow.tenant == tenant if tenant else LedgerRow.tenant.is_(None)
+            )  # type: ignore[union-attr]
+        for column, value in ((LedgerRow.variant, variant), (LedgerRow.status, status)):
             if value is not None:
                 query = query.where(column == value)
         if since is not None:

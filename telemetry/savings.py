@@ -65,16 +65,30 @@ def _batch1_prices(groups: Iterable[list[Receipt]]) -> dict[str, float]:
     return {variant: sum(js) / len(js) for variant, js in costs.items()}
 
 
-def savings_by_cause(receipts: Sequence[Receipt], reference_variant: str) -> SavingsReport:
-    """Attribute the run's saving against the reference variant at batch 1."""
+def savings_by_cause(
+    receipts: Sequence[Receipt], reference_variant: str, prior_price_j: float | None = None
+) -> SavingsReport:
+    """Attribute the run's saving against the reference variant at batch 1.
+
+    Without a batch-1 output of the reference variant among ``receipts`` the baseline is
+    priced at ``prior_price_j`` (the catalog's prior: an ``estimated`` figure, and the
+    baseline's name says so) or, when that is None too, cannot be priced (ValueError).
+    """
     generations = _generations(receipts).values()
     prices = _batch1_prices(generations)
-    if reference_variant not in prices:
+    name = f"every output on {reference_variant} at batch size 1, no cache"
+    sources = {r.energy_source for r in receipts}
+    if reference_variant in prices:
+        baseline_price = prices[reference_variant]
+    elif prior_price_j is not None:
+        baseline_price = prior_price_j
+        name += " (priced from the catalog prior: estimated)"
+        sources.add("estimated")
+    else:
         raise ValueError(
             f"no batch-1 output of reference variant {reference_variant!r} in this run; "
             "a baseline cannot be priced without one"
         )
-    baseline_price = prices[reference_variant]
     causes = dict.fromkeys(CAUSES, 0.0)
     causes["cache"] = sum(baseline_price - r.joules for r in receipts if r.cache == "hit")
     for group in generations:
@@ -84,9 +98,9 @@ def savings_by_cause(receipts: Sequence[Receipt], reference_variant: str) -> Sav
         causes["coalescing"] += (sharers - 1) * own_price
         causes["batching"] += own_price - full_cost
     return SavingsReport(
-        baseline_name=f"every output on {reference_variant} at batch size 1, no cache",
+        baseline_name=name,
         baseline_joules_per_output=baseline_price,
-        energy_sources=tuple(sorted({r.energy_source for r in receipts})),
+        energy_sources=tuple(sorted(sources)),
         outputs=len(receipts),
         baseline_joules=baseline_price * len(receipts),
         achieved_joules=sum(r.joules for r in receipts),

@@ -104,7 +104,7 @@ async def test_concurrent_distinct_requests_share_batches(catalog, inprocess_poo
 
     pool = Gate()
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
-    scheduler = Scheduler(catalog, Policy(), pool, ledger, max_wait_s=0.01)
+    scheduler = Scheduler(catalog, Policy(max_wait_s=0.01), pool, ledger)
     requests = [
         GenerationRequest(prompt=f"p{i}", width_px=64, height_px=64, seed=i, quality="draft")
         for i in range(32)
@@ -125,9 +125,9 @@ async def test_concurrent_distinct_requests_share_batches(catalog, inprocess_poo
 
 async def test_over_the_joules_per_output_target_batches_harder(catalog, inprocess_pool, tmp_path):
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
-    strict = Scheduler(catalog, Policy(), inprocess_pool, ledger, max_wait_s=0.01,
+    strict = Scheduler(catalog, Policy(max_wait_s=0.01), inprocess_pool, ledger,
                        budget=lambda: Budget(joules_per_output_target=1.0))  # fmt: skip
-    lenient = Scheduler(catalog, Policy(), inprocess_pool, ledger, max_wait_s=0.01,
+    lenient = Scheduler(catalog, Policy(max_wait_s=0.01), inprocess_pool, ledger,
                         budget=lambda: Budget(joules_per_output_target=1e9))  # fmt: skip
     for scheduler in (strict, lenient):
         assert scheduler.rolling_joules_per_output is None and not scheduler.over_target
@@ -171,7 +171,7 @@ async def test_a_new_budget_applies_to_the_next_decision_without_restart(
 ):
     budget = {"now": Budget(joules_per_output_target=1e9)}
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
-    scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger, max_wait_s=0.01,
+    scheduler = Scheduler(catalog, Policy(max_wait_s=0.01), inprocess_pool, ledger,
                           budget=lambda: budget["now"])  # fmt: skip
     request = GenerationRequest(prompt="live", width_px=64, height_px=64, quality="draft")
     await scheduler.generate(request)

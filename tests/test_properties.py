@@ -50,7 +50,7 @@ def test_each_request_answered_once_and_identical_work_generated_once(
     rng = random.Random(shuffle_seed)
     pool = FakePool(catalog.names, rng)
     cache = ResultCache(ledger.engine, tmp / "c")
-    scheduler = Scheduler(catalog, Policy(), pool, ledger, cache=cache, max_wait_s=0.001)
+    scheduler = Scheduler(catalog, Policy(max_wait_s=0.001), pool, ledger, cache=cache)
     requests = [
         GenerationRequest(prompt=f"p{k}", width_px=64, height_px=64, seed=k, quality="draft")
         for k, count in enumerate(copies)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from wattserve._schemas import LedgerEntry, Quality
 
+ADMIN_TOKEN_FILE = "admin-token"  # in the state dir ($WATTSERVE_HOME), mode 0600
+ADMIN_TOKEN_ENV = "WATTSERVE_ADMIN_TOKEN"
 MAX_WATTS = 10_000_000.0  # 10 MW: a large datacenter hall; anything above is a typo
 MAX_JOULES_PER_OUTPUT = 10_000_000.0
 MAX_KJ = 1e12

@@ -63,7 +63,7 @@ class ImageGenerationBody(BaseModel):
     user: Annotated[StrictStr, Field(max_length=256)] | None = None
     negative_prompt: Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
-    quality: StrictStr = "standard"
+    quality: StrictStr | None = None  # None: the service policy's default tier
     deadline_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     policy: RequestPolicy = "default"
 
@@ -82,16 +82,22 @@ class ImageGenerationBody(BaseModel):
 
     @field_validator("quality")
     @classmethod
-    def _quality_known(cls, quality: str) -> str:
-        if quality not in _QUALITY_ALIASES:
+    def _quality_known(cls, quality: str | None) -> str | None:
+        if quality is not None and quality not in _QUALITY_ALIASES:
             raise ValueError(
                 f"quality must be one of draft, standard, high (or OpenAI's "
                 f"low/medium/hd/auto), got {quality!r}"
             )
         return quality
 
-    def to_request(self) -> GenerationRequest:
-        """Normalise the wire body into the scheduler's request."""
+    def to_request(
+        self,
+        *,
+        default_quality: Quality = "standard",
+        default_deadline_s: float | None = None,
+        tenant: str | None = None,
+    ) -> GenerationRequest:
+        """Normalise the wire body into the scheduler's request, filling policy defaults."""
         width_px, height_px = parse_size(self.size)
         return GenerationRequest(
             prompt=self.prompt,
@@ -100,10 +106,11 @@ class ImageGenerationBody(BaseModel):
             height_px=height_px,
             n=self.n,
             seed=self.seed,
-            quality=_QUALITY_ALIASES[self.quality],
-            deadline_s=self.deadline_s,
+            quality=default_quality if self.quality is None else _QUALITY_ALIASES[self.quality],
+            deadline_s=self.deadline_s if self.deadline_s is not None else default_deadline_s,
             model=None if self.model in (None, "", AUTO_MODEL) else self.model,
             user=self.user,
+            tenant=tenant,
             policy=self.policy,
         )
 
@@ -123,6 +130,7 @@ class GenerationRequest(BaseModel):
     deadline_s: float | None = None
     model: str | None = None
     user: str | None = None
+    tenant: str | None = None  # set by the service from the API key, never by the body
     # "baseline": what serving costs without wattserve — the highest-quality variant,
     # batch size 1, no cache, no coalescing. For measuring savings, not for production.
     policy: RequestPolicy = "default"
@@ -220,6 +228,7 @@ class LedgerEntry(BaseModel):
     image_index: int
     created_at: datetime
     user: str | None
+    tenant: str | None = None
     variant: str
     quality: Quality
     batch_id: str
