@@ -97,15 +97,19 @@ def _utcnow() -> datetime:
 
 
 def _v1_ledger_and_cache(conn: sa.Connection) -> None:
-    """The schema issues 2-4 shipped (created then by ``create_all``, frozen here)."""
+    """The schema issues 2-4 shipped (created then by ``create_all``, frozen here).
+
+    Datetimes are SQLModel's UTC-aware columns (``TIMESTAMP WITH TIME ZONE`` where the
+    database has one; UTC without an offset on SQLite).
+    """
     md = sa.MetaData()
     sa.Table(
         "ledger", md,
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("request_id", sa.String(64), nullable=False, index=True),
         sa.Column("image_index", sa.Integer, nullable=False),
-        sa.Column("created_at", sa.DateTime, nullable=False, index=True),
-        sa.Column("finished_at", sa.DateTime, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("user", sa.String(256), index=True),
         sa.Column("variant", sa.String(64), nullable=False, index=True),
         sa.Column("quality", sa.String(16), nullable=False),
@@ -146,14 +150,14 @@ def _v2_control_plane(conn: sa.Connection) -> None:
         "control_meta", md,
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("revision", sa.Integer, nullable=False),
-        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )  # fmt: skip
     sa.Table(
         "budgets", md,
         sa.Column("scope", sa.String(80), primary_key=True),
         sa.Column("cap_w", sa.Float),
         sa.Column("joules_per_output_target", sa.Float),
-        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revision", sa.Integer, nullable=False),
     )  # fmt: skip
     sa.Table(
@@ -167,7 +171,7 @@ def _v2_control_plane(conn: sa.Connection) -> None:
         sa.Column("cache_max_bytes", sa.BigInteger, nullable=False),
         sa.Column("default_deadline_s", sa.Float),
         sa.Column("allow_anonymous", sa.Boolean, nullable=False),
-        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revision", sa.Integer, nullable=False),
     )  # fmt: skip
     sa.Table(
@@ -179,8 +183,8 @@ def _v2_control_plane(conn: sa.Connection) -> None:
         sa.Column("monthly_kj", sa.Float),
         sa.Column("qualities", sa.String(64), nullable=False),
         sa.Column("rate_limit_per_min", sa.Integer),
-        sa.Column("created_at", sa.DateTime, nullable=False),
-        sa.Column("revoked_at", sa.DateTime),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("revoked_at", sa.DateTime(timezone=True)),
     )  # fmt: skip
     sa.Table(
         "variants", md,
@@ -189,13 +193,13 @@ def _v2_control_plane(conn: sa.Connection) -> None:
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("origin", sa.String(1000), nullable=False),
         sa.Column("detail", sa.String(1000)),
-        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )  # fmt: skip
     sa.Table(
         "variant_drains", md,
         sa.Column("variant", sa.String(64), primary_key=True),
         sa.Column("replica", sa.String(128), primary_key=True),
-        sa.Column("drained_at", sa.DateTime, nullable=False),
+        sa.Column("drained_at", sa.DateTime(timezone=True), nullable=False),
     )  # fmt: skip
     md.create_all(conn)
     conn.execute(md.tables["control_meta"].insert().values(id=1, revision=0, updated_at=_utcnow()))

@@ -29,13 +29,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _naive_utc(moment: datetime) -> datetime:
-    """``moment`` as the naive UTC datetime the ``DateTime`` columns compare against."""
-    if moment.tzinfo is None:
-        return moment
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
 class LedgerRow(SQLModel, table=True):
     """One output of one request."""
 
@@ -120,14 +113,14 @@ class LedgerStore:
             if value is not None:
                 query = query.where(column == value)
         if since is not None:
-            query = query.where(LedgerRow.created_at >= _naive_utc(since))
+            query = query.where(LedgerRow.created_at >= since)
         with Session(self.engine) as session:
             return list(session.exec(query.order_by(col(LedgerRow.id).desc()).limit(limit)))
 
     def tenant_joules(self, tenant: str, since: datetime) -> float:
         """Joules charged to ``tenant``'s outputs since ``since``: what its quotas count."""
         query = sa.select(sa.func.coalesce(sa.func.sum(LedgerRow.joules), 0.0)).where(
-            LedgerRow.tenant == tenant, LedgerRow.created_at >= _naive_utc(since)
+            LedgerRow.tenant == tenant, LedgerRow.created_at >= since
         )
         with self.engine.connect() as conn:
             return float(conn.execute(query).scalar_one())
@@ -138,9 +131,9 @@ class LedgerStore:
         """Every row in ``[since, until)`` (optionally one tenant's), oldest first."""
         query = select(LedgerRow)
         if since is not None:
-            query = query.where(LedgerRow.created_at >= _naive_utc(since))
+            query = query.where(LedgerRow.created_at >= since)
         if until is not None:
-            query = query.where(LedgerRow.created_at < _naive_utc(until))
+            query = query.where(LedgerRow.created_at < until)
         if tenant is not None:
             query = query.where(LedgerRow.tenant == tenant)
         with Session(self.engine) as session:

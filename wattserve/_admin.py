@@ -26,9 +26,11 @@ _NAME_RE = re.compile(NAME_PATTERN)
 TenantState = Literal["active", "revoked"]
 VariantState = Literal["deploying", "active", "retiring", "retired", "failed"]
 
-Watts = Annotated[float, Field(gt=0, le=MAX_WATTS, allow_inf_nan=False)]
-JoulesPerOutput = Annotated[float, Field(gt=0, le=MAX_JOULES_PER_OUTPUT, allow_inf_nan=False)]
-KiloJoules = Annotated[float, Field(gt=0, le=MAX_KJ, allow_inf_nan=False)]
+Watts = Annotated[float, Field(strict=True, gt=0, le=MAX_WATTS, allow_inf_nan=False)]
+JoulesPerOutput = Annotated[
+    float, Field(strict=True, gt=0, le=MAX_JOULES_PER_OUTPUT, allow_inf_nan=False)
+]
+KiloJoules = Annotated[float, Field(strict=True, gt=0, le=MAX_KJ, allow_inf_nan=False)]
 
 
 def check_name(kind: str, name: str) -> str:
@@ -86,13 +88,17 @@ class PolicyUpdate(_Body):
 
     default_quality: Quality | None = None
     max_batch_size: Annotated[StrictInt, Field(ge=1, le=256)] | None = None
-    max_wait_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] | None = None
+    max_wait_ms: (
+        Annotated[float, Field(strict=True, ge=0, le=60_000, allow_inf_nan=False)] | None
+    ) = None
     share_unseeded: StrictBool | None = None
-    cache_ttl_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400, allow_inf_nan=False)] | None = (
-        None
-    )
+    cache_ttl_s: (
+        Annotated[float, Field(strict=True, gt=0, le=10 * 365 * 86400, allow_inf_nan=False)] | None
+    ) = None
     cache_max_bytes: Annotated[StrictInt, Field(ge=0, le=1 << 50)] | None = None
-    default_deadline_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] | None = None
+    default_deadline_s: (
+        Annotated[float, Field(strict=True, gt=0, le=3600, allow_inf_nan=False)] | None
+    ) = None
     allow_anonymous: StrictBool | None = None
 
 
