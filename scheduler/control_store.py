@@ -48,13 +48,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    """Database datetimes come back naive (UTC); make them say so."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
-
-
 class ControlMetaRow(SQLModel, table=True):
     """The single revision counter every change bumps."""
 
@@ -223,13 +216,13 @@ class ControlStore:
             joules_per_output_target=cluster.joules_per_output_target if cluster else None,
             node_caps_w=nodes,
         )
-        budget_at = max((_aware(b.updated_at) for b in budgets), default=None)  # type: ignore[type-var]
+        budget_at = max((b.updated_at for b in budgets), default=None)
         policy = Policy()
         policy_at = None
         if policy_row is not None:
             p = PolicyRow.model_validate(policy_row._mapping)
             policy = _policy_from_row(p)
-            policy_at = _aware(p.updated_at)
+            policy_at = p.updated_at
         return ControlSnapshot(
             revision=revision,
             budget=budget,
@@ -545,8 +538,8 @@ def _tenant_info(row: TenantRow) -> TenantInfo:
         qualities=row.qualities.split(","),  # type: ignore[arg-type]
         rate_limit_per_min=row.rate_limit_per_min,
         state="revoked" if row.revoked_at else "active",
-        created_at=_aware(row.created_at),  # type: ignore[arg-type]
-        revoked_at=_aware(row.revoked_at),
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
     )
 
 
@@ -561,5 +554,5 @@ def _variant_record(row: VariantRow) -> VariantRecord:
         steps=spec["steps"],
         source=spec["source"],
         detail=row.detail,
-        updated_at=_aware(row.updated_at),  # type: ignore[arg-type]
+        updated_at=row.updated_at,
     )

@@ -25,6 +25,8 @@ def admin(service) -> Iterator[httpx.Client]:
     ) as client:
         yield client
         client.put("/admin/budgets", json={"watts": None, "joules_per_output": None})
+        for node in client.get("/admin/budgets").json()["node_caps_w"]:
+            client.put("/admin/budgets", json={"watts": None, "node": node})
         client.put("/admin/policies", json={"default_quality": "standard",
                                             "allow_anonymous": False})  # fmt: skip
         for tenant in client.get("/admin/tenants").json()["data"]:
@@ -93,6 +95,27 @@ def test_budget_set_is_in_status_within_two_seconds(admin, url):
     assert cleared["cluster_cap_w"] is None
 
 
+def test_a_node_cap_holds_then_refuses_work_that_would_exceed_it(admin, url):
+    node = httpx.get(f"{url}/v1/status").json()["nodes"][0]["node_id"]
+    # 4 simulated GPUs idle at 70 W: a 450 W "high" batch never fits under 700 W on the node
+    capped = admin.put("/admin/budgets", json={"watts": 700, "node": node[:12]})
+    assert capped.json()["node_caps_w"] == {node[:12]: 700}
+    refused = httpx.post(
+        f"{url}/v1/images/generations",
+        timeout=120,
+        json={"prompt": "too hot for the node", "seed": 31, "quality": "high"},
+    )
+    assert refused.status_code == 429 and "power cap" in refused.json()["error"]["message"]
+    served = httpx.post(
+        f"{url}/v1/images/generations",
+        timeout=120,
+        json={"prompt": "cool enough", "seed": 32, "quality": "draft"},
+    )
+    assert served.status_code == 200  # the 350 W turbo batch fits
+    cleared = admin.put("/admin/budgets", json={"watts": None, "node": node[:12]})
+    assert cleared.json()["node_caps_w"] == {}
+
+
 def test_policy_default_tier_applies_to_the_next_request(admin, url):
     body = {"prompt": "policy default", "seed": 11}  # names no quality tier
     assert admin.put("/admin/policies", json={"default_quality": "draft"}).status_code == 200
@@ -134,9 +157,10 @@ def test_tenants_see_only_their_ledger_and_quotas_refuse_with_the_reason(admin, 
         assert usage["name"] == "tenant-a" and usage["usage"][0]["used_kj"] >= 0.001
         by_tenant = admin.get("/admin/report").json()["by_tenant"]
         assert {"tenant-a", "tenant-b"} <= {u["key"] for u in by_tenant}
-        assert admin.get("/admin/ledger", params={"tenant": "tenant-b"}).json()["data"][0][
-            "tenant"
-        ] == "tenant-b"
+        assert (
+            admin.get("/admin/ledger", params={"tenant": "tenant-b"}).json()["data"][0]["tenant"]
+            == "tenant-b"
+        )
         admin.delete("/admin/tenants/tenant-b")
         revoked = generate(b, "after revocation", seed=25, quality="draft")
         assert revoked.status_code == 401 and "revoked" in revoked.json()["error"]["message"]
