@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # present the [serve] extra's torch range is satisfied, so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo serve test test-fast lint bench-priors gpu-check clean
+.PHONY: install demo serve test test-fast lint bench-priors gpu-check cli-docs clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench-priors: install
 
 gpu-check: install
 	$(BIN)/python scripts/gpu_check.py
+
+# docs/cli.md is generated from the Typer app; tests/test_cli_docs.py fails when it drifts.
+cli-docs: install
+	$(BIN)/typer cli.main utils docs --name wattserve --output docs/cli.md
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,9 +1,10 @@
 """The ``wattserve`` command: a thin CLI over the SDK, plus ``serve`` and ``demo``.
 
-Each data command builds a ``wattserve.Client``, calls one method and renders a table
-(or stable JSON with ``--json``). Any ``WattserveError`` becomes one line on stderr and
-exit code 1. ``serve`` and ``demo`` import Ray lazily, so the base install (SDK + CLI,
-no Ray, no torch) can use every other command.
+Each data command builds a ``wattserve.Client`` (or ``AdminClient``), calls one method
+and renders a table (or stable JSON with ``--json``). Wrong input exits 2 before
+anything is sent; any ``WattserveError`` becomes one line on stderr and exit code 1.
+``serve`` and ``demo`` import Ray lazily, so the base install (SDK + CLI, no Ray, no
+torch) can use every other command. The admin sub-commands live in ``cli/admin.py``.
 """
 
 from __future__ import annotations
@@ -12,17 +13,39 @@ import hashlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, cast
 
 import typer
 
+from cli import _render as render
+from cli._common import (
+    ApiKeyOption,
+    HomeOption,
+    JsonOption,
+    TokenOption,
+    UrlOption,
+    admin_token_if_any,
+    bad_input,
+    errors,
+    fail,
+    open_admin,
+    open_client,
+    parse_when,
+)
 from cli._render import print_json, table
-from wattserve import Client, Quality, WattserveError
+from cli.admin import budget_app, policy_app, tenant_app, variants_app
+from wattserve import Quality
+from wattserve._admin_client import (
+    LEDGER_STATUSES,
+    MAX_LEDGER_LIMIT,
+    admin_token_path,
+    ledger_params,
+    report_params,
+)
 from wattserve._client import DEFAULT_BASE_URL
+from wattserve._schemas import LedgerStatus
 
 app = typer.Typer(
     name="wattserve",
@@ -30,38 +53,21 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(variants_app, name="variants")
+app.add_typer(budget_app, name="budget")
+app.add_typer(policy_app, name="policy")
+app.add_typer(tenant_app, name="tenant")
 
-UrlOption = Annotated[
-    str,
-    typer.Option("--url", envvar="WATTSERVE_URL", help="Base URL of a wattserve service."),
-]
-ApiKeyOption = Annotated[
-    str | None, typer.Option("--api-key", envvar="WATTSERVE_API_KEY", help="Tenant API key.")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print stable JSON instead of tables.")]
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn a ``WattserveError`` into a one-line message and exit code 1."""
-    try:
-        yield
-    except WattserveError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+PUBLIC_LEDGER_LIMIT = 1000  # GET /v1/ledger's own bound
+FORMATS = ("table", "json", "csv")
 
 
 def _require_serve_extra() -> None:
     """``serve`` and ``demo`` run the server side: Ray, torch and diffusers must be here."""
     missing = [m for m in ("ray", "torch", "diffusers", "sqlmodel") if find_spec(m) is None]
     if missing:
-        _fail(f"needs the [serve] extra (missing {', '.join(missing)}): "
-              "pip install 'wattserve[serve]'")  # fmt: skip
+        fail(f"needs the [serve] extra (missing {', '.join(missing)}): "
+             "pip install 'wattserve[serve]'")  # fmt: skip
 
 
 @app.command()
@@ -81,9 +87,9 @@ def generate(
 ) -> None:
     """Generate images and print their energy receipts."""
     if quality not in ("draft", "standard", "high"):
-        _fail(f"--quality must be draft, standard or high, got {quality!r}", code=2)
+        fail(f"--quality must be draft, standard or high, got {quality!r}", code=2)
     tier: Quality = quality  # type: ignore[assignment]
-    with _errors(), Client(url, api_key) as client:
+    with open_client(url, api_key) as client, errors():
         result = client.generate(prompt, n=n, size=size, seed=seed, quality=tier, model=model)
     images = []
     for image in result.images:
@@ -115,91 +121,134 @@ def generate(
 
 
 @app.command()
-def variants(url: UrlOption = DEFAULT_BASE_URL, json_out: JsonOption = False) -> None:
-    """List the variants the service routes to, with quality and energy priors."""
-    with _errors(), Client(url) as client:
-        found = client.variants()
-    if json_out:
-        print_json(found)
-        return
-    table(
-        "variants",
-        ["variant", "steps", "guidance", "quality", "max px", "J/image prior", "power W"],
-        [
-            [v.id, v.steps, v.guidance_scale, v.quality_score, v.max_size_px,
-             v.joules_per_image_prior, v.power_w]
-            for v in found
-        ],
-    )  # fmt: skip
-
-
-@app.command()
 def ledger(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's rows (admin).")] = None,
+    variant: Annotated[str | None, typer.Option(help="Only this variant's rows (admin).")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Rows from this time on (admin): ISO 8601 (UTC unless offset) or 24h, 7d, 30m."
+        ),
+    ] = None,
+    status: Annotated[str | None, typer.Option(help="ok or failed (admin).")] = None,
+    limit: Annotated[int, typer.Option(help=f"Newest N rows (1..{MAX_LEDGER_LIMIT}).")] = 20,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     url: UrlOption = DEFAULT_BASE_URL,
-    limit: Annotated[int, typer.Option(min=1, max=1000, help="Newest N rows.")] = 20,
+    api_key: ApiKeyOption = None,
+    token: TokenOption = None,
+    home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show the newest energy-ledger rows (one per output)."""
-    with _errors(), Client(url) as client:
-        rows = client.ledger(limit)
-    if json_out:
-        print_json(rows)
-        return
-    table(
-        "ledger (newest first)",
-        ["request", "#", "variant", "status", "batch", "joules", "source", "cache", "latency ms"],
-        [
-            [r.request_id, r.image_index, r.variant, r.status, r.batch_size, r.joules,
-             r.energy_source, r.cache, r.latency_ms]
-            for r in rows
-        ],
-    )  # fmt: skip
+    """Energy-ledger rows, one per output, newest first.
+
+    With an admin token (and no --api-key): every tenant's rows, with the filters.
+
+    Otherwise the calling tenant's own rows (--api-key); only --limit applies.
+    """
+    output_format = _output_format(output_format, json_out)
+    if status is not None and status not in LEDGER_STATUSES:
+        fail(f"--status: want ok or failed; got {status!r}", code=2)
+    moment = parse_when(since, "--since")
+    with bad_input():
+        ledger_params(tenant=tenant, variant=variant, since=moment, limit=limit)
+    admin_token = admin_token_if_any(api_key, token, home)
+    if admin_token is not None:
+        with open_admin(url, admin_token, home) as admin, errors():
+            checked = cast(LedgerStatus | None, status)  # checked against LEDGER_STATUSES
+            rows = admin.ledger(
+                tenant=tenant, variant=variant, status=checked, since=moment, limit=limit
+            )
+    else:
+        _check_tenant_ledger(home, limit, tenant=tenant, variant=variant, since=since,
+                             status=status)  # fmt: skip
+        with open_client(url, api_key) as client, errors():
+            rows = client.ledger(limit)
+    if output_format == "csv":
+        render.print_csv(rows)
+    else:
+        render.out(rows, output_format == "json", render.ledger)
+
+
+def _output_format(output_format: str, json_out: bool) -> str:
+    """``--format`` reconciled with ``--json``; exits 2 on an unknown or clashing value."""
+    if output_format not in FORMATS:
+        fail(f"--format: want {', '.join(FORMATS)}; got {output_format!r}", code=2)
+    if json_out and output_format == "csv":
+        fail("--json and --format csv contradict each other: give one", code=2)
+    return "json" if json_out else output_format
+
+
+def _check_tenant_ledger(home: Path | None, limit: int, **filters: str | None) -> None:
+    """A tenant's own ledger (``/v1/ledger``) takes only ``--limit``, up to its bound."""
+    given = [f"--{name}" for name, value in filters.items() if value is not None]
+    if given:
+        fail(
+            f"{', '.join(given)}: filters need the admin view (--token, or the admin token "
+            f"in {admin_token_path(home)}); a tenant's own ledger takes only --limit",
+            code=2,
+        )
+    if limit > PUBLIC_LEDGER_LIMIT:
+        fail(f"--limit: a tenant's own ledger returns at most {PUBLIC_LEDGER_LIMIT} rows", 2)
 
 
 @app.command()
 def status(url: UrlOption = DEFAULT_BASE_URL, json_out: JsonOption = False) -> None:
-    """Live power per device and node, from the telemetry agents."""
-    with _errors(), Client(url) as client:
+    """Live power per device and node, and the budget in force with when it last changed."""
+    with open_client(url) as client, errors():
         found = client.status()
-    if json_out:
-        print_json(found)
-        return
-    table(
-        f"cluster power {found.cluster_power_w:,.1f} W"
-        + (f" (cap {found.power_cap_w:,.0f} W)" if found.power_cap_w is not None else ""),
-        ["node", "device", "name", "source", "power W", "avg W (window)", "energy J", "limit W"],
-        [
-            [d.node_id[:12], d.index, d.name, d.source, d.power_w or 0.0,
-             d.power_w_window or 0.0, d.energy_j or 0.0, d.power_limit_w or 0.0]
-            for d in found.devices
-        ],
-    )  # fmt: skip
+    render.out(found, json_out, render.status)
 
 
 @app.command()
-def report(url: UrlOption = DEFAULT_BASE_URL, json_out: JsonOption = False) -> None:
-    """Energy books: reconciliation against the devices and per-variant joules per output."""
-    with _errors(), Client(url) as client:
-        found = client.report()
-    if json_out:
-        print_json(found)
+def report(
+    since: Annotated[
+        str | None, typer.Option(help="Window start: ISO 8601 (UTC unless offset) or 24h, 7d.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Window end, same forms (default: now).")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's outputs.")] = None,
+    books: Annotated[
+        bool, typer.Option("--books", help="The energy books (reconciliation) instead.")
+    ] = False,
+    url: UrlOption = DEFAULT_BASE_URL,
+    token: TokenOption = None,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Joules per variant and tenant, J/output vs target, savings by cause, over a window.
+
+    Needs an admin token; without one, or with --books, it shows the energy books instead.
+    """
+    window = {"since": parse_when(since, "--since"), "until": parse_when(until, "--until"),
+              "tenant": tenant}  # fmt: skip
+    with bad_input():
+        report_params(**window)
+    asked = [f"--{k}" for k, v in window.items() if v is not None]
+    admin_token = None if books else admin_token_if_any(None, token, home)
+    if admin_token is None:
+        if asked:
+            why = "--books shows" if books else "without an admin token, report shows"
+            fail(f"{', '.join(asked)}: {why} the energy books, which have no window", code=2)
+        with open_client(url) as client, errors():
+            found = client.report()
+        render.out(found, json_out, render.books)
         return
-    rec = found.reconciliation
-    table(
-        "reconciliation (since the telemetry agents started)",
-        ["device J", "attributed J", "idle J", "unattributed J", "pending J", "error %"],
-        [[rec.device_j, rec.attributed_j, rec.idle_j, rec.unattributed_j, rec.pending_j,
-          rec.error_pct]],
-    )  # fmt: skip
-    table(
-        "per variant (ledger)",
-        ["variant", "requests", "outputs", "failed", "joules", "J/output", "source"],
-        [
-            [v.variant, v.requests, v.outputs, v.failed_outputs, v.joules,
-             v.joules_per_output or 0.0, v.energy_source]
-            for v in found.variants
-        ],
-    )  # fmt: skip
+    with open_admin(url, admin_token, home) as admin, errors():
+        window_report = admin.report(**window)
+    render.out(window_report, json_out, render.window_report)
+
+
+@app.command()
+def usage(
+    url: UrlOption = DEFAULT_BASE_URL, api_key: ApiKeyOption = None, json_out: JsonOption = False
+) -> None:
+    """A tenant's limits and the energy it used against its quotas (needs --api-key)."""
+    if not api_key:
+        fail("usage is per tenant: give --api-key (or set WATTSERVE_API_KEY)", code=2)
+    with open_client(url, api_key) as client, errors():
+        found = client.usage()
+    render.out(found, json_out, render.tenant)
 
 
 @app.command()
@@ -222,9 +271,10 @@ def serve(
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        with _errors():
+        with errors():
             url = service.start()
         typer.echo(f"wattserve serving at {url}  (state: {service.settings.home}; Ctrl-C stops)")
+        typer.echo(f"admin token file: {admin_token_path(service.settings.home)}")
         sys.stdout.flush()
         signal.pause()
     except KeyboardInterrupt:
@@ -248,13 +298,18 @@ def demo(
     from telemetry.logs import configure_logging
 
     configure_logging(json=False)
-    with _errors():
+    with errors():
         run_demo(
             Settings.from_env(home), out_dir, requests=requests, concurrency=concurrency, seed=seed
         )
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; the last guard against a traceback reaching a user."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    try:
+        app()
+    except Exception as exc:  # a bug in wattserve: say so in one line, keep it reportable
+        typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (please report this)",
+                   err=True)  # fmt: skip
+        sys.exit(1)

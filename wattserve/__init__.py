@@ -6,6 +6,7 @@
 ...     print(result.receipts[0].joules, result.receipts[0].energy_source)  # doctest: +SKIP
 """
 
+from wattserve._admin_client import AdminClient
 from wattserve._client import AsyncClient, Client, GeneratedImage, GenerationResult
 from wattserve._exceptions import (
     AdmissionRejected,
@@ -32,6 +33,7 @@ from wattserve._schemas import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdminClient",
     "AdmissionRejected",
     "AsyncClient",
     "Client",

@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self, TypeVar
 
 import httpx
 from PIL import Image
+from pydantic import BaseModel, ValidationError
 
-from wattserve._exceptions import TransportError, error_from_response
+from wattserve._admin import TenantInfo
+from wattserve._exceptions import TransportError, WattserveError, error_from_response
 from wattserve._schemas import (
     AUTO_MODEL,
     DEFAULT_SIZE,
@@ -35,6 +37,8 @@ from wattserve._schemas import (
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 300.0
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class _BaseClient:
 
     @staticmethod
     def _generation_result(body: Any) -> GenerationResult:
-        parsed = ImageGenerationResponse.model_validate(body)
+        parsed = _BaseClient._parse(ImageGenerationResponse, body)
         images = [
             GeneratedImage(png_bytes=base64.b64decode(datum.b64_json), receipt=receipt)
             for datum, receipt in zip(parsed.data, parsed.wattserve.receipts, strict=True)
@@ -129,22 +133,39 @@ class _BaseClient:
             request_id=parsed.wattserve.request_id, images=images, route=parsed.wattserve.route
         )
 
+    @staticmethod
+    def _parse(model: type[M], body: Any) -> M:
+        """Decode a success body; a shape this SDK does not know is a ``WattserveError``.
+
+        A server of another version can answer in a shape this SDK cannot read; that is
+        reported like any other service error, not as a pydantic traceback.
+        """
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(part) for part in err["loc"]) or "body"
+            raise WattserveError(
+                f"unexpected {model.__name__} from the service ({where}: {err['msg']}); "
+                "are the SDK and the service the same version?"
+            ) from None
+
     def _transport_error(self, exc: httpx.TransportError) -> TransportError:
         return TransportError(f"cannot reach wattserve at {self.base_url}: {exc}")
 
 
-class Client(_BaseClient):
-    """Synchronous client. Use as a context manager or call ``close()``."""
+class _SyncClient(_BaseClient):
+    """The synchronous I/O that ``Client`` and ``AdminClient`` share."""
 
     def __init__(
         self,
-        base_url: str = DEFAULT_BASE_URL,
-        api_key: str | None = None,
+        base_url: str,
+        credential: str | None,
         *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        transport: httpx.BaseTransport | None = None,
+        timeout_s: float,
+        transport: httpx.BaseTransport | None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout_s)
+        super().__init__(base_url, credential, timeout_s)
         self._http = httpx.Client(
             base_url=self.base_url, headers=self._headers, timeout=timeout_s, transport=transport
         )
@@ -155,6 +176,30 @@ class Client(_BaseClient):
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
         return self._decode(response)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Client(_SyncClient):
+    """Synchronous client. Use as a context manager or call ``close()``."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout_s=timeout_s, transport=transport)
 
     def generate(
         self,
@@ -183,34 +228,28 @@ class Client(_BaseClient):
 
     def variants(self) -> list[VariantInfo]:
         """The variants the service can route to."""
-        return ModelList.model_validate(self._request("GET", "/v1/models")).data
+        return self._parse(ModelList, self._request("GET", "/v1/models")).data
 
     def ledger(self, limit: int = 50) -> list[LedgerEntry]:
         """The newest ``limit`` ledger rows, newest first."""
         body = self._request("GET", "/v1/ledger", params={"limit": limit})
-        return LedgerPage.model_validate(body).data
+        return self._parse(LedgerPage, body).data
 
     def health(self) -> Health:
         """Liveness and the variants that are up."""
-        return Health.model_validate(self._request("GET", "/healthz"))
+        return self._parse(Health, self._request("GET", "/healthz"))
 
     def status(self) -> ClusterStatus:
-        """Live power of every device and node."""
-        return ClusterStatus.model_validate(self._request("GET", "/v1/status"))
+        """Live power of every device and node, and the budget in force."""
+        return self._parse(ClusterStatus, self._request("GET", "/v1/status"))
 
     def report(self) -> EnergyReport:
         """Energy reconciliation and per-variant ledger totals."""
-        return EnergyReport.model_validate(self._request("GET", "/v1/report"))
+        return self._parse(EnergyReport, self._request("GET", "/v1/report"))
 
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def usage(self) -> TenantInfo:
+        """This API key's tenant: its limits and the energy used against its quotas."""
+        return self._parse(TenantInfo, self._request("GET", "/v1/usage"))
 
 
 class AsyncClient(_BaseClient):
@@ -264,30 +303,34 @@ class AsyncClient(_BaseClient):
 
     async def variants(self) -> list[VariantInfo]:
         """The variants the service can route to."""
-        return ModelList.model_validate(await self._request("GET", "/v1/models")).data
+        return self._parse(ModelList, await self._request("GET", "/v1/models")).data
 
     async def ledger(self, limit: int = 50) -> list[LedgerEntry]:
         """The newest ``limit`` ledger rows, newest first."""
         body = await self._request("GET", "/v1/ledger", params={"limit": limit})
-        return LedgerPage.model_validate(body).data
+        return self._parse(LedgerPage, body).data
 
     async def health(self) -> Health:
         """Liveness and the variants that are up."""
-        return Health.model_validate(await self._request("GET", "/healthz"))
+        return self._parse(Health, await self._request("GET", "/healthz"))
 
     async def status(self) -> ClusterStatus:
-        """Live power of every device and node."""
-        return ClusterStatus.model_validate(await self._request("GET", "/v1/status"))
+        """Live power of every device and node, and the budget in force."""
+        return self._parse(ClusterStatus, await self._request("GET", "/v1/status"))
 
     async def report(self) -> EnergyReport:
         """Energy reconciliation and per-variant ledger totals."""
-        return EnergyReport.model_validate(await self._request("GET", "/v1/report"))
+        return self._parse(EnergyReport, await self._request("GET", "/v1/report"))
+
+    async def usage(self) -> TenantInfo:
+        """This API key's tenant: its limits and the energy used against its quotas."""
+        return self._parse(TenantInfo, await self._request("GET", "/v1/usage"))
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
