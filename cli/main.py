@@ -38,6 +38,7 @@ from cli._render import print_json, table
 from cli.admin import budget_app, policy_app, tenant_app, variants_app
 from wattserve import Quality
 from wattserve._admin_client import (
+    ADMIN_TOKEN_ENV,
     LEDGER_STATUSES,
     MAX_LEDGER_LIMIT,
     admin_token_path,
@@ -274,7 +275,9 @@ def serve(
         with errors():
             url = service.start()
         typer.echo(f"wattserve serving at {url}  (state: {service.settings.home}; Ctrl-C stops)")
-        typer.echo(f"admin token file: {admin_token_path(service.settings.home)}")
+        where = (f"${ADMIN_TOKEN_ENV}" if os.environ.get(ADMIN_TOKEN_ENV)
+                 else admin_token_path(service.settings.home))  # fmt: skip
+        typer.echo(f"admin token: in {where} (the admin commands read it from there)")
         sys.stdout.flush()
         signal.pause()
     except KeyboardInterrupt:

@@ -261,7 +261,7 @@ def test_token_comes_from_the_environment_first_then_the_state_dir(tmp_path, mon
     other = tmp_path / "other"
     other.mkdir()
     assert default_admin_token(other) is None  # an explicit home beats WATTSERVE_HOME
-    monkeypatch.setenv(ADMIN_TOKEN_ENV, "  from-env ")
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "from-env")
     assert default_admin_token() == "from-env"
     monkeypatch.setenv(ADMIN_TOKEN_ENV, "")
     assert default_admin_token() == "from-file"

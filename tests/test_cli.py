@@ -390,3 +390,30 @@ def test_usage_shows_the_tenants_quota_use(service):
     result = runner.invoke(app, ["usage", "--api-key", API_KEY])
     assert result.exit_code == 0 and "energy used by acme" in result.stdout
     assert service.sent[-1].headers["authorization"] == f"Bearer {API_KEY}"
+
+
+def test_serve_prints_where_the_admin_token_is_never_the_token(home, monkeypatch):
+    import cluster.runtime
+    from cluster.settings import Settings
+
+    class FakeService:
+        def __init__(self, settings, host, port):
+            self.settings = settings
+
+        def start(self):
+            (self.settings.home / "admin-token").write_text(ADMIN_TOKEN + "\n")
+            return "http://127.0.0.1:1"
+
+        def stop(self):
+            pass
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster.runtime, "LocalService", FakeService)
+    monkeypatch.setattr("cli.main.signal.pause", interrupt)
+    monkeypatch.setattr("cli.main.signal.signal", lambda *_: None)
+    result = runner.invoke(app, ["serve", "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    assert f"admin token: in {Settings.from_env(home).home / 'admin-token'}" in result.stdout
+    assert ADMIN_TOKEN not in result.output

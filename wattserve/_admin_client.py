@@ -9,9 +9,9 @@ The body builders are plain module functions (``budget_update`` and friends) so 
 can check input before it even resolves a token; ``AdminClient`` only adds the I/O.
 
 The admin token lives where ``wattserve serve`` writes it: ``$WATTSERVE_HOME/admin-token``
-(``~/.wattserve`` by default); ``WATTSERVE_ADMIN_TOKEN`` overrides the file. The server
-writes the file with ``ADMIN_TOKEN_FILE``/``admin_token_path`` from here, so both sides
-agree on where it is.
+(``~/.wattserve`` by default); ``WATTSERVE_ADMIN_TOKEN`` overrides the file. Both sides
+take the file name and the variable from ``wattserve._admin`` (``ADMIN_TOKEN_FILE``,
+``ADMIN_TOKEN_ENV``), so they agree on where the token is.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from wattserve._admin import (
+    ADMIN_TOKEN_ENV,
+    ADMIN_TOKEN_FILE,
     AdminLedgerPage,
     BudgetUpdate,
     PolicyInfo,
@@ -49,8 +51,26 @@ from wattserve._client import DEFAULT_BASE_URL, _SyncClient
 from wattserve._exceptions import InvalidRequest, Unauthorized, WattserveError
 from wattserve._schemas import BudgetInfo, LedgerEntry, LedgerStatus, Quality
 
-ADMIN_TOKEN_FILE = "admin-token"
-ADMIN_TOKEN_ENV = "WATTSERVE_ADMIN_TOKEN"
+__all__ = [  # the names other modules (the CLI, the server) may rely on
+    "ADMIN_TOKEN_ENV",
+    "ADMIN_TOKEN_FILE",
+    "LEDGER_STATUSES",
+    "MAX_LEDGER_LIMIT",
+    "UNSET",
+    "AdminClient",
+    "admin_token_path",
+    "budget_update",
+    "checked_name",
+    "default_admin_token",
+    "ledger_params",
+    "missing_token_message",
+    "partial_update",
+    "report_params",
+    "state_home",
+    "tenant_create",
+    "variant_add",
+]
+
 HOME_ENV = "WATTSERVE_HOME"
 DEFAULT_HOME = "~/.wattserve"
 DEFAULT_ADMIN_TIMEOUT_S = 30.0  # admin calls read or write a few rows; none generates
@@ -83,11 +103,13 @@ def admin_token_path(home: Path | str | None = None) -> Path:
 def default_admin_token(home: Path | None = None) -> str | None:
     """The admin token: ``$WATTSERVE_ADMIN_TOKEN``, else the state dir's ``admin-token``.
 
-    Returns None when neither holds one (no variable, no file, or an empty one). A file
-    that exists but cannot be read raises ``WattserveError`` naming it, because "no
-    token" would send the caller looking for the wrong problem.
+    The same order and reading as the server's (``cluster.settings.ensure_admin_token``):
+    a non-empty variable is used as it is, the file's content is stripped. Returns None
+    when neither holds one (no variable, no file, or an empty one). A file that exists
+    but cannot be read raises ``WattserveError`` naming it, because "no token" would send
+    the caller looking for the wrong problem.
     """
-    from_env = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    from_env = os.environ.get(ADMIN_TOKEN_ENV)
     if from_env:
         return from_env
     path = admin_token_path(home)
