@@ -141,7 +141,7 @@ class AdminRoutes:
         create = await parse_body(request, TenantCreate)
         info, api_key = await asyncio.to_thread(self._control.create_tenant, create)
         await self._changed()
-        log.info("tenant_created", tenant=info.name, key_prefix=info.key_prefix)
+        log.info("tenant_created", tenant=info.name)
         body = TenantCreated(tenant=info, api_key=api_key).model_dump(mode="json")
         return JSONResponse(body, status_code=201)
 

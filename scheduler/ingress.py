@@ -364,8 +364,10 @@ class SchedulerIngress(AdminRoutes):
         ).model_dump(mode="json")
 
     @api.get("/v1/report")
-    async def report(self) -> dict:
+    async def report(self, request: Request) -> dict:
         """Energy books: reconciliation across the agents and ledger totals per variant."""
+        if self.caller(request).tenant is not None:
+            raise Forbidden("the energy books cover every tenant; a tenant's own: GET /v1/usage")
         agents = await asyncio.to_thread(telemetry_agents)
         books = await asyncio.gather(*(a.reconciliation.remote() for a in agents))
         total = sum(books, Reconciliation.zero())
@@ -385,4 +387,9 @@ class SchedulerIngress(AdminRoutes):
     async def healthz(self) -> dict:
         """Liveness and the variants this replica can route to."""
         available = sorted(self._scheduler.pool.available())
-        return Health(variants=available, version=wattserve.__version__).model_dump(mode="json")
+        return Health(
+            variants=available,
+            version=wattserve.__version__,
+            replica=self.replica_id,
+            revision=self._snapshot.revision,
+        ).model_dump(mode="json")

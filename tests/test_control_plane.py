@@ -6,8 +6,10 @@ tenant), because the rest of the suite shares the same service.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -130,7 +132,7 @@ def generate(client: httpx.Client, prompt: str, **extra: object) -> httpx.Respon
     return client.post("/v1/images/generations", json={"prompt": prompt, **extra})
 
 
-def test_tenants_see_only_their_ledger_and_quotas_refuse_with_the_reason(admin, url):
+def test_tenants_see_only_their_ledger_and_quotas_refuse_with_the_reason(admin, url, service):
     made = admin.post("/admin/tenants", json={"name": "tenant-a", "daily_kj": 0.001})
     assert made.status_code == 201
     key_a = made.json()["api_key"]
@@ -161,16 +163,22 @@ def test_tenants_see_only_their_ledger_and_quotas_refuse_with_the_reason(admin, 
             admin.get("/admin/ledger", params={"tenant": "tenant-b"}).json()["data"][0]["tenant"]
             == "tenant-b"
         )
+        assert b.get("/v1/report").status_code == 403  # the books span every tenant
         admin.delete("/admin/tenants/tenant-b")
         revoked = generate(b, "after revocation", seed=25, quality="draft")
         assert revoked.status_code == 401 and "revoked" in revoked.json()["error"]["message"]
+    secrets = [key_a, key_b, admin.headers["authorization"].removeprefix("Bearer ")]
+    for path in Path(service.settings.ray_tmpdir).rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            text = path.read_bytes()
+            assert not any(s.encode() in text for s in secrets), f"a secret is in {path}"
 
 
 MINI = """
 [[variant]]
 name = "tiny-sd-mini"
 source = "builtin:tiny-sd-mini"
-steps = 1
+steps = 24
 guidance_scale = 1.0
 max_size_px = 128
 quality_score = 0.3
@@ -205,9 +213,27 @@ def test_a_variant_is_added_routed_to_and_retired_live(admin, url):
     made = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
     assert made.status_code == 200, made.text
     assert made.json()["wattserve"]["receipts"][0]["variant"] == "tiny-sd-mini"
+    # Retire while a slow request (24 steps x 4 images) is in flight: it must still finish.
+    in_flight: dict[str, object] = {}
+
+    def slow_request() -> None:
+        slow = {"prompt": "drain me", "seed": 5, "model": "tiny-sd-mini", "n": 4,
+                "size": "128x128"}  # fmt: skip
+        in_flight["response"] = httpx.post(f"{url}/v1/images/generations", json=slow,
+                                           timeout=120)  # fmt: skip
+        in_flight["done_at"] = time.monotonic()
+
+    worker = threading.Thread(target=slow_request)
+    worker.start()
+    time.sleep(0.5)
     assert admin.delete("/admin/variants/tiny-sd-mini").json()["state"] == "retiring"
+    retire_returned_at = time.monotonic()
     assert "tiny-sd-mini" not in model_ids(url)  # the replica that retired it, at once
     wait_state(admin, "tiny-sd-mini", "retired")
+    worker.join()
+    drained = in_flight["response"]
+    assert drained.status_code == 200, drained.text  # type: ignore[union-attr]
+    assert in_flight["done_at"] > retire_returned_at  # it really was in flight: drained
     body["seed"] = 4
     gone = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
     assert gone.status_code == 404

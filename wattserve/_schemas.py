@@ -257,6 +257,8 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     variants: list[str]
     version: str
+    replica: str | None = None  # which scheduler replica answered
+    revision: int | None = None  # the control-plane revision that replica has applied
 
 
 class DeviceInfo(BaseModel):
