@@ -80,16 +80,18 @@ def generate(
         int | None, typer.Option(help="Fixes the pixels; omit for a new image.")
     ] = None,
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in pixels.")] = "64x64",
-    quality: Annotated[str, typer.Option(help="draft, standard or high.")] = "standard",
+    quality: Annotated[
+        str | None, typer.Option(help="draft, standard or high (default: the service policy's).")
+    ] = None,
     n: Annotated[int, typer.Option("--n", "-n", help="Number of images.")] = 1,
     model: Annotated[str | None, typer.Option(help="Force a variant (default: auto).")] = None,
     out: Annotated[Path | None, typer.Option(help="Directory to save PNGs in.")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Generate images and print their energy receipts."""
-    if quality not in ("draft", "standard", "high"):
+    if quality not in (None, "draft", "standard", "high"):
         fail(f"--quality must be draft, standard or high, got {quality!r}", code=2)
-    tier: Quality = quality  # type: ignore[assignment]
+    tier: Quality | None = quality  # type: ignore[assignment]
     with open_client(url, api_key) as client, errors():
         result = client.generate(prompt, n=n, size=size, seed=seed, quality=tier, model=model)
     images = []

@@ -28,7 +28,14 @@ def catalog() -> Catalog:
 def state_home() -> Iterator[Path]:
     """A short state dir: Ray's unix socket paths must stay under ~107 characters."""
     home = Path(tempfile.mkdtemp(prefix="wst", dir="/tmp"))
+    # The CLI under test finds this service's admin token where a user's CLI would.
+    previous = os.environ.get("WATTSERVE_HOME")
+    os.environ["WATTSERVE_HOME"] = str(home)
     yield home
+    if previous is None:
+        os.environ.pop("WATTSERVE_HOME", None)
+    else:
+        os.environ["WATTSERVE_HOME"] = previous
     shutil.rmtree(home, ignore_errors=True)
 
 

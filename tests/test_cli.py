@@ -222,7 +222,7 @@ ROUTES = {
 
 
 @pytest.fixture
-def service(home, monkeypatch):
+def fake_service(home, monkeypatch):
     """A fake wattserve: canned answers per route; every request is kept in ``.sent``."""
 
     class Fake:
@@ -262,7 +262,9 @@ def admin_commands(variant_file):
     ]  # fmt: skip
 
 
-def test_no_command_prints_a_secret_but_tenant_create_prints_the_new_key(service, variant_file):
+def test_no_command_prints_a_secret_but_tenant_create_prints_the_new_key(
+    fake_service, variant_file
+):
     for args in admin_commands(variant_file):
         for extra in ([], ["--json"]) if "--format" not in args else ([],):
             result = runner.invoke(app, [*args, *extra, "--token", ADMIN_TOKEN])
@@ -277,7 +279,7 @@ def test_no_command_prints_a_secret_but_tenant_create_prints_the_new_key(service
     as_json = runner.invoke(app, ["tenant", "create", "acme", "--json", "--token", ADMIN_TOKEN])
     assert json.loads(as_json.stdout)["api_key"] == NEW_KEY
     # The admin token goes to /admin only; /v1 gets the tenant's key or nothing.
-    for request in service.sent:
+    for request in fake_service.sent:
         sent = request.headers.get("authorization")
         if request.url.path.startswith("/admin/"):
             assert sent == f"Bearer {ADMIN_TOKEN}"
@@ -292,29 +294,29 @@ def test_a_rejected_token_is_not_echoed(home, monkeypatch):
     assert result.exit_code == 1 and result.stderr == "error: wrong admin token\n"
 
 
-def test_a_token_in_the_state_dir_is_used_never_shown(service, home):
+def test_a_token_in_the_state_dir_is_used_never_shown(fake_service, home):
     (home / "admin-token").write_text(ADMIN_TOKEN + "\n")
     result = runner.invoke(app, ["budget", "show"])
     assert result.exit_code == 0 and ADMIN_TOKEN not in result.output
-    assert service.sent[-1].headers["authorization"] == f"Bearer {ADMIN_TOKEN}"
+    assert fake_service.sent[-1].headers["authorization"] == f"Bearer {ADMIN_TOKEN}"
     assert "300" in result.stdout and "revision 3" in result.stdout
 
 
-def test_budget_set_sends_only_what_was_asked(service):
+def test_budget_set_sends_only_what_was_asked(fake_service):
     runner.invoke(app, ["budget", "set", "--watts", "250", "--node", "ab12", "--token", "t"])
     runner.invoke(app, ["budget", "set", "--no-cap", "--no-target", "--token", "t"])
-    first, second = (json.loads(r.content) for r in service.sent)
+    first, second = (json.loads(r.content) for r in fake_service.sent)
     assert first == {"watts": 250.0, "node": "ab12"}
     assert second == {"watts": None, "joules_per_output": None}
 
 
-def test_tenant_and_policy_updates_send_nulls_only_for_the_clearing_flags(service):
+def test_tenant_and_policy_updates_send_nulls_only_for_the_clearing_flags(fake_service):
     runner.invoke(app, ["tenant", "set", "acme", "--no-monthly-quota", "--rate-limit-per-min",
                         "60", "--token", "t"])  # fmt: skip
     runner.invoke(app, ["policy", "set", "--no-cache-ttl", "--allow-anonymous", "--token", "t"])
     runner.invoke(app, ["tenant", "create", "acme", "--quality", "draft, standard",
                         "--daily-kj", "5", "--token", "t"])  # fmt: skip
-    bodies = [json.loads(r.content) for r in service.sent]
+    bodies = [json.loads(r.content) for r in fake_service.sent]
     assert bodies == [
         {"monthly_kj": None, "rate_limit_per_min": 60},
         {"cache_ttl_s": None, "allow_anonymous": True},
@@ -322,46 +324,46 @@ def test_tenant_and_policy_updates_send_nulls_only_for_the_clearing_flags(servic
     ]
 
 
-def test_ledger_uses_the_admin_view_with_a_token_and_the_tenants_without(service):
+def test_ledger_uses_the_admin_view_with_a_token_and_the_tenants_without(fake_service):
     args = ["ledger", "--token", "t", "--since", "2026-05-01T12:00", "--status", "ok",
             "--tenant", "acme", "--limit", "5", "--json"]  # fmt: skip
     admin = runner.invoke(app, args)
     assert admin.exit_code == 0 and json.loads(admin.stdout)[0]["request_id"] == "req_1"
-    sent = service.sent[-1]
+    sent = fake_service.sent[-1]
     assert sent.url.path == "/admin/ledger"
     assert dict(sent.url.params) == {"limit": "5", "tenant": "acme", "status": "ok",
                                      "since": "2026-05-01T12:00:00+00:00"}  # fmt: skip
     tenant = runner.invoke(app, ["ledger", "--api-key", "ws_k", "--token", "t", "--limit", "3"])
     assert tenant.exit_code == 0 and "req_1" in tenant.stdout
-    assert service.sent[-1].url.path == "/v1/ledger"
-    assert dict(service.sent[-1].url.params) == {"limit": "3"}
+    assert fake_service.sent[-1].url.path == "/v1/ledger"
+    assert dict(fake_service.sent[-1].url.params) == {"limit": "3"}
     filtered = runner.invoke(app, ["ledger", "--api-key", "ws_k", "--variant", "tiny-x"])
     assert filtered.exit_code == 2 and "--variant: filters need the admin view" in filtered.stderr
 
 
-def test_ledger_relative_since_and_csv(service):
+def test_ledger_relative_since_and_csv(fake_service):
     result = runner.invoke(app, ["ledger", "--token", "t", "--since", "24h", "--format", "csv"])
     header, row = result.stdout.splitlines()
     assert header.startswith("request_id,image_index,created_at") and "tenant" in header
     assert row.startswith("req_1,0,")
-    since = service.sent[-1].url.params["since"]
+    since = fake_service.sent[-1].url.params["since"]
     assert since.endswith("+00:00")
 
 
-def test_report_renders_the_window_with_the_baseline_and_target(service):
+def test_report_renders_the_window_with_the_baseline_and_target(fake_service):
     result = runner.invoke(app, ["report", "--token", "t", "--since", "7d", "--tenant", "acme"])
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert "tiny-sd-large at batch 1, no cache" in text and "simulated" in text
     assert "within target" in text and "variant_choice" in text and "acme" in text
-    assert set(service.sent[-1].url.params) == {"since", "tenant"}
+    assert set(fake_service.sent[-1].url.params) == {"since", "tenant"}
     books = runner.invoke(app, ["report", "--books", "--token", "t", "--json"])
     assert json.loads(books.stdout)["reconciliation"]["device_j"] == 10.0
     windowed_books = runner.invoke(app, ["report", "--books", "--since", "1d"])
     assert windowed_books.exit_code == 2 and "no window" in windowed_books.stderr
 
 
-def test_status_shows_the_budget_in_force_and_when_it_changed(service):
+def test_status_shows_the_budget_in_force_and_when_it_changed(fake_service):
     result = runner.invoke(app, ["status"])
     assert ADMIN_TOKEN not in result.output
     assert result.exit_code == 0
@@ -369,27 +371,27 @@ def test_status_shows_the_budget_in_force_and_when_it_changed(service):
     assert json.loads(runner.invoke(app, ["status", "--json"]).stdout)["budget"]["revision"] == 3
 
 
-def test_variants_list_is_the_admin_view_with_a_token_else_the_public_one(service):
+def test_variants_list_is_the_admin_view_with_a_token_else_the_public_one(fake_service):
     admin = json.loads(runner.invoke(app, ["variants", "list", "--token", "t", "--json"]).stdout)
     assert admin[0]["state"] == "deploying"
     public = json.loads(runner.invoke(app, ["variants", "list", "--json"]).stdout)
-    assert public[0]["id"] == "tiny-x" and service.sent[-1].url.path == "/v1/models"
+    assert public[0]["id"] == "tiny-x" and fake_service.sent[-1].url.path == "/v1/models"
 
 
-def test_variants_add_wait_reports_a_failed_deploy(service, variant_file):
-    service.routes[("GET", "/admin/variants/tiny-x")] = {**VARIANT, "state": "failed",
+def test_variants_add_wait_reports_a_failed_deploy(fake_service, variant_file):
+    fake_service.routes[("GET", "/admin/variants/tiny-x")] = {**VARIANT, "state": "failed",
                                                          "detail": "no GPU fits"}  # fmt: skip
     result = runner.invoke(app, ["variants", "add", str(variant_file), "--wait", "--token", "t"])
     assert result.exit_code == 1 and "variant tiny-x failed: no GPU fits" in result.stderr
-    assert json.loads(service.sent[0].content)["toml"] == variant_file.read_text()
+    assert json.loads(fake_service.sent[0].content)["toml"] == variant_file.read_text()
 
 
-def test_usage_shows_the_tenants_quota_use(service):
+def test_usage_shows_the_tenants_quota_use(fake_service):
     day = {"window": "day", "used_kj": 1.5, "quota_kj": 5.0, "resets_at": "2026-05-02T00:00:00Z"}
-    service.routes[("GET", "/v1/usage")] = {**TENANT, "usage": [day]}
+    fake_service.routes[("GET", "/v1/usage")] = {**TENANT, "usage": [day]}
     result = runner.invoke(app, ["usage", "--api-key", API_KEY])
     assert result.exit_code == 0 and "energy used by acme" in result.stdout
-    assert service.sent[-1].headers["authorization"] == f"Bearer {API_KEY}"
+    assert fake_service.sent[-1].headers["authorization"] == f"Bearer {API_KEY}"
 
 
 def test_serve_prints_where_the_admin_token_is_never_the_token(home, monkeypatch):

@@ -266,7 +266,7 @@ BAD_ADMIN_INPUTS = [
     ("GET", f"/admin/tenants/{SQLISH}", None, 400, "name"),
     ("POST", "/admin/variants", {"toml": "this is [not toml"}, 400, "TOML"),
     ("POST", "/admin/variants", {"toml": "name = 'x'"}, 400, "variant field"),
-    ("POST", "/admin/variants", {"toml": MINI.replace("steps = 1", "steps = 0")}, 400, "steps"),
+    ("POST", "/admin/variants", {"toml": MINI.replace("steps = 24", "steps = 0")}, 400, "steps"),
     ("POST", "/admin/variants", {"toml": MINI + MINI}, 400, "exactly one"),
     ("POST", "/admin/variants", {"toml": MINI.replace("tiny-sd-mini", "tiny-sd-turbo")}, 409,
      "already exists"),

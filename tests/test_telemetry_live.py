@@ -74,13 +74,16 @@ def test_status_and_report_commands(url):
     assert {"id", "name", "source", "power_w", "energy_j", "power_limit_w"} <= set(
         status["devices"][0]
     )
-    report = json.loads(runner.invoke(app, ["report", "--url", url, "--json"]).stdout)
+    report = json.loads(runner.invoke(app, ["report", "--books", "--url", url, "--json"]).stdout)
     assert set(report["reconciliation"]) >= {
         "device_j", "attributed_j", "idle_j", "unattributed_j", "error_pct",
     }  # fmt: skip
     assert all("joules_per_output" in v for v in report["variants"])
     assert report["target"]["joules_per_output_target"] is None  # none configured here
     assert report["target"]["rolling_joules_per_output"] > 0
+    # With the admin token (found in the state dir), report is the ledger window report.
+    window = json.loads(runner.invoke(app, ["report", "--url", url, "--json"]).stdout)
+    assert window["outputs"] > 0 and "at batch size 1" in window["savings"]["baseline"]
     for command in ("status", "report"):
         assert runner.invoke(app, [command, "--url", url]).exit_code == 0
 

@@ -86,7 +86,7 @@ class _BaseClient:
         n: int,
         size: str,
         seed: int | None,
-        quality: Quality,
+        quality: Quality | None,
         negative_prompt: str | None,
         deadline_s: float | None,
         model: str | None,
@@ -97,13 +97,13 @@ class _BaseClient:
             "prompt": prompt,
             "n": n,
             "size": size,
-            "quality": quality,
             "model": model or AUTO_MODEL,
             "response_format": "b64_json",
         }
         if policy != "default":
             body["policy"] = policy
         optional = {
+            "quality": quality,  # None: the service policy's default tier
             "seed": seed,
             "negative_prompt": negative_prompt,
             "deadline_s": deadline_s,
@@ -208,7 +208,7 @@ class Client(_SyncClient):
         n: int = 1,
         size: str = DEFAULT_SIZE,
         seed: int | None = None,
-        quality: Quality = "standard",
+        quality: Quality | None = None,
         negative_prompt: str | None = None,
         deadline_s: float | None = None,
         model: str | None = None,
@@ -282,7 +282,7 @@ class AsyncClient(_BaseClient):
         n: int = 1,
         size: str = DEFAULT_SIZE,
         seed: int | None = None,
-        quality: Quality = "standard",
+        quality: Quality | None = None,
         negative_prompt: str | None = None,
         deadline_s: float | None = None,
         model: str | None = None,
