@@ -35,6 +35,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from wattserve import WattserveError
 from wattserve._admin import ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE
 
 DEFAULT_HOME = "~/.wattserve"
@@ -100,7 +101,7 @@ class Settings:
         )
 
 
-class AdminTokenError(RuntimeError):
+class AdminTokenError(WattserveError):
     """The admin token file exists but is unsafe or unreadable."""
 
 
