@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Field, SQLModel
 
 from telemetry.database import write_transaction
@@ -162,7 +163,10 @@ class ResultCache:
                 )
             ).scalar_one()
             if not exists:
-                conn.execute(sa.insert(CacheRow.__table__).values(**row.model_dump()))
+                insert = sa.insert(CacheRow.__table__)
+                if conn.dialect.name == "postgresql":  # another replica may insert it first
+                    insert = pg_insert(CacheRow.__table__).on_conflict_do_nothing()
+                conn.execute(insert.values(**row.model_dump()))
             self._evict(conn)
 
     def _evict(self, conn: sa.Connection) -> None:

@@ -28,6 +28,8 @@ reads start a deferred ``BEGIN`` and run beside writers under WAL.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -52,8 +54,18 @@ def _sqlite_connect(dbapi_conn: object, _record: object) -> None:
     # is always deferred and cannot be made IMMEDIATE per transaction.
     dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
     cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    # Turning a new database to WAL takes its lock without calling the busy handler, so
+    # connections opening it at once can get "database is locked": retry until the timeout.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 

@@ -87,7 +87,8 @@ class LedgerStore:
         else:
             raise NotImplementedError(f"idempotent ledger writes not implemented for {dialect}")
         with write_transaction(self.engine) as conn:
-            result = conn.execute(stmt, values)
+            # SQLAlchemy keeps an INSERT's rowcount only when asked (psycopg reports -1 else)
+            result = conn.execute(stmt, values, execution_options={"preserve_rowcount": True})
         return max(result.rowcount, 0)
 
     def recent(

@@ -1,0 +1,496 @@
+"""The database layer on real PostgreSQL (and its concurrency guarantees on SQLite too).
+
+A throwaway PostgreSQL cluster is started once for this module (``initdb`` + ``pg_ctl``
+in a temp dir, fsync off, trust auth, a unix socket and a free TCP port on 127.0.0.1) and
+every test gets a database of its own. Where PostgreSQL or the ``psycopg`` driver is not
+installed the Postgres tests skip with the reason; the SQLite ones always run.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import SQLModel
+
+import scheduler.cache  # noqa: F401  (registers the result_cache model)
+import scheduler.control_store  # noqa: F401  (registers the control-plane models)
+from policies.catalog import Catalog
+from scheduler.cache import ResultCache
+from scheduler.control_store import ControlStore
+from telemetry.database import HEAD, make_engine, migrate, schema_version
+from telemetry.ledger import ANY_TENANT, LedgerRow, LedgerStore
+from wattserve import Conflict
+from wattserve._admin import BudgetUpdate, PolicyUpdate, TenantCreate
+
+PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+THREADS, WRITES = 8, 20
+
+V1_LEDGER_ROW = {
+    "request_id": "req_old", "image_index": 0, "created_at": datetime(2026, 11, 1, tzinfo=UTC),
+    "finished_at": datetime(2026, 11, 1, tzinfo=UTC), "user": "u", "variant": "tiny-sd-turbo",
+    "quality": "draft", "route_reason": "cheapest_capable", "batch_id": "bat_1",
+    "batch_size": 1, "joules": 17.5, "energy_source": "simulated", "cache": "miss",
+    "status": "ok", "error": None, "latency_ms": 12.0, "seed": 7, "width_px": 64,
+    "height_px": 64,
+}  # fmt: skip
+
+
+# --- a throwaway PostgreSQL ---------------------------------------------------------
+
+
+def _pg_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for bin_dir in PG_BIN_DIRS:
+        if (bin_dir / name).exists():
+            return str(bin_dir / name)
+    return None
+
+
+class PgCluster:
+    """A PostgreSQL cluster in a temp dir, run as the ``postgres`` user when we are root."""
+
+    def __init__(self) -> None:
+        self.initdb, self.pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
+        if not (self.initdb and self.pg_ctl):
+            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:  # postgres refuses to run as root
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL")
+            runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+            if runuser is None:
+                pytest.skip("running as root and there is no runuser to drop to 'postgres'")
+            self.as_user = [runuser, "-u", "postgres", "--"]
+        self.root = Path(tempfile.mkdtemp(prefix="wspg", dir="/tmp"))
+        self.data, self.sockets = self.root / "data", self.root / "sock"
+        self.sockets.mkdir()
+        if self.as_user:
+            entry = pwd.getpwnam("postgres")
+            for path in (self.root, self.sockets):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self.port = 0
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.as_user, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    def start(self) -> None:
+        from cluster.runtime import free_port
+
+        done = self._run(
+            self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
+            "-E", "UTF8", "--no-sync", "--no-instructions",
+        )  # fmt: skip
+        if done.returncode != 0:
+            pytest.fail(f"initdb failed: {done.stderr or done.stdout}")
+        for _ in range(3):  # the free port may be taken before postgres binds it
+            self.port = free_port()
+            options = (
+                f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.sockets}"
+                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            )
+            done = self._run(
+                self.pg_ctl, "start", "-w", "-t", "30", "-D", str(self.data),
+                "-l", str(self.root / "postgres.log"), "-o", options,
+            )  # fmt: skip
+            if done.returncode == 0:
+                return
+        log = (self.root / "postgres.log").read_text(errors="replace")[-2000:]
+        pytest.fail(f"pg_ctl start failed: {done.stderr or done.stdout}\n{log}")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        name = f"t_{uuid.uuid4().hex}"
+        admin = sa.create_engine(self.url(), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        admin.dispose()
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self.data.exists():
+            self._run(self.pg_ctl, "stop", "-D", str(self.data), "-m", "immediate", "-w")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL server for the module; skips when none can be run."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install psycopg[binary]")
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def new_pg_db(pg_cluster: PgCluster) -> Callable[[], str]:
+    """Make another fresh database on the module's server; returns its URL."""
+    return pg_cluster.create_database
+
+
+@pytest.fixture
+def pg_url(new_pg_db: Callable[[], str]) -> str:
+    """A fresh, empty database of this test's own (``CREATE DATABASE t_<uuid>``)."""
+    return new_pg_db()
+
+
+@pytest.fixture
+def engines() -> Iterator[Callable[[str], sa.Engine]]:
+    """``make_engine`` whose engines are disposed when the test ends."""
+    made: list[sa.Engine] = []
+
+    def make(url: str) -> sa.Engine:
+        made.append(make_engine(url))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.dispose()
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def schema(engine: sa.Engine) -> dict[str, dict]:
+    """Every table's columns (type, tz, nullability), primary key, uniques and indexes."""
+    inspector = sa.inspect(engine)
+    out = {}
+    for table in inspector.get_table_names():
+        if table == "wattserve_schema":
+            continue
+        out[table] = {
+            "columns": {
+                c["name"]: (
+                    type(c["type"]).__name__.upper(),
+                    getattr(c["type"], "timezone", None),
+                    bool(c["nullable"]),
+                )
+                for c in inspector.get_columns(table)
+            },
+            "primary_key": inspector.get_pk_constraint(table)["constrained_columns"],
+            "unique": sorted(
+                (u["name"], tuple(u["column_names"]))
+                for u in inspector.get_unique_constraints(table)
+            ),
+            "indexes": sorted(
+                (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                for i in inspector.get_indexes(table)
+            ),
+        }
+    return out
+
+
+def ledger_row(request_id: str, image_index: int = 0, **fields: object) -> LedgerRow:
+    return LedgerRow(**{**V1_LEDGER_ROW, "request_id": request_id, "image_index": image_index,
+                        **fields})  # fmt: skip
+
+
+def run_threads(count: int, work: Callable[[int], object]) -> list[object]:
+    """Run ``work(i)`` in ``count`` threads released at once; raise the first error."""
+    barrier = threading.Barrier(count)
+    results: list[object] = [None] * count
+    errors: list[BaseException] = []
+
+    def target(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = work(i)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/wattserve.db"
+
+
+# --- schema ---------------------------------------------------------------------------
+
+
+def test_fresh_migration_on_postgres_builds_exactly_the_tables_the_models_declare(
+    new_pg_db, engines
+):
+    migrated, declared = engines(new_pg_db()), engines(new_pg_db())
+    assert migrate(migrated) == 0
+    SQLModel.metadata.create_all(declared)
+    got, want = schema(migrated), schema(declared)
+    assert set(got) == set(want) == {
+        "ledger", "result_cache", "control_meta", "budgets", "policies", "tenants", "variants",
+        "variant_drains",
+    }  # fmt: skip
+    for table in want:
+        assert got[table] == want[table], table
+    ledger_indexes = {name for name, _, _ in got["ledger"]["indexes"]}
+    assert {"ix_ledger_tenant", "ix_ledger_request_id", "ix_ledger_created_at"} <= ledger_indexes
+    assert ("uq_ledger_output", ("request_id", "image_index")) in got["ledger"]["unique"]
+    assert got["ledger"]["columns"]["created_at"][:2] == ("TIMESTAMP", True)
+
+
+def test_an_issue_4_postgres_database_with_rows_upgrades_without_losing_them(pg_url, engines):
+    engine = engines(pg_url)
+    migrate(engine, target=1)
+    with engine.begin() as conn:  # what issue 4 wrote: no version table, no tenant column
+        conn.execute(sa.text("DROP TABLE wattserve_schema"))
+        ledger = sa.table("ledger", *map(sa.column, V1_LEDGER_ROW))
+        conn.execute(ledger.insert(), [V1_LEDGER_ROW, {**V1_LEDGER_ROW, "image_index": 1}])
+    with engine.connect() as conn:
+        assert schema_version(conn) == 1
+    store = LedgerStore(pg_url)  # opening migrates
+    try:
+        with store.engine.connect() as conn:
+            assert schema_version(conn) == HEAD
+        rows = store.recent(10)
+        assert [(r.request_id, r.image_index, r.joules, r.tenant) for r in rows] == [
+            ("req_old", 1, 17.5, None),
+            ("req_old", 0, 17.5, None),
+        ]
+        assert rows[0].created_at == V1_LEDGER_ROW["created_at"]
+        assert ControlStore(store.engine).revision() == 0
+        # the upgraded table takes new, tenant-tagged rows next to the old ones
+        assert store.record([ledger_row("req_new", tenant="acme")]) == 1
+        assert store.tenant_joules("acme", datetime(2026, 1, 1, tzinfo=UTC)) == 17.5
+        assert migrate(store.engine) == HEAD
+    finally:
+        store.close()
+
+
+# --- the ledger -----------------------------------------------------------------------
+
+
+def test_ledger_writes_on_postgres_are_idempotent_and_filters_use_aware_datetimes(pg_url):
+    store = LedgerStore(pg_url)
+    try:
+        base = datetime(2026, 11, 5, 12, 0, tzinfo=UTC)
+        plus2 = timezone(timedelta(hours=2))
+        rows = [
+            ledger_row("req_a", 0, tenant="acme", created_at=base, joules=10.0),
+            ledger_row("req_a", 1, tenant="acme", created_at=base, joules=11.0),
+            ledger_row("req_b", 0, tenant="beta", created_at=base + timedelta(hours=1),
+                       joules=5.0, variant="tiny-sd-large", status="error"),
+            ledger_row("req_c", 0, tenant=None, created_at=base + timedelta(hours=2),
+                       joules=3.0),
+            # 14:30 at UTC+2 is 12:30 UTC: after base, before req_b
+            ledger_row("req_d", 0, tenant="acme",
+                       created_at=datetime(2026, 11, 5, 14, 30, tzinfo=plus2), joules=7.0),
+        ]  # fmt: skip
+        assert store.record(rows) == 5
+        assert store.record(rows) == 0  # a replayed write adds nothing
+        assert store.record([*rows[:2], ledger_row("req_e", tenant="acme", created_at=base)]) == 1
+        assert len(store.recent(100)) == 6
+
+        later = base + timedelta(minutes=1)  # excludes req_a and req_e (at base)
+        assert store.tenant_joules("acme", base) == 10.0 + 11.0 + 7.0 + 17.5
+        assert store.tenant_joules("acme", later) == 7.0
+        assert store.tenant_joules("acme", later.astimezone(plus2)) == 7.0  # same instant
+        assert store.tenant_joules("nobody", base) == 0.0
+
+        assert {r.request_id for r in store.recent(10, tenant="acme")} == {"req_a", "req_d",
+                                                                           "req_e"}  # fmt: skip
+        assert [r.request_id for r in store.recent(10, tenant=None)] == ["req_c"]
+        assert len(store.recent(10, tenant=ANY_TENANT)) == 6
+        assert [r.request_id for r in store.recent(10, tenant="acme", since=later)] == ["req_d"]
+        assert [r.request_id for r in store.recent(10, status="error")] == ["req_b"]
+        [d] = store.recent(1, tenant="acme", since=later)
+        assert d.created_at == datetime(2026, 11, 5, 12, 30, tzinfo=UTC)
+        assert d.created_at.utcoffset() == timedelta(0)  # read back in UTC
+
+        window = store.window(later, base + timedelta(hours=2))
+        assert [r.request_id for r in window] == ["req_b", "req_d"]  # oldest id first
+        assert [r.request_id for r in store.window(None, None, tenant="beta")] == ["req_b"]
+
+        usage = {u.variant: u for u in store.usage_by_variant()}
+        turbo = usage["tiny-sd-turbo"]
+        assert (turbo.requests, turbo.outputs, turbo.failed_outputs) == (4, 5, 0)
+        assert turbo.joules == 10.0 + 11.0 + 3.0 + 7.0 + 17.5
+        large = usage["tiny-sd-large"]
+        assert (large.requests, large.outputs, large.failed_outputs) == (1, 0, 1)
+    finally:
+        store.close()
+
+
+def test_concurrent_replays_of_the_same_ledger_rows_on_postgres_add_them_once(pg_url):
+    stores = [LedgerStore(pg_url) for _ in range(THREADS)]
+    try:
+        rows = [ledger_row("req_dup", i) for i in range(25)]
+        added = run_threads(THREADS, lambda i: stores[i].record(rows))
+        assert sum(added) == 25  # type: ignore[arg-type]
+        assert len(stores[0].recent(100)) == 25
+    finally:
+        for store in stores:
+            store.close()
+
+
+# --- the control plane ----------------------------------------------------------------
+
+
+def test_control_store_round_trip_on_postgres(pg_url, engines, catalog: Catalog):
+    engine = engines(pg_url)
+    migrate(engine)
+    control = ControlStore(engine)
+    assert control.revision() == 0
+
+    control.set_budget(BudgetUpdate(watts=300, joules_per_output=40.0))
+    control.set_budget(BudgetUpdate(node="ab12", watts=120))
+    control.set_budget(BudgetUpdate(watts=None))  # clears the cap, keeps the target
+    control.set_policy(PolicyUpdate(default_quality="standard", max_wait_ms=25.0,
+                                    cache_max_bytes=1 << 40, allow_anonymous=False))  # fmt: skip
+    _, api_key = control.create_tenant(TenantCreate(name="acme", daily_kj=5.0,
+                                                    qualities=["draft", "draft"]))  # fmt: skip
+    assert api_key
+    before = control.snapshot()
+    assert before.revision == 5
+    with pytest.raises(Conflict, match="already exists"):
+        control.create_tenant(TenantCreate(name="acme", daily_kj=99.0))
+    assert control.snapshot() == before  # the refused write changed nothing
+
+    assert before.budget.cluster_cap_w is None
+    assert before.budget.joules_per_output_target == 40.0
+    assert dict(before.budget.node_caps_w) == {"ab12": 120}
+    assert before.budget_updated_at is not None and before.budget_updated_at.tzinfo is not None
+    assert before.policy.default_quality == "standard"
+    assert before.policy.max_wait_s == 0.025
+    assert before.policy.cache_max_bytes == 1 << 40  # a BIGINT column
+    assert before.policy.allow_anonymous is False
+    [tenant] = before.tenants.values()
+    assert (tenant.name, tenant.daily_kj, tenant.qualities) == ("acme", 5.0, ("draft",))
+    assert [t.name for t in control.tenants()] == ["acme"]
+
+    names = [v.name for v in catalog.variants]
+    assert control.seed_variants(catalog) == names
+    assert control.seed_variants(catalog) == []  # seeded once
+    retired = control.retire_variant(names[0])
+    assert retired.state == "retiring" and retired.updated_at.tzinfo is not None
+    after = control.snapshot()
+    assert after.revision == before.revision + 2
+    assert after.in_state("retiring") == [names[0]]
+    assert sorted(after.in_state("active")) == sorted(names[1:])
+    assert [v.name for v in after.catalog().variants] == [
+        v.name for v in catalog.variants if v.name != names[0]
+    ]
+    for name in names[1:-1]:
+        control.retire_variant(name)
+    with pytest.raises(Conflict, match="last active variant"):
+        control.retire_variant(names[-1])
+
+
+# --- concurrency: PostgreSQL and SQLite -----------------------------------------------
+
+
+def _concurrent_migrations(url: str, engines: Callable[[str], sa.Engine]) -> None:
+    replicas = [engines(url) for _ in range(4)]  # four replicas starting at once
+    befores = run_threads(4, lambda i: migrate(replicas[i]))
+    assert sorted(befores) == [0, HEAD, HEAD, HEAD]  # type: ignore[type-var]
+    with replicas[0].connect() as conn:
+        assert schema_version(conn) == HEAD
+        assert conn.execute(sa.text("SELECT count(*) FROM wattserve_schema")).scalar_one() == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM control_meta")).scalar_one() == 1
+    assert ControlStore(replicas[0]).revision() == 0
+
+
+def _concurrent_budget_writes(url: str, engines: Callable[[str], sa.Engine]) -> None:
+    migrate(engines(url))
+    stores = [ControlStore(engines(url)) for _ in range(THREADS)]  # one engine per writer
+
+    def write(i: int) -> None:
+        for n in range(WRITES):
+            stores[i].set_budget(BudgetUpdate(watts=100 + i * WRITES + n))
+
+    run_threads(THREADS, write)
+    snapshot = stores[0].snapshot()
+    assert snapshot.revision == THREADS * WRITES  # no lost updates
+    assert snapshot.budget_info().revision == THREADS * WRITES
+    assert 100 <= snapshot.budget.cluster_cap_w < 100 + THREADS * WRITES  # type: ignore[operator]
+    with stores[0].engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT revision FROM budgets")).scalars().all() == [
+            THREADS * WRITES
+        ]
+
+
+def test_concurrent_migrations_on_postgres_run_once(pg_url, engines):
+    _concurrent_migrations(pg_url, engines)
+
+
+def test_concurrent_control_writes_on_postgres_lose_no_update(pg_url, engines):
+    _concurrent_budget_writes(pg_url, engines)
+
+
+def test_concurrent_migrations_on_sqlite_run_once(tmp_path, engines):
+    _concurrent_migrations(sqlite_url(tmp_path), engines)
+
+
+def test_concurrent_control_writes_on_sqlite_never_see_database_is_locked(tmp_path, engines):
+    _concurrent_budget_writes(sqlite_url(tmp_path), engines)
+
+
+def test_opening_a_new_sqlite_database_mid_write_waits_for_the_lock(tmp_path, engines):
+    # Switching a new database to WAL needs its exclusive lock, and SQLite answers "database
+    # is locked" at once (no busy handler) while another connection holds a write lock:
+    # what replicas opening a fresh file together hit now and then (the tests above).
+    path = tmp_path / "wattserve.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x INTEGER)")  # still in rollback-journal mode
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.2, holder.execute, args=("COMMIT",))
+    release.start()
+    try:
+        engine = engines(f"sqlite:///{path}")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        release.join()
+        holder.close()
+
+
+# --- the result cache -----------------------------------------------------------------
+
+
+def test_result_cache_on_postgres_shared_by_replicas(pg_url, engines, tmp_path):
+    migrate(engines(pg_url))
+    clock = iter(range(1000, 2000))
+    replicas = [
+        ResultCache(engines(pg_url), tmp_path / "cache", max_bytes=25, clock=lambda: next(clock))
+        for _ in range(THREADS)
+    ]
+    # every replica finishes the same output at once: one row, no unique-key error
+    run_threads(THREADS, lambda i: replicas[i].put("key_1", "tiny-sd-turbo", 0.5, "simulated",
+                                                   b"png-one", "req_1", 0))  # fmt: skip
+    assert replicas[0].stats() == {"entries": 1, "bytes": 7}
+    replicas[0].put("key_1", "tiny-sd-large", 0.9, "nvml", b"png-two", "req_2", 0)
+    hit = replicas[1].get("key_1", min_quality=0.4)
+    assert hit is not None and (hit.png, hit.variant) == (b"png-two", "tiny-sd-large")
+    assert replicas[1].get("key_1", min_quality=0.95) is None
+    # past the 25-byte cap the least recently used entry (turbo) is evicted
+    replicas[2].put("key_2", "tiny-sd-turbo", 0.5, "simulated", b"png-three-long", "req_3", 0)
+    assert replicas[0].stats() == {"entries": 2, "bytes": 21}
+    assert replicas[0].get("key_1", 0.0, variant="tiny-sd-turbo") is None
