@@ -39,13 +39,15 @@ import sqlalchemy as sa
 import structlog
 from sqlmodel import create_engine
 
+from wattserve import WattserveError
+
 log = structlog.get_logger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 _WRITE = "wattserve_write"  # execution option that marks a write transaction
 
 
-class SchemaError(RuntimeError):
+class SchemaError(WattserveError):
     """The database's schema is newer than this code, or a migration failed."""
 
 
