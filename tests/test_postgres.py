@@ -31,20 +31,12 @@ from scheduler.cache import ResultCache
 from scheduler.control_store import ControlStore
 from telemetry.database import HEAD, make_engine, migrate, schema_version
 from telemetry.ledger import ANY_TENANT, LedgerRow, LedgerStore
+from tests.test_migrations import V1_LEDGER_ROW
 from wattserve import Conflict
 from wattserve._admin import BudgetUpdate, PolicyUpdate, TenantCreate
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 THREADS, WRITES = 8, 20
-
-V1_LEDGER_ROW = {
-    "request_id": "req_old", "image_index": 0, "created_at": datetime(2026, 11, 1, tzinfo=UTC),
-    "finished_at": datetime(2026, 11, 1, tzinfo=UTC), "user": "u", "variant": "tiny-sd-turbo",
-    "quality": "draft", "route_reason": "cheapest_capable", "batch_id": "bat_1",
-    "batch_size": 1, "joules": 17.5, "energy_source": "simulated", "cache": "miss",
-    "status": "ok", "error": None, "latency_ms": 12.0, "seed": 7, "width_px": 64,
-    "height_px": 64,
-}  # fmt: skip
 
 
 # --- a throwaway PostgreSQL ---------------------------------------------------------
