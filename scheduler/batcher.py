@@ -19,17 +19,15 @@ the batch runs for everyone in it.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
-from policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
-from policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
 from policies.catalog import Catalog
+from policies.dispatch import DispatchCore, Launch
 from policies.plans import BatchOutput, BatchPlan, WorkItem
 from telemetry.energy import estimated_batch_energy
 from wattserve import AdmissionRejected, WattserveError
@@ -75,15 +73,16 @@ class BatchFailed(WattserveError):
 
 @dataclass
 class _Pending:
-    queued: QueuedOutput
     item: WorkItem
     future: asyncio.Future[BatchedOutput]
-    floor: float
-    moved: bool = False
 
 
 class Batcher:
-    """Queues outputs per (variant, size) and launches batches onto free replicas."""
+    """Queues outputs per (variant, size) and launches batches onto free replicas.
+
+    The decisions are ``DispatchCore``'s; this class adds the asyncio around them: a
+    future per output, one dispatcher task, one task per running batch.
+    """
 
     def __init__(
         self,
@@ -102,55 +101,49 @@ class Batcher:
         max_queued: int = 4096,
     ) -> None:
         self._pool = pool
-        self.max_wait_s = max_wait_s
+        self.core = DispatchCore(
+            catalog, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+            max_hold_s=max_hold_s, sample_period_s=sample_period_s,
+        )  # fmt: skip
         self._catalog = catalog
-        self._cap: dict[str, int] = {}
-        self._replicas: dict[str, int] = {}
         self._wakeup = asyncio.Event()
-        self.configure(catalog, max_batch_size=max_batch_size)
         self._clock = clock
         self._new_batch_id = new_batch_id
         self._on_batch = on_batch
-        self._tickets = itertools.count()
-        self._queue: dict[int, _Pending] = {}
-        self._in_flight: dict[str, int] = {}
+        self._pending: dict[int, _Pending] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._power_cap_w = power_cap_w
         self._cluster_power_w = cluster_power_w
-        self._max_hold_s = max_hold_s
-        self._sample_period_s = sample_period_s
-        self._launched: list[tuple[float, float]] = []  # (launch time, declared draw W)
         self._max_queued = max_queued
 
-    def configure(self, catalog: Catalog, *, max_batch_size: int | None) -> None:
-        """Adopt a new catalog and batch-size bound.
+    @property
+    def max_wait_s(self) -> float:
+        """How long a partial batch may wait for company, s."""
+        return self.core.max_wait_s
 
-        Variants that left the catalog keep their limits, so what is already queued on
-        them still launches: that is how a retiring variant drains.
-        """
+    @max_wait_s.setter
+    def max_wait_s(self, value: float) -> None:
+        self.core.max_wait_s = value
+
+    def configure(self, catalog: Catalog, *, max_batch_size: int | None) -> None:
+        """Adopt a new catalog and batch-size bound (see ``DispatchCore.configure``)."""
         self._catalog = catalog
-        for v in catalog.variants:
-            self._cap[v.name] = min(v.max_batch_size, max_batch_size or v.max_batch_size)
-            self._replicas[v.name] = v.resources.replicas
+        self.core.configure(catalog, max_batch_size=max_batch_size)
         self._wakeup.set()
 
     def busy_with(self, variant: str) -> bool:
         """Whether any output of ``variant`` is queued or running here."""
-        return self._in_flight.get(variant, 0) > 0 or any(
-            p.queued.variant == variant for p in self._queue.values()
-        )
+        return self.core.busy_with(variant)
 
     @property
     def queued(self) -> int:
         """Outputs waiting for a batch."""
-        return len(self._queue)
+        return len(self.core)
 
     def queued_for(self, variant: str) -> int:
         """Outputs waiting for a batch of ``variant``, plus one batch per busy replica."""
-        waiting = sum(p.queued.variant == variant for p in self._queue.values())
-        busy = self._in_flight.get(variant, 0)
-        return waiting + busy * self._cap.get(variant, 1)
+        return self.core.queued_for(variant)
 
     async def submit(
         self,
@@ -166,110 +159,52 @@ class Batcher:
 
         Raises ``AdmissionRejected`` at once when ``max_queued`` outputs already wait.
         """
-        if len(self._queue) >= self._max_queued:
+        if len(self.core) >= self._max_queued:
             raise AdmissionRejected(
-                f"queue full: {len(self._queue)} outputs waiting", retry_after_s=1.0
+                f"queue full: {len(self.core)} outputs waiting", retry_after_s=1.0
             )
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="wattserve-batcher")
-        ticket = next(self._tickets)
-        queued = QueuedOutput(ticket, variant, width_px, height_px, self._clock(), deadline_s, solo)
+        ticket = self.core.submit(variant, width_px, height_px, self._clock(), deadline_s,
+                                  floor, solo)  # fmt: skip
         future: asyncio.Future[BatchedOutput] = asyncio.get_running_loop().create_future()
-        self._queue[ticket] = _Pending(queued, item, future, floor)
+        self._pending[ticket] = _Pending(item, future)
         self._wakeup.set()
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            self._queue.pop(ticket, None)  # withdraw if not launched yet
+            if self.core.withdraw(ticket):  # still queued: nobody else needs it
+                self._pending.pop(ticket, None)
             raise
 
     async def _dispatch(self) -> None:
         while True:
             self._wakeup.clear()
-            now = self._clock()
-            decision = plan_batches(
-                BatchingSnapshot(
-                    now_s=now,
-                    queued=tuple(p.queued for p in self._queue.values()),
-                    free_replicas={
-                        name: count - self._in_flight.get(name, 0)
-                        for name, count in self._replicas.items()
-                    },
-                    max_batch_size=self._cap,
-                    max_wait_s=self.max_wait_s,
+            cap_w = self._power_cap_w()
+            measured_w = self._cluster_power_w() if cap_w is not None else None
+            step = self.core.step(self._clock(), cap_w, measured_w)
+            for launch in step.launches:
+                members = [self._pending.pop(t) for t in launch.tickets]
+                task = asyncio.create_task(self._run(launch, members))
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
+            for ticket, to in step.moved:
+                log.info("output_moved_power_cap", ticket=ticket, to=to)
+            for ticket in step.rejected:
+                self._pending.pop(ticket).future.set_exception(
+                    AdmissionRejected(
+                        f"power cap {cap_w or 0:.0f} W: no capacity within "
+                        f"{self.core.max_hold_s:.0f}s and no lower-drawing variant meets the "
+                        "request",
+                        retry_after_s=self.core.max_hold_s,
+                    )
                 )
-            )
-            wake_at = decision.wake_at_s
-            admitted = self._admit(now, decision.launch)
-            for tickets, ok in zip(decision.launch, admitted, strict=True):
-                if ok:
-                    self._launch(now, [self._queue.pop(t) for t in tickets])
-                else:
-                    self._settle_held(now, tickets)
-                    due = now + self._sample_period_s
-                    wake_at = due if wake_at is None else min(wake_at, due)
+            wake_at = step.wake_at_s
             timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
                 pass
-
-    def _draw_w(self, variant: str) -> float:
-        spec = self._catalog.get(variant)
-        return spec.power_w if spec else 0.0
-
-    def _admit(self, now: float, launch: tuple[tuple[int, ...], ...]) -> list[bool]:
-        """Which planned batches fit under the power cap right now."""
-        recent = now - 2 * self._sample_period_s
-        self._launched = [(t, w) for t, w in self._launched if t >= recent]
-        cap_w = self._power_cap_w()
-        snapshot = PowerSnapshot(
-            cap_w=cap_w,
-            measured_w=self._cluster_power_w() if cap_w is not None else None,
-            launching_w=sum(w for _, w in self._launched),
-        )
-        draws = [self._draw_w(self._queue[tickets[0]].queued.variant) for tickets in launch]
-        return admit(snapshot, draws)
-
-    def _settle_held(self, now: float, tickets: tuple[int, ...]) -> None:
-        """Held outputs that ran out of time move to a lower-drawing variant or are refused."""
-        for ticket in tickets:
-            pending = self._queue[ticket]
-            queued = pending.queued
-            held = HeldOutput(ticket, queued.variant, queued.enqueued_s, queued.deadline_s,
-                              pending.moved)  # fmt: skip
-            cheaper = self._lower_draw_variant(queued, pending.floor)
-            fate = held_fate(held, now, self._max_hold_s, cheaper)
-            if fate == "move" and cheaper is not None:
-                pending.queued = replace(queued, variant=cheaper, enqueued_s=now)
-                pending.moved = True
-                log.info("output_moved_power_cap", ticket=ticket, to=cheaper)
-            elif fate == "reject":
-                self._queue.pop(ticket)
-                pending.future.set_exception(
-                    AdmissionRejected(
-                        f"power cap {self._power_cap_w() or 0:.0f} W: no capacity within "
-                        f"{self._max_hold_s:.0f}s and no lower-drawing variant meets the request",
-                        retry_after_s=self._max_hold_s,
-                    )
-                )
-
-    def _lower_draw_variant(self, queued: QueuedOutput, floor: float) -> str | None:
-        current = self._draw_w(queued.variant)
-        fits = [
-            v for v in self._catalog.variants
-            if v.power_w < current and v.quality_score >= floor
-            and v.size_problem(queued.width_px, queued.height_px) is None
-        ]  # fmt: skip
-        return min(fits, key=lambda v: v.power_w).name if fits else None
-
-    def _launch(self, now: float, members: list[_Pending]) -> None:
-        variant = members[0].queued.variant
-        self._in_flight[variant] = self._in_flight.get(variant, 0) + 1
-        self._launched.append((now, self._draw_w(variant)))
-        task = asyncio.create_task(self._run(members))
-        self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
 
     async def _run_with_retry(self, plan: BatchPlan) -> BatchOutput:
         """Run a batch; if its replica fails, run it once more (Serve picks a healthy one).
@@ -284,10 +219,9 @@ class Batcher:
             log.warning("batch_retry", batch_id=plan.batch_id, error=f"{type(exc).__name__}: {exc}")
             return await self._pool.run(plan)
 
-    async def _run(self, members: list[_Pending]) -> None:
-        first = members[0].queued
+    async def _run(self, launch: Launch, members: list[_Pending]) -> None:
         plan = BatchPlan(
-            self._new_batch_id(), first.variant, first.width_px, first.height_px,
+            self._new_batch_id(), launch.variant, launch.width_px, launch.height_px,
             tuple(m.item for m in members),
         )  # fmt: skip
         size = len(members)
@@ -309,12 +243,12 @@ class Batcher:
         else:
             if self._on_batch is not None:
                 self._on_batch(plan, output)
-            for member, png in zip(members, output.png_images, strict=True):
+            for member, moved, png in zip(members, launch.moved, output.png_images, strict=True):
                 if not member.future.done():
                     member.future.set_result(BatchedOutput(
-                        png, plan.variant, member.moved, plan.batch_id, size,
+                        png, plan.variant, moved, plan.batch_id, size,
                         output.joules / size, output.energy_source,
                     ))  # fmt: skip
         finally:
-            self._in_flight[plan.variant] -= 1
+            self.core.finished(plan.variant)
             self._wakeup.set()
