@@ -74,6 +74,7 @@ class DispatchCore:
         self._replicas: dict[str, int] = {}
         self._draw_w: dict[str, float] = {}
         self._queue: dict[int, _Entry] = {}
+        self._waiting: dict[str, int] = {}  # queued outputs per variant, kept in step
         self._in_flight: dict[str, int] = {}
         self._launched: list[tuple[float, float]] = []  # (launch time s, declared draw W)
         self._tickets = itertools.count()
@@ -98,14 +99,12 @@ class DispatchCore:
 
     def queued_for(self, variant: str) -> int:
         """Outputs waiting for a batch of ``variant``, plus one batch per busy replica."""
-        waiting = sum(e.queued.variant == variant for e in self._queue.values())
+        waiting = self._waiting.get(variant, 0)
         return waiting + self._in_flight.get(variant, 0) * self._cap.get(variant, 1)
 
     def busy_with(self, variant: str) -> bool:
         """Whether any output of ``variant`` is queued or running."""
-        return self._in_flight.get(variant, 0) > 0 or any(
-            e.queued.variant == variant for e in self._queue.values()
-        )
+        return self._in_flight.get(variant, 0) > 0 or self._waiting.get(variant, 0) > 0
 
     # --- events -----------------------------------------------------------------------
 
@@ -123,11 +122,16 @@ class DispatchCore:
         ticket = next(self._tickets)
         queued = QueuedOutput(ticket, variant, width_px, height_px, now_s, deadline_s, solo)
         self._queue[ticket] = _Entry(queued, floor)
+        self._count(variant, +1)
         return ticket
 
     def withdraw(self, ticket: int) -> bool:
         """Drop a still-queued output (its request went away); False if already launched."""
-        return self._queue.pop(ticket, None) is not None
+        entry = self._queue.pop(ticket, None)
+        if entry is None:
+            return False
+        self._count(entry.queued.variant, -1)
+        return True
 
     def finished(self, variant: str) -> None:
         """A launched batch of ``variant`` ended (either way): its replica is free again."""
@@ -173,12 +177,16 @@ class DispatchCore:
 
     # --- internals --------------------------------------------------------------------
 
+    def _count(self, variant: str, delta: int) -> None:
+        self._waiting[variant] = self._waiting.get(variant, 0) + delta
+
     def _draw(self, variant: str) -> float:
         return self._draw_w.get(variant, 0.0)
 
     def _launch(self, now_s: float, tickets: tuple[int, ...]) -> Launch:
         entries = [self._queue.pop(t) for t in tickets]
         first = entries[0].queued
+        self._count(first.variant, -len(entries))
         self._in_flight[first.variant] = self._in_flight.get(first.variant, 0) + 1
         draw_w = self._draw(first.variant)
         self._launched.append((now_s, draw_w))
@@ -194,11 +202,14 @@ class DispatchCore:
         cheaper = self._lower_draw_variant(queued, entry.floor)
         fate = held_fate(held, now_s, self.max_hold_s, cheaper)
         if fate == "move" and cheaper is not None:
+            self._count(queued.variant, -1)
+            self._count(cheaper, +1)
             entry.queued = replace(queued, variant=cheaper, enqueued_s=now_s)
             entry.moved = True
             return "move", cheaper
         if fate == "reject":
             del self._queue[ticket]
+            self._count(queued.variant, -1)
         return fate, None
 
     def _lower_draw_variant(self, queued: QueuedOutput, floor: float) -> str | None:

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Field, SQLModel
 
+from policies.reuse import CachedCopy, usable_copies
 from telemetry.database import write_transaction
 
 DEFAULT_MAX_BYTES = 1 << 30
@@ -92,17 +93,13 @@ class ResultCache:
         """
         now = self._clock()
         table = CacheRow.__table__
-        query = (
-            sa.select(table)
-            .where(table.c.output_key == output_key, table.c.quality_score >= min_quality)
-            .order_by(table.c.quality_score.desc())
-        )
-        if self.ttl_s is not None:
-            query = query.where(table.c.created_s >= now - self.ttl_s)
-        if variant is not None:
-            query = query.where(table.c.variant == variant)
+        query = sa.select(table).where(table.c.output_key == output_key)
         with self._lock, write_transaction(self.engine) as conn:
-            for row in conn.execute(query).mappings():
+            rows = {row["variant"]: row for row in conn.execute(query).mappings()}
+            copies = [CachedCopy(r["variant"], r["quality_score"], r["created_s"])
+                      for r in rows.values()]  # fmt: skip
+            for copy in usable_copies(copies, min_quality, variant, now, self.ttl_s):
+                row = rows[copy.variant]
                 try:
                     png = self._path(row["png_sha256"]).read_bytes()
                 except FileNotFoundError:
