@@ -36,6 +36,7 @@ from cli._common import (
 )
 from cli._render import print_json, table
 from cli.admin import budget_app, policy_app, tenant_app, variants_app
+from cli.simulate import simulate
 from cli.trace import trace_app
 from wattserve import Quality
 from wattserve._admin_client import (
@@ -60,6 +61,7 @@ app.add_typer(budget_app, name="budget")
 app.add_typer(policy_app, name="policy")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(trace_app, name="trace")
+app.command()(simulate)
 
 PUBLIC_LEDGER_LIMIT = 1000  # GET /v1/ledger's own bound
 FORMATS = ("table", "json", "csv")

@@ -1,0 +1,305 @@
+"""Discrete-event fleet simulation that drives the live scheduler's own decision code.
+
+Every decision here is made by the code the live service runs, under a simulated clock:
+output identity (``scheduler.identity``), reuse of a cached copy (``policies.reuse``),
+routing (``policies.routing.route`` over ``policies.profile.EnergyProfile`` estimates
+learned from the simulated batches, as live), and batching, power-cap admission and the
+hold/move/refuse fates (one ``policies.dispatch.DispatchCore``, the object the live
+``Batcher`` wraps). What is simulated is only what the GPUs would do: a batch of b
+images of a variant takes the ML.ENERGY-measured latency and energy of its model at b
+(``bench.fleet``), and the fleet draws that batch's average power while it runs.
+
+Coalescing follows the live rule (one generation per output key and variant in flight;
+everyone waiting shares its joules equally). Two simplifications, both stated in the
+report: a refused leader's waiters are refused with it (live, one waiter retries), and
+the J/output target's "batch harder" response is not simulated.
+
+Events are processed in time order (finishes before arrivals at equal times), and the
+dispatcher steps after each group of events at one instant, as the live dispatcher
+wakes on each arrival and finish.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from bench.fleet import IDLE_W, VariantCost, place, with_replicas
+from bench.trace import TraceRequest
+from policies.catalog import Catalog
+from policies.dispatch import DispatchCore
+from policies.policy import Policy
+from policies.profile import EnergyProfile
+from policies.reuse import CachedCopy, usable_copies
+from policies.routing import RoutingState, route
+from scheduler.identity import flight_key, output_key
+from wattserve import GenerationRequest, WattserveError
+from wattserve._schemas import MAX_SEED, parse_size
+
+SOURCE = "simulated"  # ML.ENERGY-measured model costs, played out by the simulator
+PLACEMENT_SAMPLE = 20_000  # requests routed up front to size the placement
+_DONE, _ARRIVAL, _WAKE = 0, 1, 2
+
+
+@dataclass(slots=True)
+class SimReceipt:
+    """One output's outcome: the fields the savings attribution reads, plus latency."""
+
+    request_index: int
+    variant: str
+    batch_id: str
+    batch_size: int
+    joules: float
+    energy_source: str
+    cache: str  # miss | hit | coalesced
+    seed: int
+    latency_s: float
+    ok: bool
+    floor: float
+
+
+@dataclass
+class RunResult:
+    """What one simulated run produced."""
+
+    policy: str
+    receipts: list[SimReceipt]
+    placement: dict[str, int]
+    duration_s: float
+    idle_j: float
+    power_w: list[tuple[float, float]]  # (time s, fleet power W) at each change
+    moved: int
+    wall_s: float
+
+
+@dataclass
+class _Slot:
+    request_index: int
+    seed: int
+    arrived_s: float
+    floor: float
+    fkey: str | None
+    key: str | None
+
+
+@dataclass
+class _State:
+    core: DispatchCore
+    profile: EnergyProfile
+    catalog: Catalog
+    costs: dict[str, VariantCost]
+    events: list[tuple[float, int, int, object]] = field(default_factory=list)
+    seq: int = 0
+    cache: dict[str, list[CachedCopy]] = field(default_factory=dict)
+    flights: dict[str, list[_Slot]] = field(default_factory=dict)
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    busy_gpus: int = 0
+    busy_extra_w: float = 0.0
+    pending_wake: float | None = None
+    batches: int = 0
+
+    def push(self, at_s: float, kind: int, data: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (at_s, kind, self.seq, data))
+
+
+class FleetSimulation:
+    """Runs traces over one homogeneous fleet of ``gpus`` GPUs."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        costs: dict[str, VariantCost],
+        gpus: int,
+        *,
+        policy: Policy | None = None,
+        cap_w: float | None = None,
+        idle_w: float = IDLE_W,
+        max_hold_s: float = 5.0,
+    ) -> None:
+        specs = tuple(v for v in catalog.variants if v.name in costs)
+        self.catalog = Catalog(source_path=catalog.source_path, variants=specs)
+        self.costs = costs
+        self.gpus = gpus
+        self.policy = policy or Policy()
+        self.cap_w = cap_w
+        self.idle_w = idle_w
+        self.max_hold_s = max_hold_s
+
+    # --- setup ------------------------------------------------------------------------
+
+    def requests(self, trace: Sequence[TraceRequest], baseline: bool) -> list[GenerationRequest]:
+        """The trace as the scheduler's requests (the baseline policy when ``baseline``)."""
+        sizes: dict[str, tuple[int, int]] = {}
+        made = []
+        for r in trace:
+            width_px, height_px = sizes.get(r.size) or sizes.setdefault(r.size, parse_size(r.size))
+            made.append(GenerationRequest.model_construct(
+                prompt=r.prompt, negative_prompt=None, width_px=width_px, height_px=height_px,
+                n=r.n, seed=r.seed, quality=r.quality, deadline_s=None, model=None,
+                user=None, tenant=r.tenant, policy="baseline" if baseline else "default",
+            ))  # fmt: skip
+        return made
+
+    def placement(self, requests: Sequence[GenerationRequest]) -> dict[str, int]:
+        """GPUs per variant, by the GPU time routing would send each variant."""
+        state = RoutingState(frozenset(self.costs))
+        demand: Counter[str] = Counter()
+        for request in requests[:PLACEMENT_SAMPLE]:
+            try:
+                chosen = route(request, self.catalog, self.policy, state).variant
+            except WattserveError:
+                continue
+            cost = self.costs[chosen]
+            size = 1 if request.policy == "baseline" else len(cost.batch_latency_s) - 1
+            demand[chosen] += request.n * cost.batch_latency_s[size] / size
+        return place(self.gpus, dict(demand))
+
+    # --- the run ----------------------------------------------------------------------
+
+    def run(self, trace: Sequence[TraceRequest], *, baseline: bool = False) -> RunResult:
+        """Simulate ``trace`` to completion; every output gets exactly one receipt."""
+        started = time.perf_counter()
+        requests = self.requests(trace, baseline)
+        placement = self.placement(requests)
+        catalog = with_replicas(self.catalog, placement)
+        st = _State(
+            core=DispatchCore(catalog, max_batch_size=self.policy.max_batch_size,
+                              max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s),
+            profile=EnergyProfile(catalog), catalog=catalog, costs=self.costs,
+        )  # fmt: skip
+        receipts: list[SimReceipt] = []
+        power: list[tuple[float, float]] = [(0.0, self.gpus * self.idle_w)]
+        idle_j, last_s, moved = 0.0, 0.0, 0
+        arrivals = [r.arrival_s for r in trace]
+        next_arrival, now = 0, 0.0
+        while next_arrival < len(requests) or st.events:
+            head = st.events[0][0] if st.events else None
+            arrival = arrivals[next_arrival] if next_arrival < len(requests) else None
+            now = min(t for t in (head, arrival) if t is not None)
+            idle_j += (self.gpus - st.busy_gpus) * self.idle_w * (now - last_s)
+            last_s = now
+            while st.events and st.events[0][0] <= now and st.events[0][1] == _DONE:
+                _, _, _, launch = heapq.heappop(st.events)
+                receipts.extend(self._finish(st, now, launch))
+            while next_arrival < len(requests) and arrivals[next_arrival] <= now:
+                receipts.extend(self._arrive(st, now, next_arrival, requests[next_arrival]))
+                next_arrival += 1
+            while st.events and st.events[0][0] <= now:
+                _, kind, _, data = heapq.heappop(st.events)
+                if kind == _DONE:
+                    receipts.extend(self._finish(st, now, data))
+                elif st.pending_wake is not None and st.pending_wake <= now:
+                    st.pending_wake = None
+            receipts_before = len(receipts)
+            moved += self._step(st, now, receipts)
+            if len(receipts) != receipts_before or power[-1][1] != self._power_w(st):
+                power.append((now, self._power_w(st)))
+        return RunResult(
+            policy="baseline" if baseline else "default", receipts=receipts,
+            placement=placement, duration_s=now, idle_j=idle_j, power_w=power, moved=moved,
+            wall_s=time.perf_counter() - started,
+        )  # fmt: skip
+
+    def _power_w(self, st: _State) -> float:
+        return self.gpus * self.idle_w + st.busy_extra_w
+
+    def _arrive(
+        self, st: _State, now: float, index: int, request: GenerationRequest
+    ) -> list[SimReceipt]:
+        """Route, reuse, coalesce or queue each output of one arriving request."""
+        estimates = {
+            name: st.profile.estimate(name, st.core.queued_for(name)) for name in st.catalog.names
+        }
+        try:
+            decision = route(request, st.catalog, self.policy,
+                             RoutingState(frozenset(st.catalog.names), estimates))  # fmt: skip
+        except WattserveError:
+            return [SimReceipt(index, "none", "none", 0, 0.0, SOURCE, "miss", request.seed or 0,
+                               0.0, False, 0.0) for _ in range(request.n)]  # fmt: skip
+        spec = st.catalog.get(decision.variant)
+        assert spec is not None
+        floor = self.policy.quality_floor(request.quality)
+        baseline = request.policy == "baseline"
+        shareable = not baseline and (request.seed is not None or self.policy.share_unseeded)
+        base = request.seed if request.seed is not None else index
+        done = []
+        for i in range(request.n):
+            seed = (base + i) % (MAX_SEED + 1)
+            key = (
+                output_key(request.prompt, None, request.width_px, request.height_px, seed)
+                if shareable else None
+            )  # fmt: skip
+            if key is not None:
+                hit = usable_copies(
+                    st.cache.get(key, ()), floor, None, now, self.policy.cache_ttl_s
+                )
+                if hit:
+                    done.append(SimReceipt(index, hit[0].variant, f"hit:{key[:8]}", 0, 0.0,
+                                           SOURCE, "hit", seed, 0.0, True, floor))  # fmt: skip
+                    continue
+            fkey = flight_key(key, spec.name) if key is not None else None
+            slot = _Slot(index, seed, now, floor, fkey, key)
+            if fkey is not None and fkey in st.flights:
+                st.flights[fkey].append(slot)
+                continue
+            if fkey is not None:
+                st.flights[fkey] = []
+            ticket = st.core.submit(spec.name, request.width_px, request.height_px, now, None,
+                                    floor, solo=baseline)  # fmt: skip
+            st.slots[ticket] = slot
+        return done
+
+    def _step(self, st: _State, now: float, receipts: list[SimReceipt]) -> int:
+        """One dispatcher decision; launches become finish events. Returns outputs moved."""
+        step = st.core.step(now, self.cap_w, self._power_w(st))
+        for launch in step.launches:
+            cost = st.costs[launch.variant]
+            size = len(launch.tickets)
+            latency_s = cost.batch_latency_s[size]
+            st.busy_gpus += 1
+            st.busy_extra_w += cost.batch_energy_j[size] / latency_s - self.idle_w
+            st.batches += 1
+            st.push(now + latency_s, _DONE, (launch, f"bat_{st.batches}", now))
+        for ticket in step.rejected:
+            slot = st.slots.pop(ticket)
+            waiters = st.flights.pop(slot.fkey, []) if slot.fkey else []
+            for s in (slot, *waiters):
+                waited_s = now - s.arrived_s
+                receipts.append(SimReceipt(s.request_index, "none", "none", 0, 0.0, SOURCE,
+                                           "miss", s.seed, waited_s, False, s.floor))  # fmt: skip
+        wake = step.wake_at_s
+        if wake is not None:
+            wake = max(wake, now + 1e-9)  # never re-wake at the same instant
+        if wake is not None and (st.pending_wake is None or wake < st.pending_wake):
+            st.pending_wake = wake
+            st.push(wake, _WAKE, None)
+        return len(step.moved)
+
+    def _finish(self, st: _State, now: float, data: object) -> list[SimReceipt]:
+        """A batch ended: charge its outputs and their sharers, cache them, learn."""
+        launch, batch_id, started_s = data  # type: ignore[misc]
+        cost = st.costs[launch.variant]
+        size = len(launch.tickets)
+        energy_j, latency_s = cost.batch_energy_j[size], cost.batch_latency_s[size]
+        st.core.finished(launch.variant)
+        st.busy_gpus -= 1
+        st.busy_extra_w -= energy_j / latency_s - self.idle_w
+        st.profile.observe(launch.variant, size, energy_j / size, now - started_s)
+        spec = st.catalog.get(launch.variant)
+        quality = spec.quality_score if spec else 0.0
+        done = []
+        for ticket in launch.tickets:
+            slot = st.slots.pop(ticket)
+            waiters = st.flights.pop(slot.fkey, []) if slot.fkey else []
+            share = energy_j / size / (1 + len(waiters))
+            for s, cache in ((slot, "miss"), *((w, "coalesced") for w in waiters)):
+                waited_s = now - s.arrived_s
+                done.append(SimReceipt(s.request_index, launch.variant, batch_id, size, share,
+                                       SOURCE, cache, s.seed, waited_s, True, s.floor))  # fmt: skip
+            if slot.key is not None:
+                st.cache.setdefault(slot.key, []).append(CachedCopy(launch.variant, quality, now))
+        return done

@@ -1,0 +1,106 @@
+"""``wattserve simulate``: a trace over a simulated fleet, against baseline and oracle.
+
+A thin shell over ``bench.simulate`` / ``bench.sim_report``: build or read the trace,
+price the catalog's variants on the fleet's GPU from the ML.ENERGY data, run achieved and
+baseline, print the comparison and write the JSON report. Wrong input is one ``error:``
+line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from bench.fleet import parse_fleet, variant_costs
+from bench.profiles import MeasurementsError
+from bench.sim_report import simulate_report
+from bench.simulate import FleetSimulation
+from bench.trace import PRESETS, load_prompts, make_trace, preset_spec, read_trace
+from cli._common import JsonOption, fail
+from cli._render import print_json, table
+from policies.catalog import CatalogError, load_catalog
+from wattserve import WattserveError
+
+DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+REAL_CATALOG = Path(__file__).resolve().parent.parent / "policies" / "real_catalog.toml"
+
+
+def simulate(
+    trace: Annotated[str, typer.Option(help=f"A preset ({', '.join(PRESETS)}) or a trace file.")],
+    fleet: Annotated[str, typer.Option(help="GPUs, e.g. 8xH100 (one GPU type per run).")],
+    requests: Annotated[int, typer.Option(min=1, help="Requests, for a preset.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Trace seed, for a preset.")] = 0,
+    size: Annotated[str, typer.Option(help="Image size, for a preset.")] = "1024x1024",
+    rate_per_s: Annotated[
+        float | None, typer.Option(help="Arrivals/s for a preset (default 0.5 per GPU).")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompt file for a preset (default: PartiPrompts).")
+    ] = None,
+    cap_w: Annotated[float | None, typer.Option(help="Fleet power cap, W.")] = None,
+    catalog: Annotated[Path, typer.Option(help="Variant catalog.")] = REAL_CATALOG,
+    data_dir: Annotated[Path, typer.Option(help="ML.ENERGY data directory.")] = DATA_DIR,
+    out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("sim-report.json"),
+    json_out: JsonOption = False,
+) -> None:
+    """Simulate a trace on a fleet: factor vs baseline, achieved/oracle, the waterfall."""
+    try:
+        gpus = parse_fleet(fleet)
+        if len(gpus) != 1:
+            fail("--fleet: one GPU type per run for now (mixed fleets are not simulated)", 2)
+        [(gpu, count)] = gpus.items()
+        variants = load_catalog(catalog)
+        costs = variant_costs(variants, gpu, data_dir)
+    except (WattserveError, CatalogError, MeasurementsError) as exc:
+        fail(exc.message, code=2)
+    if cap_w is not None and cap_w <= 0:
+        fail("--cap-w: must be positive", code=2)
+    if trace in PRESETS:
+        try:
+            spec = preset_spec(trace, requests=requests, seed=seed, sizes={size: 1},
+                               rate_per_s=rate_per_s or 0.5 * count)  # fmt: skip
+            prompt_set = load_prompts(prompts or data_dir / "PartiPrompts.tsv")
+        except (ValidationError, ValueError, OSError) as exc:
+            fail(f"--trace: {exc}", code=2)
+        requests_list = make_trace(spec, prompt_set.prompts)
+        header = {**spec.model_dump(mode="json"), "preset": trace,
+                  "prompts": prompt_set.source.model_dump()}  # fmt: skip
+    else:
+        try:
+            read = read_trace(trace)
+        except (OSError, ValueError) as exc:
+            fail(f"--trace: {exc}", code=2)
+        requests_list, header = list(read.requests), read.header.model_dump(mode="json")
+    sim = FleetSimulation(variants, costs, count, cap_w=cap_w)
+    report = simulate_report(requests_list, header, sim, fleet,
+                             f"ML.ENERGY v2/v3 on {gpu} ({data_dir.name})")  # fmt: skip
+    out.write_text(json.dumps(report, indent=2, default=str))
+    if json_out:
+        print_json(report)
+        return
+    got, base = report["achieved"], report["baseline_run"]
+    oracle_per = report["oracle_joules"] / max(report["distinct_outputs"], 1)
+    table(
+        f"{header.get('preset') or trace} on {fleet} (simulated, ML.ENERGY {gpu} data)",
+        ["run", "outputs", "refused", "J/output", "p50 s", "p99 s", "mean batch"],
+        [
+            ["achieved", got["outputs"], got["refused"], got["joules_per_output"] or 0.0,
+             got["latency_s"]["p50"] or 0.0, got["latency_s"]["p99"] or 0.0,
+             got["mean_batch_size"] or 0.0],
+            ["baseline", base["outputs"], base["refused"], base["joules_per_output"] or 0.0,
+             base["latency_s"]["p50"] or 0.0, base["latency_s"]["p99"] or 0.0,
+             base["mean_batch_size"] or 0.0],
+            ["oracle (per distinct output)", report["distinct_outputs"], 0, oracle_per, 0.0,
+             0.0, 0.0],
+        ],
+    )  # fmt: skip
+    table("waterfall (J)", ["step", "joules"],
+          [[k, v] for k, v in report["waterfall_joules"].items()])  # fmt: skip
+    typer.echo(
+        f"factor vs baseline {report['factor_vs_baseline']:.2f}x; achieved/oracle "
+        f"{report['achieved_over_oracle']:.2f}; baseline: {report['baseline']}; wrote {out}"
+    )
