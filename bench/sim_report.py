@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.fleet import VariantCost
 from bench.simulate import FleetSimulation, RunResult, SimReceipt
-from bench.trace import TraceRequest
+from bench.trace import TraceRequest, TraceSpec, make_trace
 from policies.catalog import Catalog
 from policies.policy import Policy
 from policies.routing import reference_variant
@@ -124,14 +124,17 @@ def simulate_report(
     sim: FleetSimulation,
     fleet: str,
     data_provenance: str,
-) -> dict[str, Any]:
-    """Run ``trace`` as achieved and as baseline; everything a report must name."""
+) -> tuple[dict[str, Any], dict[str, RunResult]]:
+    """Run ``trace`` as achieved and as baseline; the report and the two runs.
+
+    The report names everything a figure rests on; the runs feed the figures.
+    """
     achieved, baseline = sim.run(trace), sim.run(trace, baseline=True)
     got, base = summarize(achieved), summarize(baseline)
     oracle_j, distinct = oracle_joules(trace, sim.catalog, sim.costs, sim.policy)
     reference = reference_variant(sim.catalog).name
     steps = waterfall(achieved, reference, sim.costs[reference].batch_energy_j[1])
-    return {
+    report = {
         "trace": trace_header,
         "fleet": fleet,
         "gpus": sim.gpus,
@@ -157,3 +160,36 @@ def simulate_report(
             "static placement: each GPU serves one variant for the whole run",
         ],
     }
+    return report, {"achieved": achieved, "baseline": baseline}
+
+
+SWEEP_REPEAT_RATES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+SWEEP_TIER_MIXES: dict[str, dict[str, float]] = {
+    "all high": {"high": 1.0},
+    "mixed 50/30/20": {"draft": 50, "standard": 30, "high": 20},
+    "all draft": {"draft": 1.0},
+}
+
+
+def sweep(sim: FleetSimulation, spec: TraceSpec, prompts: Sequence[str]) -> list[dict[str, Any]]:
+    """J/output, factor vs baseline and achieved/oracle across repeat rates and tier mixes.
+
+    The "how far can it go" curve: on this catalog and fleet, how much of the saving
+    comes from reuse (repeat rate) and how much from serving lower tiers cheaper.
+    """
+    points = []
+    for mix_name, tiers in SWEEP_TIER_MIXES.items():
+        for rate in SWEEP_REPEAT_RATES:
+            trace = make_trace(spec.model_copy(update={"repeat_rate": rate, "tiers": tiers}),
+                               prompts)  # fmt: skip
+            got = summarize(sim.run(trace))
+            base = summarize(sim.run(trace, baseline=True))
+            oracle_j, _ = oracle_joules(trace, sim.catalog, sim.costs, sim.policy)
+            points.append({
+                "tiers": mix_name, "repeat_rate": rate,
+                "joules_per_output": got["joules_per_output"],
+                "baseline_joules_per_output": base["joules_per_output"],
+                "factor_vs_baseline": base["joules"] / got["joules"] if got["joules"] else None,
+                "achieved_over_oracle": got["joules"] / oracle_j if oracle_j else None,
+            })  # fmt: skip
+    return points

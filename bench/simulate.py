@@ -40,7 +40,7 @@ from wattserve import GenerationRequest, WattserveError
 from wattserve._schemas import MAX_SEED, parse_size
 
 SOURCE = "simulated"  # ML.ENERGY-measured model costs, played out by the simulator
-PLACEMENT_SAMPLE = 20_000  # requests routed up front to size the placement
+PLACEMENT_SAMPLE = 5_000  # requests routed up front to size the placement
 _DONE, _ARRIVAL, _WAKE = 0, 1, 2
 
 

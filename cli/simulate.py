@@ -16,8 +16,9 @@ import typer
 from pydantic import ValidationError
 
 from bench.fleet import parse_fleet, variant_costs
+from bench.plots import latency_png, power_png, sweep_png, waterfall_png
 from bench.profiles import MeasurementsError
-from bench.sim_report import simulate_report
+from bench.sim_report import simulate_report, sweep
 from bench.simulate import FleetSimulation
 from bench.trace import PRESETS, load_prompts, make_trace, preset_spec, read_trace
 from cli._common import JsonOption, fail
@@ -45,6 +46,10 @@ def simulate(
     catalog: Annotated[Path, typer.Option(help="Variant catalog.")] = REAL_CATALOG,
     data_dir: Annotated[Path, typer.Option(help="ML.ENERGY data directory.")] = DATA_DIR,
     out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("sim-report.json"),
+    sweep_curve: Annotated[
+        bool,
+        typer.Option("--sweep", help="Also sweep repeat rate x tier mix (a preset's trace)."),
+    ] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Simulate a trace on a fleet: factor vs baseline, achieved/oracle, the waterfall."""
@@ -67,6 +72,7 @@ def simulate(
         except (ValidationError, ValueError, OSError) as exc:
             fail(f"--trace: {exc}", code=2)
         requests_list = make_trace(spec, prompt_set.prompts)
+        sweep_from = (spec, prompt_set.prompts)
         header = {**spec.model_dump(mode="json"), "preset": trace,
                   "prompts": prompt_set.source.model_dump()}  # fmt: skip
     else:
@@ -75,9 +81,21 @@ def simulate(
         except (OSError, ValueError) as exc:
             fail(f"--trace: {exc}", code=2)
         requests_list, header = list(read.requests), read.header.model_dump(mode="json")
+        sweep_from = (read.header, ())
+        if sweep_curve:
+            fail("--sweep: needs a preset (it regenerates the trace at each point)", code=2)
     sim = FleetSimulation(variants, costs, count, cap_w=cap_w)
-    report = simulate_report(requests_list, header, sim, fleet,
-                             f"ML.ENERGY v2/v3 on {gpu} ({data_dir.name})")  # fmt: skip
+    report, runs = simulate_report(requests_list, header, sim, fleet,
+                                   f"ML.ENERGY v2/v3 on {gpu} ({data_dir.name})")  # fmt: skip
+    stem = out.with_suffix("")
+    report["plots"] = [
+        str(waterfall_png(report, Path(f"{stem}-waterfall.png"))),
+        str(power_png(report, runs["achieved"], Path(f"{stem}-power.png"))),
+        str(latency_png(report, runs, Path(f"{stem}-latency.png"))),
+    ]
+    if sweep_curve:
+        report["sweep"] = sweep(sim, *sweep_from)
+        report["plots"].append(str(sweep_png(report, report["sweep"], Path(f"{stem}-sweep.png"))))
     out.write_text(json.dumps(report, indent=2, default=str))
     if json_out:
         print_json(report)
@@ -102,5 +120,6 @@ def simulate(
           [[k, v] for k, v in report["waterfall_joules"].items()])  # fmt: skip
     typer.echo(
         f"factor vs baseline {report['factor_vs_baseline']:.2f}x; achieved/oracle "
-        f"{report['achieved_over_oracle']:.2f}; baseline: {report['baseline']}; wrote {out}"
+        f"{report['achieved_over_oracle']:.2f}; baseline: {report['baseline']}; wrote {out} "
+        f"and {', '.join(report['plots'])}"
     )

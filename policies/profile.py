@@ -9,6 +9,7 @@ given the variant's queue. Plain data in, plain data out; the caller serialises 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from policies.catalog import Catalog
@@ -34,6 +35,7 @@ class EnergyProfile:
         self._alpha = alpha
         self._joules: dict[tuple[str, int], float] = {}
         self._latency_s: dict[tuple[str, int], float] = {}
+        self._sizes: dict[str, list[int]] = {}  # measured batch sizes per variant, sorted
 
     def use_catalog(self, catalog: Catalog) -> None:
         """Estimate against ``catalog`` from now on; what was learned is kept."""
@@ -44,6 +46,9 @@ class EnergyProfile:
     ) -> None:
         """Fold one measured batch into the averages."""
         key = (variant, batch_size)
+        sizes = self._sizes.setdefault(variant, [])
+        if batch_size not in sizes:
+            bisect.insort(sizes, batch_size)
         for table, value in ((self._joules, joules_per_output), (self._latency_s, latency_s)):
             old = table.get(key)
             table[key] = value if old is None else old + self._alpha * (value - old)
@@ -51,10 +56,12 @@ class EnergyProfile:
     def _nearest(
         self, table: dict[tuple[str, int], float], variant: str, size: int
     ) -> float | None:
-        sizes = [b for (v, b) in table if v == variant]
+        sizes = self._sizes.get(variant)
         if not sizes:
             return None
-        best = min(sizes, key=lambda b: (abs(b - size), b))
+        at = bisect.bisect_left(sizes, size)  # nearest measured size; ties go to the smaller
+        near = [b for b in sizes[max(0, at - 1) : at + 1]]
+        best = min(near, key=lambda b: (abs(b - size), b))
         return table[(variant, best)]
 
     def estimate(self, variant: str, queued: int) -> VariantEstimate:

@@ -90,5 +90,20 @@ def test_simulate_command_prints_the_factor_and_writes_the_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["factor_vs_baseline"] > 1 and "ML.ENERGY" in report["energy_source"]
     assert report["trace"]["preset"] == "draft-heavy" and report["quality_floors"]["high"] == 0.8
+    assert [Path(p).name for p in report["plots"]] == ["r-waterfall.png", "r-power.png",
+                                                       "r-latency.png"]  # fmt: skip
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in report["plots"])
     bad = runner.invoke(app, ["simulate", "--trace", "mixed", "--fleet", "8xTPU"])
     assert bad.exit_code == 2 and "no catalog variant was measured on TPU" in bad.output
+
+
+def test_the_sweep_shows_reuse_paying_off_more_as_repeats_rise(costs):
+    from bench.sim_report import SWEEP_REPEAT_RATES, sweep
+
+    sim = FleetSimulation(CATALOG, costs, 8)
+    spec = preset_spec("mixed", requests=300, sizes={"1024x1024": 1}, rate_per_s=4.0, seed=3)
+    points = sweep(sim, spec, load_prompts(DATA / "PartiPrompts.tsv").prompts)
+    assert len(points) == 3 * len(SWEEP_REPEAT_RATES)
+    for mix in {p["tiers"] for p in points}:
+        factors = [p["factor_vs_baseline"] for p in points if p["tiers"] == mix]
+        assert factors[-1] > factors[0] and factors[-1] > 3  # 90 % repeats vs none
