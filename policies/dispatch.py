@@ -18,6 +18,7 @@ to the lowest-drawing variant that still meets their floor and size) / reject.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, replace
 
 from policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
@@ -76,7 +77,9 @@ class DispatchCore:
         self._queue: dict[int, _Entry] = {}
         self._waiting: dict[str, int] = {}  # queued outputs per variant, kept in step
         self._in_flight: dict[str, int] = {}
-        self._launched: list[tuple[float, float]] = []  # (launch time s, declared draw W)
+        # (launch time s, declared draw W) of recent launches, oldest first, and their sum
+        self._launched: deque[tuple[float, float]] = deque()
+        self._launching_w = 0.0
         self._tickets = itertools.count()
         self.configure(catalog, max_batch_size=max_batch_size)
 
@@ -153,11 +156,14 @@ class DispatchCore:
         )
         wake_at = decision.wake_at_s
         recent = now_s - 2 * self._sample_period_s
-        self._launched = [(t, w) for t, w in self._launched if t >= recent]
+        while self._launched and self._launched[0][0] < recent:
+            self._launching_w -= self._launched.popleft()[1]
+        if not self._launched:
+            self._launching_w = 0.0  # no float drift across an idle period
         snapshot = PowerSnapshot(
             cap_w=cap_w,
             measured_w=measured_w,
-            launching_w=sum(w for _, w in self._launched),
+            launching_w=self._launching_w,
         )
         draws = [self._draw(self._queue[tickets[0]].queued.variant) for tickets in decision.launch]
         launches, moved, rejected = [], [], []
@@ -190,6 +196,7 @@ class DispatchCore:
         self._in_flight[first.variant] = self._in_flight.get(first.variant, 0) + 1
         draw_w = self._draw(first.variant)
         self._launched.append((now_s, draw_w))
+        self._launching_w += draw_w
         return Launch(first.variant, first.width_px, first.height_px, tickets,
                       tuple(e.moved for e in entries), draw_w)  # fmt: skip
 
