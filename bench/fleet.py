@@ -23,9 +23,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.profiles import EnergyLatencyModel, fit_models, load_measurements
+from bench.profiles import EnergyLatencyModel, MeasuredPoint, fit_models, load_measurements
 from policies.catalog import Catalog, VariantSpec
 from wattserve import InvalidRequest
+from wattserve._admin import ProfileList
 
 IDLE_W = 70.0
 _FLEET_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*([A-Za-z0-9]+)\s*$")
@@ -121,3 +122,39 @@ def with_replicas(catalog: Catalog, replicas: dict[str, int]) -> Catalog:
         if replicas.get(spec.name, 0) > 0
     )
     return Catalog(source_path=catalog.source_path, variants=specs)
+
+
+def costs_from_profile(
+    catalog: Catalog, profile: ProfileList, label: str
+) -> dict[str, VariantCost]:
+    """Cost tables from what a live service learned (``GET /admin/profiles``).
+
+    For simulating that service's own fleet (the sim-vs-live validation): the same
+    interpolation as the ML.ENERGY models, over the batch sizes the service measured.
+    The profile does not record image size; it is priced as measured.
+    """
+    by_variant: dict[str, list[MeasuredPoint]] = {}
+    for point in profile.data:
+        spec = catalog.get(point.variant)
+        if spec is None:
+            continue
+        by_variant.setdefault(point.variant, []).append(MeasuredPoint(
+            model_id=spec.source, nickname=spec.name, gpu=label, num_gpus=1,
+            batch_size=point.batch_size, steps=spec.steps, width_px=spec.max_size_px,
+            height_px=spec.max_size_px, energy_per_image_j=point.joules_per_output,
+            batch_latency_s=point.batch_latency_s,
+            avg_power_w=point.joules_per_output * point.batch_size / point.batch_latency_s,
+            avg_power_derived=True, ulysses_degree=None, ring_degree=None,
+            source=f"live profile of replica {profile.replica}", source_file="", source_line=0,
+            upstream=", ".join(profile.energy_sources),
+        ))  # fmt: skip
+    costs = {}
+    for name, points in by_variant.items():
+        spec = catalog.get(name)
+        assert spec is not None
+        model = EnergyLatencyModel(spec.source, name, label,
+                                   tuple(sorted(points, key=lambda p: p.batch_size)))  # fmt: skip
+        costs[name] = _table(spec, model)
+    if not costs:
+        raise InvalidRequest("profile: it names no variant of the catalog")
+    return costs

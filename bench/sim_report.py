@@ -138,8 +138,8 @@ def simulate_report(
         "trace": trace_header,
         "fleet": fleet,
         "gpus": sim.gpus,
-        "energy_source": "simulated: ML.ENERGY-measured J and latency per batch, "
-        f"{data_provenance}; idle GPUs at {sim.idle_w:.0f} W (assumed)",
+        "energy_source": f"simulated: J and latency per batch from {data_provenance}; "
+        f"idle GPUs at {sim.idle_w:.0f} W (assumed)",
         "hardware": f"{fleet} (GPU energy only: no CPU, DRAM or PUE, as measured)",
         "quality_floors": dict(sim.policy.quality_floors),
         "power_cap_w": sim.cap_w,

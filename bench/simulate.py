@@ -119,6 +119,7 @@ class FleetSimulation:
         cap_w: float | None = None,
         idle_w: float = IDLE_W,
         max_hold_s: float = 5.0,
+        replicas: dict[str, int] | None = None,
     ) -> None:
         specs = tuple(v for v in catalog.variants if v.name in costs)
         self.catalog = Catalog(source_path=catalog.source_path, variants=specs)
@@ -128,6 +129,7 @@ class FleetSimulation:
         self.cap_w = cap_w
         self.idle_w = idle_w
         self.max_hold_s = max_hold_s
+        self.replicas = replicas  # a fixed placement (a live fleet); None: by demand
 
     # --- setup ------------------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class FleetSimulation:
 
     def placement(self, requests: Sequence[GenerationRequest]) -> dict[str, int]:
         """GPUs per variant, by the GPU time routing would send each variant."""
+        if self.replicas is not None:
+            return dict(self.replicas)
         state = RoutingState(frozenset(self.costs))
         demand: Counter[str] = Counter()
         for request in requests[:PLACEMENT_SAMPLE]:

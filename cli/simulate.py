@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from bench.fleet import parse_fleet, variant_costs
+from bench.fleet import costs_from_profile, parse_fleet, variant_costs
 from bench.plots import latency_png, power_png, sweep_png, waterfall_png
 from bench.profiles import MeasurementsError
 from bench.sim_report import simulate_report, sweep
@@ -25,6 +25,7 @@ from cli._common import JsonOption, fail
 from cli._render import print_json, table
 from policies.catalog import CatalogError, load_catalog
 from wattserve import WattserveError
+from wattserve._admin import ProfileList
 
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 REAL_CATALOG = Path(__file__).resolve().parent.parent / "policies" / "real_catalog.toml"
@@ -45,6 +46,14 @@ def simulate(
     cap_w: Annotated[float | None, typer.Option(help="Fleet power cap, W.")] = None,
     catalog: Annotated[Path, typer.Option(help="Variant catalog.")] = REAL_CATALOG,
     data_dir: Annotated[Path, typer.Option(help="ML.ENERGY data directory.")] = DATA_DIR,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="Price variants from a live service's learned profile (JSON of "
+            "GET /admin/profiles) instead of ML.ENERGY; the fleet is then the catalog's "
+            "replicas, as deployed."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("sim-report.json"),
     sweep_curve: Annotated[
         bool,
@@ -59,9 +68,21 @@ def simulate(
             fail("--fleet: one GPU type per run for now (mixed fleets are not simulated)", 2)
         [(gpu, count)] = gpus.items()
         variants = load_catalog(catalog)
-        costs = variant_costs(variants, gpu, data_dir)
+        replicas = None
+        if profile is None:
+            costs = variant_costs(variants, gpu, data_dir)
+            provenance = f"ML.ENERGY v2/v3 on {gpu} ({data_dir.name})"
+        else:
+            learned = ProfileList.model_validate_json(profile.read_text(encoding="utf-8"))
+            costs = costs_from_profile(variants, learned, gpu)
+            replicas = {v.name: v.resources.replicas for v in variants.variants if v.name in costs}
+            count = sum(replicas.values())
+            provenance = (f"the live profile in {profile.name} "
+                          f"(sources: {', '.join(learned.energy_sources) or 'none'})")  # fmt: skip
     except (WattserveError, CatalogError, MeasurementsError) as exc:
         fail(exc.message, code=2)
+    except (OSError, ValidationError) as exc:
+        fail(f"--profile: {exc}", code=2)
     if cap_w is not None and cap_w <= 0:
         fail("--cap-w: must be positive", code=2)
     if trace in PRESETS:
@@ -84,9 +105,8 @@ def simulate(
         sweep_from = (read.header, ())
         if sweep_curve:
             fail("--sweep: needs a preset (it regenerates the trace at each point)", code=2)
-    sim = FleetSimulation(variants, costs, count, cap_w=cap_w)
-    report, runs = simulate_report(requests_list, header, sim, fleet,
-                                   f"ML.ENERGY v2/v3 on {gpu} ({data_dir.name})")  # fmt: skip
+    sim = FleetSimulation(variants, costs, count, cap_w=cap_w, replicas=replicas)
+    report, runs = simulate_report(requests_list, header, sim, fleet, provenance)
     stem = out.with_suffix("")
     report["plots"] = [
         str(waterfall_png(report, Path(f"{stem}-waterfall.png"))),

@@ -53,6 +53,13 @@ class EnergyProfile:
             old = table.get(key)
             table[key] = value if old is None else old + self._alpha * (value - old)
 
+    def measured(self) -> list[tuple[str, int, float, float]]:
+        """What has been learned: (variant, batch size, J/output, batch latency s) rows."""
+        return [
+            (variant, size, joules, self._latency_s[(variant, size)])
+            for (variant, size), joules in sorted(self._joules.items())
+        ]
+
     def _nearest(
         self, table: dict[tuple[str, int], float], variant: str, size: int
     ) -> float | None:

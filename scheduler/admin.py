@@ -30,6 +30,8 @@ from wattserve._admin import (
     BudgetUpdate,
     PolicyInfo,
     PolicyUpdate,
+    ProfileList,
+    ProfilePoint,
     TenantCreate,
     TenantCreated,
     TenantList,
@@ -211,6 +213,19 @@ class AdminRoutes:
         return record.model_dump(mode="json")
 
     # --- ledger and reports -------------------------------------------------------------
+
+    @api.get("/admin/profiles")
+    async def admin_profiles(self: "SchedulerIngress", request: Request) -> dict:
+        """This replica's learned energy profile: what ``wattserve simulate`` can replay."""
+        self._require_admin(request)
+        usage = await asyncio.to_thread(self._ledger.usage_by_variant)
+        sources = sorted({s for u in usage for s in u.joules_by_source})
+        points = [
+            ProfilePoint(variant=v, batch_size=b, joules_per_output=j, batch_latency_s=s)
+            for v, b, j, s in self._scheduler.profile.measured()
+        ]
+        return ProfileList(replica=self.replica_id, energy_sources=sources,
+                           data=points).model_dump(mode="json")  # fmt: skip
 
     @api.get("/admin/ledger")
     async def admin_ledger(

@@ -237,6 +237,23 @@ class WindowReport(BaseModel):
     savings: SavingsInfo
 
 
+class ProfilePoint(BaseModel):
+    """What a scheduler replica has learned of one variant at one batch size."""
+
+    variant: str
+    batch_size: int
+    joules_per_output: float  # EWMA of measured J/output (see the ledger for sources)
+    batch_latency_s: float  # EWMA of the batch's busy time on its worker
+
+
+class ProfileList(BaseModel):
+    """Response of ``GET /admin/profiles``: one replica's learned energy profile."""
+
+    replica: str
+    energy_sources: list[str]  # the sources of the ledger's joules, for labelling
+    data: list[ProfilePoint]
+
+
 class AdminLedgerPage(BaseModel):
     """Response of ``GET /admin/ledger``: newest rows first, with the filters applied."""
 

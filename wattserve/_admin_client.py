@@ -35,6 +35,7 @@ from wattserve._admin import (
     BudgetUpdate,
     PolicyInfo,
     PolicyUpdate,
+    ProfileList,
     TenantCreate,
     TenantCreated,
     TenantInfo,
@@ -465,3 +466,7 @@ class AdminClient(_SyncClient):
         """Outputs, joules and savings by cause, per variant and tenant, in a window."""
         params = report_params(since=since, until=until, tenant=tenant)
         return self._parse(WindowReport, self._request("GET", "/admin/report", params=params))
+
+    def profiles(self) -> ProfileList:
+        """The energy profile one scheduler replica has learned (for ``wattserve simulate``)."""
+        return self._parse(ProfileList, self._request("GET", "/admin/profiles"))
