@@ -22,10 +22,11 @@ def test_a_live_profile_drives_a_simulation_of_the_live_fleet(service, url, tmp_
         assert httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).status_code == 200
     with AdminClient(url, service.admin_token) as admin:
         profile = admin.profiles()
-    assert {p.variant for p in profile.data} == {"tiny-sd-large", "tiny-sd-medium",
+    # (the shared service may also have learned variants other tests added and retired)
+    assert {p.variant for p in profile.data} >= {"tiny-sd-large", "tiny-sd-medium",
                                                  "tiny-sd-turbo"}  # fmt: skip
     assert all(p.joules_per_output > 0 and p.batch_latency_s > 0 for p in profile.data)
-    assert profile.energy_sources == ["simulated"]
+    assert "simulated" in profile.energy_sources
     saved = tmp_path / "profile.json"
     saved.write_text(profile.model_dump_json())
     spec = preset_spec("draft-heavy", requests=40, rate_per_s=2.0, seed=5)
