@@ -11,47 +11,37 @@ import asyncio
 import json
 import logging
 import random
-import statistics
 import time
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from rich.progress import Progress
 
 import wattserve
+from bench.live import (
+    ENERGY_NOTE,
+    PhaseRun,
+    VariantSummary,
+    receipts_of,
+    replay,
+    split_savings,
+    summarize,
+)
+from bench.trace import TraceRequest
 from cli._render import console, table
+from cli.bench import progress_bars
 from cluster.runtime import LocalService, free_port
 from cluster.settings import Settings
 from policies.catalog import Catalog
-from telemetry.savings import savings_by_cause
-from wattserve import AsyncClient, GeneratedImage, Quality, Receipt
-from wattserve._schemas import RequestPolicy
+from wattserve import AsyncClient, GeneratedImage, Quality, WattserveError
+from wattserve._schemas import DEFAULT_SIZE
 
 TIER_MIX: tuple[tuple[Quality, float], ...] = (("draft", 0.4), ("standard", 0.35), ("high", 0.25))
 REPEAT_RATE = 0.3
 REPORT_NAME = "demo-report.json"
 SHEET_NAME = "demo-contact-sheet.png"
-ENERGY_NOTE = (
-    "Joules labeled 'simulated' come from a simulated GPU (idle 70 W, capped at 700 W) whose "
-    "draw rises by each running batch's declared power_w; its energy counter is sampled and "
-    "split among overlapping batches by the node's telemetry agent, exactly as a real NVML "
-    "counter would be. No GPU power was read. 'nvml-counter'/'nvml-power' figures come from "
-    "the device; 'estimated' ones from declared power x wall time when no reading covered "
-    "the batch."
-)
-
-
-@dataclass(frozen=True)
-class DemoRequest:
-    """One request of the demo workload."""
-
-    prompt: str
-    seed: int
-    quality: Quality
-    n: int
+REQUEST_FIELDS = {"prompt", "seed", "quality", "n"}  # what the report lists per request
 
 
 def demo_prompts() -> list[str]:
@@ -60,68 +50,69 @@ def demo_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def build_workload(prompts: list[str], count: int, seed: int) -> list[DemoRequest]:
+def build_workload(prompts: list[str], count: int, seed: int) -> list[TraceRequest]:
     """A mixed workload, the same for the same ``seed``: ~30 % repeats, tiers 40/35/25.
 
     Tiers are draft/standard/high. The first three requests are one per tier, one image
     each, so every tier (and so every built-in variant, and the baseline's reference) is
     measured even in a short run. The image seeds come from ``seed``, so runs with
-    different seeds share no outputs through the persistent result cache.
+    different seeds share no outputs through the persistent result cache. Every request
+    arrives at once (``arrival_s`` 0): the demo sends them as fast as its concurrency allows.
     """
     rng = random.Random(seed)
     tiers = [tier for tier, _ in TIER_MIX]
     weights = [weight for _, weight in TIER_MIX]
-    workload: list[DemoRequest] = []
+    workload: list[TraceRequest] = []
     for index in range(count):
         if workload and index >= len(tiers) and rng.random() < REPEAT_RATE:
             workload.append(rng.choice(workload))
             continue
         tier = tiers[index] if index < len(tiers) else rng.choices(tiers, weights)[0]
         n = 2 if index >= len(tiers) and rng.random() < 0.15 else 1
-        workload.append(DemoRequest(rng.choice(prompts), rng.randrange(2**31), tier, n))
+        workload.append(TraceRequest(arrival_s=0.0, prompt=rng.choice(prompts),
+                                     seed=rng.randrange(2**31), size=DEFAULT_SIZE,
+                                     quality=tier, n=n))  # fmt: skip
     return workload
 
 
-async def _send_all(
-    url: str, workload: list[DemoRequest], concurrency: int, policy: RequestPolicy = "default"
-) -> list[tuple[DemoRequest, list[GeneratedImage]]]:
-    gate = asyncio.Semaphore(concurrency)
-    results: list[tuple[DemoRequest, list[GeneratedImage]]] = []
-    with Progress(console=console, transient=False) as progress:
-        label = "generating" if policy == "default" else "baseline (no wattserve savings)"
-        task = progress.add_task(label, total=len(workload))
+async def _replay_both(
+    url: str, workload: list[TraceRequest], concurrency: int
+) -> tuple[PhaseRun, PhaseRun]:
+    """The workload with wattserve (keeping its images), then as the measured baseline."""
+    with progress_bars(console) as progress:
         async with AsyncClient(url) as client:
-
-            async def one(req: DemoRequest) -> None:
-                async with gate:
-                    result = await client.generate(
-                        req.prompt, seed=req.seed, quality=req.quality, n=req.n, policy=policy
-                    )
-                results.append((req, result.images))
-                progress.advance(task)
-
-            await asyncio.gather(*(one(req) for req in workload))
-    return results
+            achieved = await replay(
+                client, workload, max_in_flight=concurrency, keep_images=True, progress=progress
+            )
+            _all_ok(achieved)
+            measured = await replay(
+                client, workload, policy="baseline", max_in_flight=concurrency, progress=progress
+            )
+            _all_ok(measured)
+    return achieved, measured
 
 
-def per_variant(receipts: list[Receipt]) -> dict[str, dict[str, object]]:
-    """Outputs, joules and latency per variant."""
-    summary: dict[str, dict[str, object]] = {}
-    for variant in sorted({r.variant for r in receipts}):
-        mine = [r for r in receipts if r.variant == variant]
-        joules = sum(r.joules for r in mine)
-        summary[variant] = {
-            "requests": len({r.request_id for r in mine}),
-            "images": len(mine),
-            "generated": sum(r.cache == "miss" for r in mine),
-            "coalesced": sum(r.cache == "coalesced" for r in mine),
-            "cache_hits": sum(r.cache == "hit" for r in mine),
-            "joules": round(joules, 3),
-            "joules_per_image": round(joules / len(mine), 3),
-            "energy_sources": sorted({r.energy_source for r in mine}),
-            "latency_ms_p50": round(statistics.median(r.latency_ms for r in mine), 1),
-        }
-    return summary
+def _all_ok(run: PhaseRun) -> None:
+    """Stop when a request failed: a demo missing outputs would misstate its savings."""
+    failed = [o for o in run.outcomes if not o.ok]
+    if failed:
+        raise WattserveError(f"{len(failed)} of {len(run.outcomes)} demo requests failed "
+                             f"({run.policy} policy), first: {failed[0].error}")  # fmt: skip
+
+
+def _variant_row(found: VariantSummary) -> dict[str, object]:
+    """A variant's summary in the demo report's own field names (images, not outputs)."""
+    return {
+        "requests": found.requests,
+        "images": found.outputs,
+        "generated": found.generated,
+        "coalesced": found.coalesced,
+        "cache_hits": found.cache_hits,
+        "joules": found.joules,
+        "joules_per_image": found.joules_per_output,
+        "energy_sources": found.energy_sources,
+        "latency_ms_p50": found.latency_ms_p50,
+    }
 
 
 def contact_sheet(images: list[GeneratedImage], path: Path, columns: int = 6) -> None:
@@ -167,17 +158,11 @@ def drive_workload(
     """Send the demo workload to a running service; write the report and contact sheet."""
     out_dir.mkdir(parents=True, exist_ok=True)
     workload = build_workload(demo_prompts(), requests, seed)
-    run_started = time.monotonic()
-    results = asyncio.run(_send_all(url, workload, concurrency))
-    run_s = time.monotonic() - run_started
-    baseline_run = asyncio.run(_send_all(url, workload, concurrency, policy="baseline"))
-    baseline_receipts = [img.receipt for _, imgs in baseline_run for img in imgs]
-    measured_baseline_j = sum(r.joules for r in baseline_receipts)
-    images = [img for _, imgs in results for img in imgs]
-    receipts = [img.receipt for img in images]
+    achieved, measured = asyncio.run(_replay_both(url, workload, concurrency))
+    summary, baseline = summarize(achieved), summarize(measured)
+    images = [image for outcome in achieved.outcomes for image in outcome.images]
     reference = max(catalog.variants, key=lambda v: v.quality_score).name
-    batch_sizes = {r.batch_id: r.batch_size for r in receipts if r.cache == "miss"}
-    savings = savings_by_cause(receipts, reference)
+    savings = split_savings(receipts_of(achieved.outcomes), reference)
     report = {
         "wattserve_version": wattserve.__version__,
         "created_at": datetime.now(UTC).isoformat(),
@@ -186,52 +171,51 @@ def drive_workload(
         "workload": {
             "seed": seed,
             "requests": len(workload),
-            "images": len(images),
+            "images": summary.outputs,
             "repeat_rate": REPEAT_RATE,
             "tier_mix": dict(TIER_MIX),
             "concurrency": concurrency,
-            "wall_s": round(run_s, 2),
+            "wall_s": summary.wall_s,
         },
-        "variants": per_variant(receipts),
+        "variants": {name: _variant_row(v) for name, v in summary.by_variant.items()},
         "totals": {
-            "images": len(images),
-            "generations": sum(r.cache == "miss" for r in receipts),
-            "avoided_by_cache": sum(r.cache == "hit" for r in receipts),
-            "avoided_by_coalescing": sum(r.cache == "coalesced" for r in receipts),
-            "average_batch_size": round(statistics.mean(batch_sizes.values()), 3),
-            "joules": round(savings.achieved_joules, 3),
-            "joules_per_image": round(savings.achieved_joules / len(images), 3),
-            "energy_sources": list(savings.energy_sources),
+            "images": summary.outputs,
+            "generations": summary.generated,
+            "avoided_by_cache": summary.cache_hits,
+            "avoided_by_coalescing": summary.coalesced,
+            "average_batch_size": summary.mean_batch_size,
+            "joules": summary.joules,
+            "joules_per_image": summary.joules_per_output,
+            "energy_sources": savings.energy_sources,
         },
         "baseline": {
             "name": savings.baseline_name,
-            "joules_per_image": round(savings.baseline_joules_per_output, 3),
-            "joules": round(savings.baseline_joules, 3),
+            "joules_per_image": savings.baseline_joules_per_output,
+            "joules": savings.baseline_joules,
             "priced_from": "mean measured batch-1 joules of that variant in this same run",
         },
         "baseline_measured": {
             "name": "the same workload with policy=baseline: highest-quality variant, batch "
             "size 1, no cache, no coalescing, on the same service right after",
-            "images": len(baseline_receipts),
-            "joules": round(measured_baseline_j, 3),
-            "joules_per_image": round(measured_baseline_j / len(baseline_receipts), 3),
-            "energy_sources": sorted({r.energy_source for r in baseline_receipts}),
-            "variants": sorted({r.variant for r in baseline_receipts}),
+            "images": baseline.outputs,
+            "joules": baseline.joules,
+            "joules_per_image": baseline.joules_per_output,
+            "energy_sources": baseline.energy_sources,
+            "variants": sorted(baseline.by_variant),
         },
         "savings": {
-            "joules": round(savings.saved_joules, 3),
-            "fraction": round(savings.saved_joules / savings.baseline_joules, 4),
-            "by_cause_joules": {k: round(v, 3) for k, v in savings.by_cause_joules.items()},
-            "note": (
-                "power capping savings are not attributed yet (0 J). A negative batching "
-                "figure means batched outputs cost more per image than the same variant's "
-                "batch-1 outputs in this run (on a CPU, batching gives no speedup)."
-            ),
+            "joules": savings.saved_joules,
+            "fraction": savings.saved_fraction,
+            "by_cause_joules": savings.by_cause_joules,
+            "note": savings.note,
         },
         "contact_sheet": str(out_dir / SHEET_NAME),
         "requests": [
-            {**asdict(req), "receipts": [img.receipt.model_dump(mode="json") for img in imgs]}
-            for req, imgs in results
+            {
+                **o.request.model_dump(include=REQUEST_FIELDS),
+                "receipts": [r.model_dump(mode="json") for r in o.receipts],
+            }
+            for o in achieved.outcomes
         ],
     }
     contact_sheet(images, out_dir / SHEET_NAME)

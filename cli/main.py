@@ -36,6 +36,7 @@ from cli._common import (
 )
 from cli._render import print_json, table
 from cli.admin import budget_app, policy_app, tenant_app, variants_app
+from cli.bench import bench
 from cli.simulate import simulate
 from cli.trace import trace_app
 from wattserve import Quality
@@ -62,6 +63,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(trace_app, name="trace")
 app.command()(simulate)
+app.command()(bench)
 
 PUBLIC_LEDGER_LIMIT = 1000  # GET /v1/ledger's own bound
 FORMATS = ("table", "json", "csv")

@@ -1,0 +1,232 @@
+"""``wattserve bench``: replay a trace against a running service and its baseline in one run.
+
+A thin shell over ``bench.live.run_live``: build the trace (a preset, generated in memory
+at a pace the CPU demo service keeps up with, or a trace file), replay it with progress
+bars on stderr, print the comparison and write the JSON report. Wrong input, including
+a trace size the service cannot make, is one ``error:`` line and exit 2 before anything
+is generated; a service that cannot be reached is exit 1. A request the service refuses
+during the run is not an exit: it is counted as failed in the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import Progress, TaskID
+
+from bench.live import LiveReport, ProgressFn, VariantSummary, run_live
+from bench.trace import (
+    PRESET_DEFAULTS,
+    PRESETS,
+    Trace,
+    TraceHeader,
+    load_prompts,
+    make_trace,
+    preset_spec,
+    read_trace,
+)
+from cli._common import ApiKeyOption, JsonOption, UrlOption, errors, fail
+from cli._render import console, print_json, table
+from wattserve._client import DEFAULT_BASE_URL
+from wattserve._schemas import RequestPolicy
+
+DEFAULT_REQUESTS = 40  # a preset's length here: ~1-2 minutes on the CPU demo service
+DEFAULT_RATE_PER_S = 2.0  # arrivals/s for a preset: what the CPU demo service keeps up with
+DEMO_PROMPTS = "demo_prompts.txt"
+PHASE_LABELS: dict[RequestPolicy, str] = {
+    "default": "generating",
+    "baseline": "baseline (no wattserve savings)",
+}
+
+
+@contextmanager
+def progress_bars(where: Console) -> Iterator[ProgressFn]:
+    """A rich progress bar per replay phase, fed by ``bench.live.replay``'s callback.
+
+    The bars start with the first request, so an error before any leaves no trace.
+    """
+    bars = Progress(console=where, transient=False)
+    tasks: dict[RequestPolicy, TaskID] = {}
+
+    def update(policy: RequestPolicy, done: int, total: int) -> None:
+        if not tasks:
+            bars.start()
+        if policy not in tasks:
+            tasks[policy] = bars.add_task(PHASE_LABELS[policy], total=total)
+        bars.update(tasks[policy], completed=done)
+
+    try:
+        yield update
+    finally:
+        if tasks:
+            bars.stop()
+
+
+def bench(
+    trace: Annotated[
+        str, typer.Option(help=f"A preset ({', '.join(PRESETS)}) or a trace file (JSONL).")
+    ],
+    url: UrlOption = DEFAULT_BASE_URL,
+    requests: Annotated[
+        int | None, typer.Option(help=f"Requests, for a preset (default {DEFAULT_REQUESTS}).")
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help=f"Trace seed, for a preset (default {PRESET_DEFAULTS['seed']})."),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Prompt file, for a preset (default: the demo prompts)."),
+    ] = None,
+    rate_per_s: Annotated[
+        float | None,
+        typer.Option(help=f"Arrivals/s, for a preset (default {DEFAULT_RATE_PER_S:g})."),
+    ] = None,
+    speed: Annotated[
+        float, typer.Option(help="Replay speed: arrival times are divided by it.")
+    ] = 1.0,
+    max_in_flight: Annotated[int, typer.Option(help="Requests outstanding at most.")] = 64,
+    no_baseline: Annotated[
+        bool, typer.Option("--no-baseline", help="Skip the baseline phase (no factor).")
+    ] = False,
+    salt: Annotated[
+        int | None,
+        typer.Option(
+            help="Offset added to every seed (default: random per run, so no run "
+            "is served from the cache of an earlier one); give one to reproduce a run."
+        ),
+    ] = None,
+    no_salt: Annotated[
+        bool,
+        typer.Option(
+            "--no-salt",
+            help="Send the seeds of the trace unchanged (an earlier run may have cached them).",
+        ),
+    ] = False,
+    out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("bench-report.json"),
+    api_key: ApiKeyOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Replay a trace against a running service, then its baseline; print the factor."""
+    if no_salt and salt is not None:
+        fail("--salt and --no-salt contradict each other: give one", code=2)
+    if not out.parent.is_dir():
+        fail(f"--out: no directory {out.parent} to write the report in", code=2)
+    replayed = _trace(trace, requests, seed, prompts, rate_per_s)
+    try:
+        with progress_bars(Console(stderr=True)) as progress, errors():
+            report = asyncio.run(
+                run_live(url, replayed, speed=speed, max_in_flight=max_in_flight,
+                         baseline=not no_baseline, api_key=api_key,
+                         salt=0 if no_salt else salt, progress=progress)
+            )  # fmt: skip
+    except ValueError as exc:  # refused before anything was generated
+        fail(str(exc), code=2)
+    out.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    if json_out:
+        print_json(report)
+        return
+    _print_summary(report, out)
+
+
+def _trace(
+    trace: str,
+    requests: int | None,
+    seed: int | None,
+    prompts: Path | None,
+    rate_per_s: float | None,
+) -> Trace:
+    """A preset's trace, made in memory, or a trace file; exits 2 on bad input."""
+    if trace not in PRESETS:
+        given = {"--requests": requests, "--seed": seed, "--prompts": prompts,
+                 "--rate-per-s": rate_per_s}  # fmt: skip
+        for option, value in given.items():
+            if value is not None:
+                fail(f"{option}: applies to a preset; {trace!r} is read as a trace file", 2)
+        try:
+            return read_trace(trace)
+        except OSError as exc:
+            fail(f"--trace: cannot read {trace} (presets: {', '.join(PRESETS)}): "
+                 f"{exc.strerror or exc}", code=2)  # fmt: skip
+        except ValueError as exc:
+            fail(f"--trace: {exc}", code=2)
+    overrides: dict[str, float] = {
+        "requests": DEFAULT_REQUESTS if requests is None else requests,
+        "rate_per_s": DEFAULT_RATE_PER_S if rate_per_s is None else rate_per_s,
+    }
+    if seed is not None:
+        overrides["seed"] = seed
+    source = prompts or Path(str(resources.files("cli") / DEMO_PROMPTS))
+    try:
+        spec = preset_spec(trace, **overrides)
+        prompt_set = load_prompts(source)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        fail(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}", code=2)
+    except OSError as exc:
+        fail(f"--prompts: cannot read {source}: {exc.strerror or exc}", code=2)
+    except ValueError as exc:
+        fail(f"--prompts: {exc}", code=2)
+    header = TraceHeader(**spec.model_dump(), preset=trace, prompts=prompt_set.source)
+    return Trace(header, tuple(make_trace(spec, prompt_set.prompts)))
+
+
+def _print_summary(report: LiveReport, out: Path) -> None:
+    """The two phases side by side, per variant, then the factor and what it rests on."""
+    phases = [("wattserve", report.achieved.summary)]
+    if report.baseline is not None:
+        phases.append(("baseline", report.baseline.summary))
+    header = report.trace
+    table(
+        f"{header.preset or 'trace'} x {header.requests} against {report.url}",
+        ["run", "outputs", "failed", "J/output", "source", "p50 s", "p95 s", "p99 s", "out/s",
+         "generated", "coalesced", "hits", "avg batch"],
+        [[name, s.outputs, s.outputs_failed, s.joules_per_output, ",".join(s.energy_sources),
+          s.latency_s.p50, s.latency_s.p95, s.latency_s.p99, s.throughput_outputs_per_s,
+          s.generated, s.coalesced, s.cache_hits, s.mean_batch_size] for name, s in phases],
+    )  # fmt: skip
+    variants = sorted({v for _, s in phases for v in s.by_variant})
+    table(
+        "per variant",
+        ["variant"] + [f"{name} {what}" for name, _ in phases for what in ("outputs", "J/output")],
+        [[v] + [cell for _, s in phases for cell in _variant_cells(s.by_variant.get(v))]
+         for v in variants],
+    )  # fmt: skip
+    achieved = report.achieved.summary
+    if report.factor is not None and report.baseline is not None:
+        base = report.baseline.summary
+        console.print(
+            f"factor {report.factor:.2f}x vs its in-run baseline: {base.joules_per_output:,.1f} "
+            f"J/output measured with policy=baseline (highest-quality variant, batch 1, no "
+            f"cache) vs {achieved.joules_per_output:,.1f} J/output with wattserve "
+            f"({1 - 1 / report.factor:.0%} less; {', '.join(achieved.energy_sources)})"
+        )
+    else:
+        console.print(f"no factor: baseline {report.baseline_name}")
+    split = report.savings
+    causes = ", ".join(f"{k} {v:,.0f} J" for k, v in split.by_cause_joules.items())
+    fraction = "-" if split.saved_fraction is None else f"{split.saved_fraction:.0%}"
+    console.print(
+        f"split by cause against the priced baseline ({split.baseline_name}, "
+        f"{split.baseline_joules_per_output:,.1f} J/output): {fraction} = {causes}"
+    )
+    devices = ", ".join(f"{d.count} x {d.name} ({d.source})" for d in report.hardware)
+    floors = ", ".join(f"{tier} >= {floor:g}" for tier, floor in report.quality_floors.items())
+    console.print(
+        f"trace {header.preset or '-'} seed {header.seed} ({header.prompts.name}), speed "
+        f"{report.speed:g}x; hardware {devices or 'none listed'}; quality floors {floors}; "
+        f"seeds salted by {report.salt.offset} ({report.salt.chosen}); wrote {out}"
+    )
+
+
+def _variant_cells(found: VariantSummary | None) -> list[float | None]:
+    """Outputs and J/output of a variant in one phase, or blanks where it made none."""
+    return [None, None] if found is None else [found.outputs, found.joules_per_output]
