@@ -58,6 +58,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -68,7 +69,11 @@ from typing import Literal
 
 from wattserve import WattserveError
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR_ENV = "WATTSERVE_DATA_DIR"
+# ``$WATTSERVE_DATA_DIR`` if set, else ``../shared/data`` next to the repository.
+DEFAULT_DATA_DIR = Path(
+    os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 V2_FILE = "mlenergy_v2_text_to_image_energy.csv"
 V3_FILE = "mlenergy_v3_text_to_image_energy.csv"
 V2_UPSTREAM = "ml-energy/leaderboard-v2@c3af7f31e231a2a7021c5f8e2a54dd712d02e6e2"
@@ -149,7 +154,7 @@ def _rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     if not path.is_file():
         raise MeasurementsError(
             f"ML.ENERGY data not found: {path} (the shared data dir is ../shared/data next "
-            "to the repository; pass data_dir / --data-dir to point elsewhere)",
+            "to the repository; set WATTSERVE_DATA_DIR or pass --data-dir to point elsewhere)",
             param="data_dir",
         )
     with path.open(newline="", encoding="utf-8") as handle:

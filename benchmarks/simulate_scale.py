@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from bench.fleet import variant_costs
-from bench.simulate import FleetSimulation
+from bench.profiles import DEFAULT_DATA_DIR
 from bench.sim_report import summarize
+from bench.simulate import FleetSimulation
 from bench.trace import load_prompts, make_trace, preset_spec
 from policies.catalog import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
+DATA = DEFAULT_DATA_DIR
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from bench.fleet import costs_from_profile, parse_fleet, variant_costs
 from bench.plots import latency_png, power_png, sweep_png, waterfall_png
-from bench.profiles import MeasurementsError
+from bench.profiles import DEFAULT_DATA_DIR, MeasurementsError
 from bench.sim_report import simulate_report, sweep
 from bench.simulate import FleetSimulation
 from bench.trace import PRESETS, load_prompts, make_trace, preset_spec, read_trace
@@ -27,7 +27,6 @@ from policies.catalog import CatalogError, load_catalog
 from wattserve import WattserveError
 from wattserve._admin import ProfileList
 
-DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 REAL_CATALOG = Path(__file__).resolve().parent.parent / "policies" / "real_catalog.toml"
 
 
@@ -44,8 +43,14 @@ def simulate(
         Path | None, typer.Option(help="Prompt file for a preset (default: PartiPrompts).")
     ] = None,
     cap_w: Annotated[float | None, typer.Option(help="Fleet power cap, W.")] = None,
-    catalog: Annotated[Path, typer.Option(help="Variant catalog.")] = REAL_CATALOG,
-    data_dir: Annotated[Path, typer.Option(help="ML.ENERGY data directory.")] = DATA_DIR,
+    catalog: Annotated[
+        Path | None,
+        typer.Option(help="Variant catalog (default: the shipped policies/real_catalog.toml)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="ML.ENERGY data (default: $WATTSERVE_DATA_DIR, else ../shared/data)."),
+    ] = None,
     profile: Annotated[
         Path | None,
         typer.Option(
@@ -62,6 +67,8 @@ def simulate(
     json_out: JsonOption = False,
 ) -> None:
     """Simulate a trace on a fleet: factor vs baseline, achieved/oracle, the waterfall."""
+    catalog = catalog or REAL_CATALOG
+    data_dir = data_dir or DEFAULT_DATA_DIR
     try:
         gpus = parse_fleet(fleet)
         if len(gpus) != 1:

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.fleet import parse_fleet, place, variant_costs
+from bench.profiles import DEFAULT_DATA_DIR
 from bench.sim_report import oracle_joules, summarize
 from bench.simulate import FleetSimulation
 from bench.trace import load_prompts, make_trace, preset_spec
@@ -17,7 +18,7 @@ from policies.catalog import load_catalog
 from policies.routing import reference_variant
 from wattserve import InvalidRequest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = DEFAULT_DATA_DIR
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"no ML.ENERGY data at {DATA}")
 CATALOG = load_catalog(Path(__file__).resolve().parents[1] / "policies" / "real_catalog.toml")
 

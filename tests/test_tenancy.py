@@ -112,9 +112,7 @@ def test_window_report_groups_by_variant_and_tenant_and_names_its_baseline():
     report = window_report(rows, since=None, until=None, tenant=None, target=50.0,
                            reference="large", reference_prior_j=999.0)  # fmt: skip
     assert report.outputs == 3 and report.joules == 425.0
-    assert {u.key: u.outputs for u in report.by_tenant} == {
-        "(anonymous)": 1, "acme": 2, "beta": 0
-    }
+    assert {u.key: u.outputs for u in report.by_tenant} == {"(anonymous)": 1, "acme": 2, "beta": 0}
     assert {u.key: u.joules for u in report.by_variant} == {"large": 400.0, "turbo": 25.0}
     savings = report.savings
     assert "large at batch size 1" in savings.baseline and savings.baseline_joules == 1200.0

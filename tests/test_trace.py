@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from bench.profiles import DEFAULT_DATA_DIR
 from bench.trace import (
     PRESETS,
     TraceHeader,
@@ -25,7 +26,7 @@ from cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PROMPTS = ROOT / "cli" / "demo_prompts.txt"
-PARTI_PROMPTS = ROOT.parent / "shared" / "data" / "PartiPrompts.tsv"
+PARTI_PROMPTS = DEFAULT_DATA_DIR / "PartiPrompts.tsv"
 N = 20_000
 runner = CliRunner()
 
