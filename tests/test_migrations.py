@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlmodel import SQLModel
 
 import scheduler.cache  # noqa: F401  (registers the result_cache model)
-import scheduler.control_store  # noqa: F401  (registers the control-plane models)
+import scheduler.control_tables  # noqa: F401  (registers the control-plane models)
 from scheduler.control_store import ControlStore
 from telemetry.database import HEAD, SchemaError, make_engine, migrate, schema_version
 from telemetry.ledger import LedgerRow, LedgerStore

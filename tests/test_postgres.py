@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlmodel import SQLModel
 
 import scheduler.cache  # noqa: F401  (registers the result_cache model)
-import scheduler.control_store  # noqa: F401  (registers the control-plane models)
+import scheduler.control_tables  # noqa: F401  (registers the control-plane models)
 from policies.catalog import Catalog
 from scheduler.cache import ResultCache
 from scheduler.control_store import ControlStore
