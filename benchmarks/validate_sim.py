@@ -73,6 +73,12 @@ def main() -> None:
                       "mean_batch_size": simulated["mean_batch_size"]},
         "energy_source": f"live: {got.energy_sources}; simulated: the live profile",
     }  # fmt: skip
+    # Where live latency goes: the scheduler's own view (receipts) vs the client's.
+    served = [r for r in live.achieved.requests if r.status == "ok" and r.receipts]
+    scheduler_s = sorted(max(x.latency_ms for x in r.receipts) / 1000 for r in served)
+    client_s = sorted(r.latency_s for r in served)
+    result["live"]["p50_scheduler_side_s"] = scheduler_s[len(scheduler_s) // 2]
+    result["live"]["p50_client_side_s"] = client_s[len(client_s) // 2]
     for metric in ("joules_per_output", "p50_s"):
         live_v, sim_v = result["live"][metric], result["simulated"][metric]
         result[f"{metric}_error_pct"] = 100 * (sim_v - live_v) / live_v if live_v else None
