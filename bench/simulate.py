@@ -192,16 +192,14 @@ class FleetSimulation:
             while next_arrival < len(requests) and arrivals[next_arrival] <= now:
                 receipts.extend(self._arrive(st, now, next_arrival, requests[next_arrival]))
                 next_arrival += 1
-            while st.events and st.events[0][0] <= now:
-                _, kind, _, data = heapq.heappop(st.events)
-                if kind == _DONE:
-                    receipts.extend(self._finish(st, now, data))
-                elif st.pending_wake is not None and st.pending_wake <= now:
+            while st.events and st.events[0][0] <= now:  # only wakes are left at ``now``
+                heapq.heappop(st.events)
+                if st.pending_wake is not None and st.pending_wake <= now:
                     st.pending_wake = None
-            receipts_before = len(receipts)
             moved += self._step(st, now, receipts)
-            if len(receipts) != receipts_before or power[-1][1] != self._power_w(st):
-                power.append((now, self._power_w(st)))
+            fleet_w = self._power_w(st)
+            if power[-1][1] != fleet_w:
+                power.append((now, fleet_w))
         return RunResult(
             policy="baseline" if baseline else "default", receipts=receipts,
             placement=placement, duration_s=now, idle_j=idle_j, power_w=power, moved=moved,

@@ -187,10 +187,11 @@ class ControlStore:
 
     def variant(self, name: str) -> VariantRecord:
         """One variant, or ``NotFound``."""
-        found = [v for v in self.variants() if v.name == name]
-        if not found:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(VariantRow).where(VariantRow.name == name)).first()
+        if row is None:
             raise NotFound(f"no variant named {name!r}", param="name")
-        return found[0]
+        return _variant_record(VariantRow.model_validate(row._mapping))
 
     def drains(self, variant: str) -> int:
         """How many scheduler replicas have drained ``variant``."""
@@ -271,7 +272,7 @@ class ControlStore:
         with write_transaction(self.engine) as conn:
             revision = self._bump(conn, now)
             row = conn.execute(sa.select(PolicyRow).where(PolicyRow.name == DEFAULT_POLICY)).first()
-            values = dict(row._mapping) if row else _policy_row_values(Policy())
+            values = dict(row._mapping) if row else policy_values(Policy())
             for name in fields:
                 values[name] = getattr(update, name)
             values.update(name=DEFAULT_POLICY, updated_at=now, revision=revision)
@@ -427,7 +428,8 @@ def _policy_from_row(row: PolicyRow) -> Policy:
     )
 
 
-def _policy_row_values(policy: Policy) -> dict:
+def policy_values(policy: Policy) -> dict:
+    """``policy`` as the ``policies`` row and the wire's ``PolicyInfo`` name its fields."""
     return {
         "default_quality": policy.default_quality,
         "max_batch_size": policy.max_batch_size,
@@ -438,11 +440,6 @@ def _policy_row_values(policy: Policy) -> dict:
         "default_deadline_s": policy.default_deadline_s,
         "allow_anonymous": policy.allow_anonymous,
     }
-
-
-def policy_values(policy: Policy) -> dict:
-    """``policy`` in the field names of the wire's ``PolicyInfo``."""
-    return _policy_row_values(policy)
 
 
 def _tenant_from_row(row: TenantRow) -> Tenant:
