@@ -9,6 +9,7 @@ file and the field.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -170,14 +171,31 @@ class Catalog(BaseModel):
     source_path: str
     variants: tuple[VariantSpec, ...]
 
+    @functools.cached_property
+    def name_index(self) -> tuple[tuple[VariantSpec, ...], dict[str, VariantSpec]]:
+        """The variants tuple it indexes, and name -> spec.
+
+        Routing and dispatch look variants up per output. Read it through :meth:`get` /
+        :attr:`names`, which rebuild it if ``model_copy`` swapped the tuple.
+        """
+        return self.variants, {v.name: v for v in self.variants}
+
+    def _by_name(self) -> dict[str, VariantSpec]:
+        index = self.name_index
+        if index[0] is not self.variants:
+            index = self.__dict__["name_index"] = (
+                self.variants, {v.name: v for v in self.variants}
+            )  # fmt: skip
+        return index[1]
+
     def get(self, name: str) -> VariantSpec | None:
         """The variant called ``name``, or None."""
-        return next((v for v in self.variants if v.name == name), None)
+        return self._by_name().get(name)
 
     @property
     def names(self) -> list[str]:
         """Variant names in file order."""
-        return [v.name for v in self.variants]
+        return list(self._by_name())
 
 
 def builtin_catalog_path() -> Path:

@@ -75,7 +75,9 @@ class DispatchCore:
         self._replicas: dict[str, int] = {}
         self._draw_w: dict[str, float] = {}
         self._queue: dict[int, _Entry] = {}
-        self._waiting: dict[str, int] = {}  # queued outputs per variant, kept in step
+        # the same entries by the variant they wait for: a step reads only the variants
+        # with a free replica, so its cost does not grow with work queued behind busy ones
+        self._by_variant: dict[str, dict[int, _Entry]] = {}
         self._in_flight: dict[str, int] = {}
         # (launch time s, declared draw W) of recent launches, oldest first, and their sum
         self._launched: deque[tuple[float, float]] = deque()
@@ -102,12 +104,12 @@ class DispatchCore:
 
     def queued_for(self, variant: str) -> int:
         """Outputs waiting for a batch of ``variant``, plus one batch per busy replica."""
-        waiting = self._waiting.get(variant, 0)
+        waiting = len(self._by_variant.get(variant, ()))
         return waiting + self._in_flight.get(variant, 0) * self._cap.get(variant, 1)
 
     def busy_with(self, variant: str) -> bool:
         """Whether any output of ``variant`` is queued or running."""
-        return self._in_flight.get(variant, 0) > 0 or self._waiting.get(variant, 0) > 0
+        return self._in_flight.get(variant, 0) > 0 or bool(self._by_variant.get(variant))
 
     # --- events -----------------------------------------------------------------------
 
@@ -124,8 +126,8 @@ class DispatchCore:
         """Queue one output; returns its ticket."""
         ticket = next(self._tickets)
         queued = QueuedOutput(ticket, variant, width_px, height_px, now_s, deadline_s, solo)
-        self._queue[ticket] = _Entry(queued, floor)
-        self._count(variant, +1)
+        entry = self._queue[ticket] = _Entry(queued, floor)
+        self._by_variant.setdefault(variant, {})[ticket] = entry
         return ticket
 
     def withdraw(self, ticket: int) -> bool:
@@ -133,7 +135,7 @@ class DispatchCore:
         entry = self._queue.pop(ticket, None)
         if entry is None:
             return False
-        self._count(entry.queued.variant, -1)
+        del self._by_variant[entry.queued.variant][ticket]
         return True
 
     def finished(self, variant: str) -> None:
@@ -142,14 +144,20 @@ class DispatchCore:
 
     def step(self, now_s: float, cap_w: float | None, measured_w: float | None) -> Step:
         """Decide what to launch, move and refuse now, under ``cap_w`` (None: uncapped)."""
+        free = {
+            name: count - self._in_flight.get(name, 0) for name, count in self._replicas.items()
+        }
         decision = plan_batches(
             BatchingSnapshot(
                 now_s=now_s,
-                queued=tuple(e.queued for e in self._queue.values()),
-                free_replicas={
-                    name: count - self._in_flight.get(name, 0)
-                    for name, count in self._replicas.items()
-                },
+                # outputs for variants without a free replica cannot launch now
+                queued=tuple(
+                    e.queued
+                    for name, n in free.items()
+                    if n > 0
+                    for e in self._by_variant.get(name, {}).values()
+                ),
+                free_replicas=free,
                 max_batch_size=self._cap,
                 max_wait_s=self.max_wait_s,
             )
@@ -183,16 +191,15 @@ class DispatchCore:
 
     # --- internals --------------------------------------------------------------------
 
-    def _count(self, variant: str, delta: int) -> None:
-        self._waiting[variant] = self._waiting.get(variant, 0) + delta
-
     def _draw(self, variant: str) -> float:
         return self._draw_w.get(variant, 0.0)
 
     def _launch(self, now_s: float, tickets: tuple[int, ...]) -> Launch:
         entries = [self._queue.pop(t) for t in tickets]
         first = entries[0].queued
-        self._count(first.variant, -len(entries))
+        waiting = self._by_variant[first.variant]
+        for t in tickets:
+            del waiting[t]
         self._in_flight[first.variant] = self._in_flight.get(first.variant, 0) + 1
         draw_w = self._draw(first.variant)
         self._launched.append((now_s, draw_w))
@@ -209,14 +216,14 @@ class DispatchCore:
         cheaper = self._lower_draw_variant(queued, entry.floor)
         fate = held_fate(held, now_s, self.max_hold_s, cheaper)
         if fate == "move" and cheaper is not None:
-            self._count(queued.variant, -1)
-            self._count(cheaper, +1)
+            del self._by_variant[queued.variant][ticket]
+            self._by_variant.setdefault(cheaper, {})[ticket] = entry
             entry.queued = replace(queued, variant=cheaper, enqueued_s=now_s)
             entry.moved = True
             return "move", cheaper
         if fate == "reject":
             del self._queue[ticket]
-            self._count(queued.variant, -1)
+            del self._by_variant[queued.variant][ticket]
         return fate, None
 
     def _lower_draw_variant(self, queued: QueuedOutput, floor: float) -> str | None:

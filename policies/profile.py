@@ -67,9 +67,9 @@ class EnergyProfile:
         if not sizes:
             return None
         at = bisect.bisect_left(sizes, size)  # nearest measured size; ties go to the smaller
-        near = [b for b in sizes[max(0, at - 1) : at + 1]]
-        best = min(near, key=lambda b: (abs(b - size), b))
-        return table[(variant, best)]
+        if at == len(sizes) or (at > 0 and size - sizes[at - 1] <= sizes[at] - size):
+            at -= 1
+        return table[(variant, sizes[at])]
 
     def estimate(self, variant: str, queued: int) -> VariantEstimate:
         """Expected cost and latency of one more output, given ``queued`` ahead of it."""

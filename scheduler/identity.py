@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str
+
 
 def normalize_prompt(prompt: str) -> str:
     """Collapse runs of whitespace and trim; case is meaningful to some text encoders."""
@@ -24,17 +26,18 @@ def normalize_prompt(prompt: str) -> str:
 def output_key(
     prompt: str, negative_prompt: str | None, width_px: int, height_px: int, seed: int
 ) -> str:
-    """A stable hex key for one output, independent of the variant that renders it."""
-    canonical = json.dumps(
-        {
-            "task": "text-to-image",
-            "prompt": normalize_prompt(prompt),
-            "negative_prompt": normalize_prompt(negative_prompt or ""),
-            "size": [width_px, height_px],
-            "seed": seed,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
+    """A stable hex key for one output, independent of the variant that renders it.
+
+    The hash is over canonical JSON (sorted keys, no spaces) of the task, both prompts,
+    the size and the seed. It is written out by hand rather than through ``json.dumps``
+    of a dict because the fleet simulator computes a million of these; the bytes are the
+    same (``tests/test_cache.py`` pins two keys), and they must stay so, since keys are
+    stored in the persistent result cache.
+    """
+    canonical = (
+        f'{{"negative_prompt":{_json_str(normalize_prompt(negative_prompt or ""))},'
+        f'"prompt":{_json_str(normalize_prompt(prompt))},"seed":{int(seed)},'
+        f'"size":[{int(width_px)},{int(height_px)}],"task":"text-to-image"}}'
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -31,6 +31,16 @@ def test_identity_normalises_whitespace_but_not_case_and_sees_every_input():
     assert flight_key(base, "v1") != flight_key(base, "v2")
 
 
+def test_output_keys_are_stable_across_versions():
+    """Keys are stored in the persistent cache: a change of encoding would orphan it."""
+    assert output_key("a red  cube ", None, 64, 64, 7) == (
+        "f5f82224ccbd44a0e715d0759e1bfff00788a5078239cd985f95582f3f444c66"
+    )
+    assert output_key('café "q" \\ ü', "blur\ny", 1024, 768, 2**32 - 1) == (
+        "2fd3581c596a0362cee9bd78aa2b25431f367da8f23b6fe63d64dc9d8516d30b"
+    )
+
+
 def test_hit_needs_quality_at_or_above_floor_and_prefers_the_best(tmp_path):
     cache = cache_at(tmp_path)
     cache.put("k", "turbo", 0.4, "simulated", b"turbo-png", "req_a", 0)
