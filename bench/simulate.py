@@ -7,7 +7,10 @@ learned from the simulated batches, as live), and batching, power-cap admission 
 hold/move/refuse fates (one ``policies.dispatch.DispatchCore``, the object the live
 ``Batcher`` wraps). What is simulated is only what the GPUs would do: a batch of b
 images of a variant takes the ML.ENERGY-measured latency and energy of its model at b
-(``bench.fleet``), and the fleet draws that batch's average power while it runs.
+(``bench.fleet``), and the fleet draws that batch's average power while it runs. When
+the costs come from a live service's profile, its measured time per request outside any
+batch (``overhead_s``: cache lookup and store, flights, bookkeeping) is added to each
+output's latency; GPU fleets priced from ML.ENERGY have none (nothing measured it).
 
 Coalescing follows the live rule (one generation per output key and variant in flight;
 everyone waiting shares its joules equally). Two simplifications, both stated in the
@@ -121,6 +124,7 @@ class FleetSimulation:
         idle_w: float = IDLE_W,
         max_hold_s: float = 5.0,
         replicas: dict[str, int] | None = None,
+        overhead_s: dict[str, float] | None = None,
     ) -> None:
         specs = tuple(v for v in catalog.variants if v.name in costs)
         self.catalog = Catalog(source_path=catalog.source_path, variants=specs)
@@ -131,6 +135,9 @@ class FleetSimulation:
         self.idle_w = idle_w
         self.max_hold_s = max_hold_s
         self.replicas = replicas  # a fixed placement (a live fleet); None: by demand
+        overhead_s = overhead_s or {}
+        self.hit_overhead_s = overhead_s.get("hit", 0.0)
+        self.miss_overhead_s = overhead_s.get("miss", 0.0)
 
     # --- setup ------------------------------------------------------------------------
 
@@ -185,10 +192,12 @@ class FleetSimulation:
         requests = self.requests(trace, baseline)
         placement = self.placement(requests)
         catalog = with_replicas(self.catalog, placement)
+        profile = EnergyProfile(catalog)
         st = _State(
             core=DispatchCore(catalog, max_batch_size=self.policy.max_batch_size,
-                              max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s),
-            profile=EnergyProfile(catalog), catalog=catalog, costs=self.costs,
+                              max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s,
+                              joules_per_output=profile.joules_by_size),
+            profile=profile, catalog=catalog, costs=self.costs,
         )  # fmt: skip
         receipts: list[SimReceipt] = []
         power: list[tuple[float, float]] = [(0.0, self.gpus * self.idle_w)]
@@ -256,7 +265,8 @@ class FleetSimulation:
                 )
                 if hit:
                     done.append(SimReceipt(index, hit[0].variant, f"hit:{key[:8]}", 0, 0.0,
-                                           SOURCE, "hit", seed, 0.0, True, floor))  # fmt: skip
+                                           SOURCE, "hit", seed, self.hit_overhead_s, True,
+                                           floor))  # fmt: skip
                     continue
             fkey = flight_key(key, spec.name) if key is not None else None
             slot = _Slot(index, seed, now, floor, fkey, key)
@@ -314,7 +324,7 @@ class FleetSimulation:
             waiters = st.flights.pop(slot.fkey, []) if slot.fkey else []
             share = energy_j / size / (1 + len(waiters))
             for s, cache in ((slot, "miss"), *((w, "coalesced") for w in waiters)):
-                waited_s = now - s.arrived_s
+                waited_s = now - s.arrived_s + self.miss_overhead_s
                 done.append(SimReceipt(s.request_index, launch.variant, batch_id, size, share,
                                        SOURCE, cache, s.seed, waited_s, True, s.floor))  # fmt: skip
             if slot.key is not None:

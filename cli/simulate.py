@@ -55,8 +55,8 @@ def simulate(
         Path | None,
         typer.Option(
             help="Price variants from a live service's learned profile (JSON of "
-            "GET /admin/profiles) instead of ML.ENERGY; the fleet is then the catalog's "
-            "replicas, as deployed."
+            "GET /admin/profiles) instead of ML.ENERGY, adding its measured time per "
+            "request outside batches; the fleet is then the catalog's replicas, as deployed."
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("sim-report.json"),
@@ -75,13 +75,14 @@ def simulate(
             fail("--fleet: one GPU type per run for now (mixed fleets are not simulated)", 2)
         [(gpu, count)] = gpus.items()
         variants = load_catalog(catalog)
-        replicas = None
+        replicas, overhead_s = None, None
         if profile is None:
             costs = variant_costs(variants, gpu, data_dir)
             provenance = f"ML.ENERGY v2/v3 on {gpu} ({data_dir.name})"
         else:
             learned = ProfileList.model_validate_json(profile.read_text(encoding="utf-8"))
             costs = costs_from_profile(variants, learned, gpu)
+            overhead_s = learned.overhead_s
             replicas = {v.name: v.resources.replicas for v in variants.variants if v.name in costs}
             count = sum(replicas.values())
             provenance = (f"the live profile in {profile.name} "
@@ -112,7 +113,8 @@ def simulate(
         sweep_from = (read.header, ())
         if sweep_curve:
             fail("--sweep: needs a preset (it regenerates the trace at each point)", code=2)
-    sim = FleetSimulation(variants, costs, count, cap_w=cap_w, replicas=replicas)
+    sim = FleetSimulation(variants, costs, count, cap_w=cap_w, replicas=replicas,
+                          overhead_s=overhead_s)  # fmt: skip
     report, runs = simulate_report(requests_list, header, sim, fleet, provenance)
     stem = out.with_suffix("")
     report["plots"] = [

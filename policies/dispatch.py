@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
@@ -66,8 +67,12 @@ class DispatchCore:
         max_wait_s: float = 0.02,
         max_hold_s: float = 5.0,
         sample_period_s: float = 0.1,
+        joules_per_output: Mapping[str, Mapping[int, float]] | None = None,
     ) -> None:
         self.max_wait_s = max_wait_s
+        # measured J/output by variant and batch size, read at each step (a live table:
+        # the energy profile's) so batches are not made larger than is cheapest
+        self._joules_per_output = joules_per_output if joules_per_output is not None else {}
         self.max_hold_s = max_hold_s
         self._sample_period_s = sample_period_s
         self._catalog = catalog
@@ -160,6 +165,7 @@ class DispatchCore:
                 free_replicas=free,
                 max_batch_size=self._cap,
                 max_wait_s=self.max_wait_s,
+                joules_per_output=self._joules_per_output,
             )
         )
         wake_at = decision.wake_at_s

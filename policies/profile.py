@@ -5,16 +5,23 @@ measured joules per output and of batch latency, seeded by the catalog's energy 
 (joules) and by nothing (latency: unknown until measured). Routing reads it through
 :meth:`EnergyProfile.estimate`, which also accounts for the batch an output would join
 given the variant's queue. Plain data in, plain data out; the caller serialises updates.
+
+It also keeps what a served request costs in time outside any batch (cache lookup and
+store, flights, bookkeeping), by outcome, so a simulation of this service's own fleet
+can add it (``wattserve simulate --profile``).
 """
 
 from __future__ import annotations
 
 import bisect
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 from policies.catalog import Catalog
 
 DEFAULT_ALPHA = 0.2
+OVERHEAD_SAMPLES = 256  # recent requests per outcome the overhead median is taken over
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class EnergyProfile:
         self._joules: dict[tuple[str, int], float] = {}
         self._latency_s: dict[tuple[str, int], float] = {}
         self._sizes: dict[str, list[int]] = {}  # measured batch sizes per variant, sorted
+        self._by_size: dict[str, dict[int, float]] = {}  # the joules table, by variant
+        self._overhead_s: dict[str, deque[float]] = {}
 
     def use_catalog(self, catalog: Catalog) -> None:
         """Estimate against ``catalog`` from now on; what was learned is kept."""
@@ -52,6 +61,27 @@ class EnergyProfile:
         for table, value in ((self._joules, joules_per_output), (self._latency_s, latency_s)):
             old = table.get(key)
             table[key] = value if old is None else old + self._alpha * (value - old)
+        self._by_size.setdefault(variant, {})[batch_size] = self._joules[key]
+
+    @property
+    def joules_by_size(self) -> dict[str, dict[int, float]]:
+        """Measured J/output by variant, then batch size.
+
+        The live table, for the batcher to size batches by: read it, do not write it.
+        """
+        return self._by_size
+
+    def observe_overhead(self, outcome: str, seconds: float) -> None:
+        """One served request's time outside batches; ``outcome`` is ``hit`` or ``miss``."""
+        recent = self._overhead_s.setdefault(outcome, deque(maxlen=OVERHEAD_SAMPLES))
+        recent.append(max(0.0, seconds))
+
+    def overhead_s(self) -> dict[str, float]:
+        """Median recent time outside batches per outcome, s.
+
+        A median, so that one slow disk write does not move it.
+        """
+        return {k: statistics.median(v) for k, v in sorted(self._overhead_s.items()) if v}
 
     def measured(self) -> list[tuple[str, int, float, float]]:
         """What has been learned: (variant, batch size, J/output, batch latency s) rows."""

@@ -224,8 +224,10 @@ class AdminRoutes:
             ProfilePoint(variant=v, batch_size=b, joules_per_output=j, batch_latency_s=s)
             for v, b, j, s in self._scheduler.profile.measured()
         ]
-        return ProfileList(replica=self.replica_id, energy_sources=sources,
-                           data=points).model_dump(mode="json")  # fmt: skip
+        return ProfileList(
+            replica=self.replica_id, energy_sources=sources, data=points,
+            overhead_s=self._scheduler.profile.overhead_s(),
+        ).model_dump(mode="json")  # fmt: skip
 
     @api.get("/admin/ledger")
     async def admin_ledger(

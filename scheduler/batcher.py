@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,17 +93,19 @@ class Batcher:
         max_wait_s: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
         new_batch_id: Callable[[], str],
-        on_batch: Callable[[BatchPlan, BatchOutput], None] | None = None,
+        on_batch: Callable[[BatchPlan, BatchOutput, float], None] | None = None,
         power_cap_w: Callable[[], float | None] = lambda: None,
         cluster_power_w: Callable[[], float | None] = lambda: None,
         max_hold_s: float = 5.0,
         sample_period_s: float = 0.1,
         max_queued: int = 4096,
+        joules_per_output: Mapping[str, Mapping[int, float]] | None = None,
     ) -> None:
         self._pool = pool
         self.core = DispatchCore(
             catalog, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
             max_hold_s=max_hold_s, sample_period_s=sample_period_s,
+            joules_per_output=joules_per_output,
         )  # fmt: skip
         self._catalog = catalog
         self._wakeup = asyncio.Event()
@@ -241,8 +243,8 @@ class Batcher:
                                     joules=energy.per_output(size))
                     )  # fmt: skip
         else:
-            if self._on_batch is not None:
-                self._on_batch(plan, output)
+            if self._on_batch is not None:  # with the round trip: launch to results back
+                self._on_batch(plan, output, self._clock() - started)
             for member, moved, png in zip(members, launch.moved, output.png_images, strict=True):
                 if not member.future.done():
                     member.future.set_result(BatchedOutput(

@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -76,6 +76,8 @@ class _Context:
     floor: float
     seeds: tuple[int, ...]
     keys: tuple[str | None, ...]  # output keys; None when outputs are not shareable
+    # seconds spent waiting on batches (own, or a flight leader's), one after another
+    batch_waits_s: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Scheduler:
             clock=clock, new_batch_id=lambda: new_id("bat"), on_batch=self._learn,
             power_cap_w=lambda: self.budget().effective_cap_w(cluster_power_w(), node_power_w()),
             cluster_power_w=cluster_power_w, max_hold_s=max_hold_s,
+            joules_per_output=self.profile.joules_by_size,
         )  # fmt: skip
 
     def apply(self, catalog: Catalog, policy: Policy) -> None:
@@ -176,11 +179,16 @@ class Scheduler:
         factor = self.policy.over_target_wait_factor if self.over_target else 1.0
         self.batcher.max_wait_s = self.policy.max_wait_s * factor
 
-    def _learn(self, plan: BatchPlan, output: BatchOutput) -> None:
-        """Every finished batch updates the profile, the J/output target state and metrics."""
+    def _learn(self, plan: BatchPlan, output: BatchOutput, round_trip_s: float) -> None:
+        """Every finished batch updates the profile, the J/output target state and metrics.
+
+        The profile's latency is the round trip from launch to results back here, not
+        the worker's busy time: that is how long the replica is taken and the outputs
+        wait, which is what routing's deadline check and the simulator need.
+        """
         size = len(plan.items)
         per_output = output.joules / size
-        self.profile.observe(plan.variant, size, per_output, output.busy_s)
+        self.profile.observe(plan.variant, size, per_output, round_trip_s)
         old = self.rolling_joules_per_output
         self.rolling_joules_per_output = (
             per_output if old is None else old + TARGET_EWMA_ALPHA * (per_output - old)
@@ -237,6 +245,7 @@ class Scheduler:
             await asyncio.shield(asyncio.to_thread(self.ledger.record, rows))
             raise
         rows = self._rows(ctx, outcomes)
+        self._observe_overhead(ctx, outcomes, rows)
         await asyncio.to_thread(self.ledger.record, rows)
         refused = [o for o in outcomes.values() if o.retry_after_s is not None]
         if refused:
@@ -255,6 +264,16 @@ class Scheduler:
                 request_id=ctx.request_id, route=route_info(ctx.decision), receipts=receipts
             ),
         )  # fmt: skip
+
+    def _observe_overhead(
+        self, ctx: _Context, outcomes: dict[int, _Outcome], rows: list[LedgerRow]
+    ) -> None:
+        """Teach the profile how long a served request spent here outside any batch."""
+        if not rows or any(o.error for o in outcomes.values()):
+            return
+        kind = "hit" if all(o.cache == "hit" for o in outcomes.values()) else "miss"
+        latency_s = rows[0].latency_ms / 1000
+        self.profile.observe_overhead(kind, latency_s - sum(ctx.batch_waits_s))
 
     def _cache_hits(self, ctx: _Context) -> dict[int, _Outcome]:
         """Outputs the result cache already holds at or above the quality floor."""
@@ -287,7 +306,9 @@ class Scheduler:
         retry = []
         for index in joined:
             try:
+                waiting_since = self._clock()
                 shared = await self._flights.wait(self._fkey(ctx, index))
+                ctx.batch_waits_s.append(self._clock() - waiting_since)
             except LeaderGone as exc:
                 if retries_left:
                     retry.append(index)
@@ -322,7 +343,9 @@ class Scheduler:
             for i in leaders
         ]  # fmt: skip
         try:
+            waiting_since = self._clock()
             results = await asyncio.gather(*submissions, return_exceptions=True)
+            ctx.batch_waits_s.append(self._clock() - waiting_since)
         except asyncio.CancelledError:
             # Withdrawn if still queued; if its batch already runs, that batch's energy is on
             # the device's books (report) but this request is not charged a guessed share.

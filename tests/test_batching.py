@@ -5,7 +5,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
+from policies.batching import BatchingSnapshot, QueuedOutput, launch_size, plan_batches
 from policies.policy import Budget, Policy
 from scheduler.service import Scheduler
 from telemetry.ledger import LedgerStore
@@ -25,6 +25,20 @@ def test_full_batch_launches_at_once_and_the_rest_waits_for_a_free_replica():
     decision = plan_batches(snap([q(i) for i in range(6)], cap=4))
     assert decision.launch == ((0, 1, 2, 3),)
     assert decision.wake_at_s is None  # the remaining two wait for the replica, not a timer
+
+
+def test_a_batch_is_cut_to_a_cheaper_measured_size_and_only_on_clear_evidence():
+    sana = {1: 417.1, 2: 424.4, 3: 421.1, 5: 416.9, 16: 411.6, 32: 419.6}  # H100, J/image
+    assert launch_size(sana, 2) == 1  # batch 2 costs 1.7 % more per image than singles
+    assert launch_size(sana, 5) == 5  # 0.05 % dearer than 1: within the noise margin
+    assert launch_size(sana, 32) == 16  # the cheapest size, not the largest that fits
+    assert launch_size(sana, 4) == 4  # never measured: launch it, and so measure it
+    assert launch_size({}, 7) == 7 and launch_size({2: 1.0}, 1) == 1
+    queued = [q(i) for i in range(6)]
+    decision = plan_batches(
+        BatchingSnapshot(0.0, tuple(queued), {"v": 2}, {"v": 3}, 0.05, {"v": {1: 9.0, 3: 10.0}})
+    )
+    assert decision.launch == ((0,), (1,))  # both free replicas take one output each
 
 
 def test_partial_batch_waits_until_max_wait_then_launches():

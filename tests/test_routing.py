@@ -2,7 +2,7 @@ import pytest
 
 from policies.catalog import load_catalog
 from policies.policy import Policy
-from policies.profile import EnergyProfile, VariantEstimate
+from policies.profile import OVERHEAD_SAMPLES, EnergyProfile, VariantEstimate
 from policies.routing import REASON_CHEAPEST_CAPABLE, REASON_REQUESTED_MODEL, RoutingState, route
 from wattserve import (
     AdmissionRejected,
@@ -130,3 +130,15 @@ def test_profile_ewma_latency_and_the_batch_an_output_would_join():
 def test_baseline_policy_always_takes_the_highest_quality_variant():
     decision = route(request(quality="draft", policy="baseline"), CATALOG, Policy(), ALL)
     assert (decision.variant, decision.reason) == ("tiny-sd-large", "baseline")
+
+
+def test_overhead_outside_batches_is_a_median_per_outcome_over_recent_requests():
+    profile = EnergyProfile(CATALOG)
+    assert profile.overhead_s() == {}
+    for seconds in (0.01, 0.02, 5.0):  # one slow request does not move a median
+        profile.observe_overhead("miss", seconds)
+    profile.observe_overhead("hit", -0.001)  # clock jitter never yields a negative time
+    assert profile.overhead_s() == {"hit": 0.0, "miss": 0.02}
+    for _ in range(OVERHEAD_SAMPLES):
+        profile.observe_overhead("miss", 0.05)
+    assert profile.overhead_s()["miss"] == 0.05  # only recent requests count

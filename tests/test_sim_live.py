@@ -26,6 +26,7 @@ def test_a_live_profile_drives_a_simulation_of_the_live_fleet(service, url, tmp_
     assert {p.variant for p in profile.data} >= {"tiny-sd-large", "tiny-sd-medium",
                                                  "tiny-sd-turbo"}  # fmt: skip
     assert all(p.joules_per_output > 0 and p.batch_latency_s > 0 for p in profile.data)
+    assert profile.overhead_s["miss"] > 0  # time in the scheduler outside batches, measured
     assert "simulated" in profile.energy_sources
     saved = tmp_path / "profile.json"
     saved.write_text(profile.model_dump_json())

@@ -243,7 +243,7 @@ class ProfilePoint(BaseModel):
     variant: str
     batch_size: int
     joules_per_output: float  # EWMA of measured J/output (see the ledger for sources)
-    batch_latency_s: float  # EWMA of the batch's busy time on its worker
+    batch_latency_s: float  # EWMA of launch to results back at the scheduler
 
 
 class ProfileList(BaseModel):
@@ -252,6 +252,9 @@ class ProfileList(BaseModel):
     replica: str
     energy_sources: list[str]  # the sources of the ledger's joules, for labelling
     data: list[ProfilePoint]
+    # median time a served request spends in the scheduler outside any batch, by outcome
+    # ("hit": served from the cache; "miss": generated or coalesced), s
+    overhead_s: dict[str, float] = Field(default_factory=dict)
 
 
 class AdminLedgerPage(BaseModel):
