@@ -1,20 +1,22 @@
-"""A simulated fleet: GPUs, which variant each one serves, and what a batch costs there.
+"""A simulated fleet: GPUs by type, which variant each one serves, what a batch costs.
 
 Costs come from the ML.ENERGY measurements (``bench.profiles``): for every variant of the
-catalog, its model's measured J/image and batch latency on the fleet's GPU type, per
+catalog, its model's measured J/image and batch latency on the GPU type it runs on, per
 batch size up to the variant's ``max_batch_size`` (precomputed into a table, because the
-simulator prices millions of batches). A variant whose model was not measured on that
-GPU type cannot be placed there.
+simulator prices millions of batches). ``fleet_catalog`` decides which variants run on
+which GPU types of a fleet (``8xH100,4xB200``): a model runs wherever it was measured.
 
 **Placement** is static for a run (dynamic placement is a later issue's seam): every GPU
-serves one variant, and GPUs are split among the variants in proportion to the GPU-time
-the trace's requests would need on the variant routing picks for them before any queue
-forms (at least one GPU each while there are enough). The baseline run therefore puts
-the whole fleet on the reference variant, as an operator without wattserve would.
+serves one variant, and each GPU type's GPUs are split among its variants in proportion
+to the GPU-time the trace's requests would need on the variant routing picks for them
+before any queue forms (at least one GPU each while there are enough). The baseline run
+therefore puts the reference model on every GPU that can run it, as an operator without
+wattserve would.
 
 **Power.** A GPU running a batch draws the batch's measured average power (its energy
 over its latency); an idle GPU draws ``idle_w``, an assumption (ML.ENERGY does not
-measure idle power; 70 W is what this project's simulated device uses).
+measure idle power; 70 W is what this project's simulated device uses, whatever the GPU
+type).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.profiles import EnergyLatencyModel, MeasuredPoint, fit_models, load_measurements
-from policies.catalog import Catalog, VariantSpec
+from policies.catalog import Catalog, EnergyPrior, VariantSpec
 from wattserve import InvalidRequest
 from wattserve._admin import ProfileList
 
@@ -61,22 +63,62 @@ class VariantCost:
         return min(e / b for b, e in enumerate(self.batch_energy_j) if b)
 
 
-def variant_costs(
-    catalog: Catalog, gpu: str, data_dir: Path | str | None = None
-) -> dict[str, VariantCost]:
-    """Cost tables for the catalog's variants that were measured on ``gpu``."""
+def fleet_catalog(
+    catalog: Catalog, fleet: dict[str, int], data_dir: Path | str | None = None
+) -> tuple[Catalog, dict[str, VariantCost]]:
+    """The catalog as it would run on ``fleet``, and what each variant costs there.
+
+    A variant runs on GPUs of its ``accelerator_type``, priced from its model's
+    measurements on that type. On each other GPU type of the fleet where its model was
+    measured, and where the catalog has no variant of that model already, it gets a
+    *derived* twin: named for that type (``sdxl-h100`` on A100 is ``sdxl-a100``), with the
+    same model, steps, sizes and quality, and that type's measured energy per image (the
+    prior), peak power and largest measured batch. A variant without an accelerator type
+    runs on every GPU type where its model was measured, under its own name when the
+    fleet has one type. Variants measured nowhere in the fleet are left out.
+    """
     models = fit_models(load_measurements(data_dir))
-    costs = {}
-    for spec in catalog.variants:
-        model = models.get((spec.source, gpu))
-        if model is not None:
+    specs: list[VariantSpec] = []
+    costs: dict[str, VariantCost] = {}
+    for gpu in fleet:
+        native = {v.source for v in catalog.variants if v.resources.accelerator_type == gpu}
+        for spec in catalog.variants:
+            model = models.get((spec.source, gpu))
+            accelerator = spec.resources.accelerator_type
+            if model is None or (accelerator != gpu and spec.source in native):
+                continue
+            if accelerator != gpu and (accelerator is not None or len(fleet) > 1):
+                spec = _derived(spec, gpu, model)
+            if spec.name in costs:
+                continue
+            specs.append(spec)
             costs[spec.name] = _table(spec, model)
     if not costs:
         measured = sorted({g for _, g in models})
         raise InvalidRequest(
-            f"fleet: no catalog variant was measured on {gpu} (measured GPUs: {measured})"
+            f"fleet: no catalog variant was measured on {', '.join(fleet)} "
+            f"(measured GPUs: {measured})"
         )
-    return costs
+    return Catalog(source_path=catalog.source_path, variants=tuple(specs)), costs
+
+
+def _derived(spec: VariantSpec, gpu: str, model: EnergyLatencyModel) -> VariantSpec:
+    """``spec``'s model on another GPU type, with that type's measured numbers."""
+    accelerator = spec.resources.accelerator_type
+    suffix = f"-{accelerator.lower()}" if accelerator else ""
+    base = spec.name[: -len(suffix)] if suffix and spec.name.endswith(suffix) else spec.name
+    rows = ", ".join(sorted({f"{p.source_file} line {p.source_line}" for p in model.points}))
+    return spec.model_copy(update={
+        "name": f"{base}-{gpu.lower()}",
+        "power_w": max(p.avg_power_w for p in model.points),
+        "max_batch_size": max(model.batch_sizes),
+        "resources": spec.resources.model_copy(update={"accelerator_type": gpu}),
+        "energy_prior": EnergyPrior(
+            joules_per_image={p.batch_size: p.energy_per_image_j for p in model.points},
+            provenance=f"derived from {spec.name} for {gpu}: ML.ENERGY measurements of "
+            f"{spec.source} on {gpu} ({rows})",
+        ),
+    })  # fmt: skip
 
 
 def _table(spec: VariantSpec, model: EnergyLatencyModel) -> VariantCost:

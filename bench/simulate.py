@@ -28,12 +28,12 @@ import gc
 import heapq
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bench.fleet import IDLE_W, VariantCost, place, with_replicas
 from bench.trace import TraceRequest
-from policies.catalog import Catalog
+from policies.catalog import Catalog, VariantSpec
 from policies.dispatch import DispatchCore
 from policies.policy import Policy
 from policies.profile import EnergyProfile
@@ -111,13 +111,17 @@ class _State:
 
 
 class FleetSimulation:
-    """Runs traces over one homogeneous fleet of ``gpus`` GPUs."""
+    """Runs traces over a fleet: GPUs by type (``{"H100": 8, "B200": 4}``).
+
+    ``costs`` names the GPU type each variant runs on (``bench.fleet.fleet_catalog``
+    makes both for a fleet).
+    """
 
     def __init__(
         self,
         catalog: Catalog,
         costs: dict[str, VariantCost],
-        gpus: int,
+        fleet: Mapping[str, int],
         *,
         policy: Policy | None = None,
         cap_w: float | None = None,
@@ -129,7 +133,8 @@ class FleetSimulation:
         specs = tuple(v for v in catalog.variants if v.name in costs)
         self.catalog = Catalog(source_path=catalog.source_path, variants=specs)
         self.costs = costs
-        self.gpus = gpus
+        self.fleet = dict(fleet)
+        self.gpus = sum(self.fleet.values())
         self.policy = policy or Policy()
         self.cap_w = cap_w
         self.idle_w = idle_w
@@ -144,18 +149,25 @@ class FleetSimulation:
     def requests(self, trace: Sequence[TraceRequest], baseline: bool) -> list[GenerationRequest]:
         """The trace as the scheduler's requests (the baseline policy when ``baseline``)."""
         sizes: dict[str, tuple[int, int]] = {}
+        deadline_s = self.policy.default_deadline_s  # as live, for requests that name none
         made = []
         for r in trace:
             width_px, height_px = sizes.get(r.size) or sizes.setdefault(r.size, parse_size(r.size))
             made.append(GenerationRequest.model_construct(
                 prompt=r.prompt, negative_prompt=None, width_px=width_px, height_px=height_px,
-                n=r.n, seed=r.seed, quality=r.quality, deadline_s=None, model=None,
+                n=r.n, seed=r.seed, quality=r.quality, deadline_s=deadline_s, model=None,
                 user=None, tenant=r.tenant, policy="baseline" if baseline else "default",
             ))  # fmt: skip
         return made
 
     def placement(self, requests: Sequence[GenerationRequest]) -> dict[str, int]:
-        """GPUs per variant, by the GPU time routing would send each variant."""
+        """GPUs per variant, by the GPU time routing would send each variant.
+
+        Each GPU type is split among its own variants. A type that routing would send
+        nothing stands by with the models routing sends the most work to, where they run
+        on it (a deadline or a baseline's load balancing may still reach it); with none of
+        them, its GPUs idle.
+        """
         if self.replicas is not None:
             return dict(self.replicas)
         state = RoutingState(frozenset(self.costs))
@@ -168,7 +180,22 @@ class FleetSimulation:
             cost = self.costs[chosen]
             size = 1 if request.policy == "baseline" else len(cost.batch_latency_s) - 1
             demand[chosen] += request.n * cost.batch_latency_s[size] / size
-        return place(self.gpus, dict(demand))
+        by_model: Counter[str] = Counter()
+        for name, seconds in demand.items():
+            by_model[self._spec(name).source] += seconds
+        placed: dict[str, int] = {}
+        for gpu, count in self.fleet.items():
+            here = [name for name, cost in self.costs.items() if cost.gpu == gpu]
+            wanted = {name: demand[name] for name in here if demand[name] > 0} or {
+                name: by_model[self._spec(name).source] for name in here
+            }
+            placed.update(place(count, wanted))
+        return placed
+
+    def _spec(self, name: str) -> VariantSpec:
+        spec = self.catalog.get(name)
+        assert spec is not None  # costs and catalog name the same variants
+        return spec
 
     # --- the run ----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-from bench.fleet import variant_costs
+from bench.fleet import fleet_catalog
 from bench.profiles import DEFAULT_DATA_DIR
 from bench.sim_report import summarize
 from bench.simulate import FleetSimulation
@@ -32,13 +32,13 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=1000)
     args = parser.parse_args()
     catalog = load_catalog(ROOT / "policies" / "real_catalog.toml")
-    costs = variant_costs(catalog, "H100", DATA)
+    catalog, costs = fleet_catalog(catalog, {"H100": args.gpus}, DATA)
     started = time.perf_counter()
     spec = preset_spec("mixed", requests=args.requests, sizes={"1024x1024": 1},
                        rate_per_s=0.5 * args.gpus, seed=1)  # fmt: skip
     trace = make_trace(spec, load_prompts(DATA / "PartiPrompts.tsv").prompts)
     trace_s = time.perf_counter() - started
-    run = FleetSimulation(catalog, costs, args.gpus).run(trace)
+    run = FleetSimulation(catalog, costs, {"H100": args.gpus}).run(trace)
     result = {
         "requests": args.requests, "gpus": args.gpus, "trace_s": round(trace_s, 2),
         "simulate_s": round(run.wall_s, 2), "outputs": summarize(run)["outputs"],

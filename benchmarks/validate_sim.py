@@ -107,7 +107,7 @@ def _compare(
     ]
     costs = costs_from_profile(catalog, profile, "CPU")
     replicas = {v.name: v.resources.replicas for v in catalog.variants if v.name in costs}
-    sim = FleetSimulation(catalog, costs, sum(replicas.values()), replicas=replicas,
+    sim = FleetSimulation(catalog, costs, {"CPU": sum(replicas.values())}, replicas=replicas,
                           overhead_s=profile.overhead_s)  # fmt: skip
     run = sim.run(salted)
     simulated = summarize(run)

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from bench.fleet import costs_from_profile, parse_fleet, variant_costs
+from bench.fleet import costs_from_profile, fleet_catalog, parse_fleet
 from bench.plots import latency_png, power_png, sweep_png, waterfall_png
 from bench.profiles import DEFAULT_DATA_DIR, MeasurementsError
 from bench.sim_report import simulate_report, sweep
@@ -24,6 +24,7 @@ from bench.trace import PRESETS, load_prompts, make_trace, preset_spec, read_tra
 from cli._common import JsonOption, fail
 from cli._render import print_json, table
 from policies.catalog import CatalogError, load_catalog
+from policies.policy import Policy
 from wattserve import WattserveError
 from wattserve._admin import ProfileList
 
@@ -32,7 +33,9 @@ REAL_CATALOG = Path(__file__).resolve().parent.parent / "policies" / "real_catal
 
 def simulate(
     trace: Annotated[str, typer.Option(help=f"A preset ({', '.join(PRESETS)}) or a trace file.")],
-    fleet: Annotated[str, typer.Option(help="GPUs, e.g. 8xH100 (one GPU type per run).")],
+    fleet: Annotated[
+        str, typer.Option(help="GPUs by type, e.g. 8xH100 or 8xH100,4xB200 (ML.ENERGY types).")
+    ],
     requests: Annotated[int, typer.Option(min=1, help="Requests, for a preset.")] = 2000,
     seed: Annotated[int, typer.Option(help="Trace seed, for a preset.")] = 0,
     size: Annotated[str, typer.Option(help="Image size, for a preset.")] = "1024x1024",
@@ -43,6 +46,13 @@ def simulate(
         Path | None, typer.Option(help="Prompt file for a preset (default: PartiPrompts).")
     ] = None,
     cap_w: Annotated[float | None, typer.Option(help="Fleet power cap, W.")] = None,
+    deadline_s: Annotated[
+        float | None,
+        typer.Option(
+            help="The policy's default deadline, s: routing passes over variants "
+            "expected to miss it (how work spills to other GPUs)."
+        ),
+    ] = None,
     catalog: Annotated[
         Path | None,
         typer.Option(help="Variant catalog (default: the shipped policies/real_catalog.toml)."),
@@ -71,20 +81,20 @@ def simulate(
     data_dir = data_dir or DEFAULT_DATA_DIR
     try:
         gpus = parse_fleet(fleet)
-        if len(gpus) != 1:
-            fail("--fleet: one GPU type per run for now (mixed fleets are not simulated)", 2)
-        [(gpu, count)] = gpus.items()
         variants = load_catalog(catalog)
         replicas, overhead_s = None, None
         if profile is None:
-            costs = variant_costs(variants, gpu, data_dir)
-            provenance = f"ML.ENERGY v2/v3 on {gpu} ({data_dir.name})"
+            variants, costs = fleet_catalog(variants, gpus, data_dir)
+            provenance = f"ML.ENERGY v2/v3 on {', '.join(gpus)} ({data_dir.name})"
         else:
+            if len(gpus) != 1:
+                fail("--fleet: with --profile, one label for the live service's fleet", 2)
+            [gpu] = gpus
             learned = ProfileList.model_validate_json(profile.read_text(encoding="utf-8"))
             costs = costs_from_profile(variants, learned, gpu)
             overhead_s = learned.overhead_s
             replicas = {v.name: v.resources.replicas for v in variants.variants if v.name in costs}
-            count = sum(replicas.values())
+            gpus = {gpu: sum(replicas.values())}
             provenance = (f"the live profile in {profile.name} "
                           f"(sources: {', '.join(learned.energy_sources) or 'none'})")  # fmt: skip
     except (WattserveError, CatalogError, MeasurementsError) as exc:
@@ -93,6 +103,9 @@ def simulate(
         fail(f"--profile: {exc}", code=2)
     if cap_w is not None and cap_w <= 0:
         fail("--cap-w: must be positive", code=2)
+    if deadline_s is not None and deadline_s <= 0:
+        fail("--deadline-s: must be positive", code=2)
+    count = sum(gpus.values())
     if trace in PRESETS:
         try:
             spec = preset_spec(trace, requests=requests, seed=seed, sizes={size: 1},
@@ -113,8 +126,9 @@ def simulate(
         sweep_from = (read.header, ())
         if sweep_curve:
             fail("--sweep: needs a preset (it regenerates the trace at each point)", code=2)
-    sim = FleetSimulation(variants, costs, count, cap_w=cap_w, replicas=replicas,
-                          overhead_s=overhead_s)  # fmt: skip
+    sim = FleetSimulation(variants, costs, gpus, cap_w=cap_w, replicas=replicas,
+                          overhead_s=overhead_s,
+                          policy=Policy(default_deadline_s=deadline_s))  # fmt: skip
     report, runs = simulate_report(requests_list, header, sim, fleet, provenance)
     stem = out.with_suffix("")
     report["plots"] = [
@@ -132,7 +146,7 @@ def simulate(
     got, base = report["achieved"], report["baseline_run"]
     oracle_per = report["oracle_joules"] / max(report["distinct_outputs"], 1)
     table(
-        f"{header.get('preset') or trace} on {fleet} (simulated, ML.ENERGY {gpu} data)",
+        f"{header.get('preset') or trace} on {fleet} (simulated: {provenance})",
         ["run", "outputs", "refused", "J/output", "p50 s", "p99 s", "mean batch"],
         [
             ["achieved", got["outputs"], got["refused"], got["joules_per_output"] or 0.0,
@@ -147,6 +161,12 @@ def simulate(
     )  # fmt: skip
     table("waterfall (J)", ["step", "joules"],
           [[k, v] for k, v in report["waterfall_joules"].items()])  # fmt: skip
+    if got["refused"]:
+        typer.echo(
+            f"achieved refused {got['refused']} of {got['outputs'] + got['refused']} outputs "
+            "(a quality floor no variant on this fleet meets, a deadline, or the power cap); "
+            "the factor and achieved/oracle are per output served"
+        )
     typer.echo(
         f"factor vs baseline {report['factor_vs_baseline']:.2f}x; achieved/oracle "
         f"{report['achieved_over_oracle']:.2f}; baseline: {report['baseline']}; wrote {out} "

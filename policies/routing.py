@@ -143,12 +143,17 @@ def route(
 
 
 def _baseline(request: GenerationRequest, catalog: Catalog, state: RoutingState) -> RouteDecision:
-    """The reference without wattserve: the highest-quality variant that can serve it."""
+    """The reference without wattserve: the highest-quality variant that can serve it.
+
+    Ties (one model on two GPU types) go to the one expected to finish first, as a load
+    balancer would send them; an unmeasured one counts as free.
+    """
     candidates = tuple(_assess(v, request, 0.0, state) for v in catalog.variants)
     capable = [c for c in candidates if c.rejected_because is None]
     if not capable:
         _refuse(request, candidates, 0.0)
-    best = max(capable, key=lambda c: (c.quality_score, c.variant))
+    best = max(capable, key=lambda c: (c.quality_score, -(c.expected_latency_s or 0.0),
+                                       c.variant))  # fmt: skip
     return RouteDecision(best.variant, REASON_BASELINE, best.expected_joules_per_image, candidates)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bench.fleet import parse_fleet, place, variant_costs
+from bench.fleet import fleet_catalog, parse_fleet, place
 from bench.profiles import DEFAULT_DATA_DIR
 from bench.sim_report import oracle_joules, summarize
 from bench.simulate import FleetSimulation
@@ -21,11 +21,12 @@ from wattserve import InvalidRequest
 DATA = DEFAULT_DATA_DIR
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"no ML.ENERGY data at {DATA}")
 CATALOG = load_catalog(Path(__file__).resolve().parents[1] / "policies" / "real_catalog.toml")
+H100_8 = {"H100": 8}
 
 
 @pytest.fixture(scope="module")
 def costs():
-    return variant_costs(CATALOG, "H100", DATA)
+    return fleet_catalog(CATALOG, H100_8, DATA)[1]
 
 
 def trace(preset: str, requests: int = 600, **overrides):
@@ -44,7 +45,7 @@ def test_fleet_specs_and_placement():
 
 def test_every_output_gets_one_receipt_and_the_run_is_deterministic(costs):
     requests = trace("mixed")
-    sim = FleetSimulation(CATALOG, costs, 8)
+    sim = FleetSimulation(CATALOG, costs, H100_8)
     first, again = sim.run(requests), sim.run(requests)
     assert len(first.receipts) == sum(r.n for r in requests)
     assert summarize(first) == {**summarize(again), "wall_s": summarize(first)["wall_s"]}
@@ -54,7 +55,7 @@ def test_every_output_gets_one_receipt_and_the_run_is_deterministic(costs):
 
 def test_baseline_is_the_reference_at_batch_one_without_reuse(costs):
     requests = trace("mixed")
-    sim = FleetSimulation(CATALOG, costs, 8)
+    sim = FleetSimulation(CATALOG, costs, H100_8)
     base = summarize(sim.run(requests, baseline=True))
     assert set(base["by_variant"]) == {reference_variant(sim.catalog).name}
     assert base["batch_sizes"] == {1: len(requests)}
@@ -62,20 +63,21 @@ def test_baseline_is_the_reference_at_batch_one_without_reuse(costs):
 
 
 def test_achieved_never_beats_the_oracle_and_repeats_pay_off(costs):
-    sim = FleetSimulation(CATALOG, costs, 8)
+    sim = FleetSimulation(CATALOG, costs, H100_8)
     for preset, better in (("mixed", True), ("draft-heavy", True), ("unique-high", False)):
         requests = trace(preset)
         got = summarize(sim.run(requests))
         base = summarize(sim.run(requests, baseline=True))
-        oracle_j, _ = oracle_joules(requests, sim.catalog, costs, sim.policy)
-        assert got["joules"] >= oracle_j * (1 - 1e-9), preset
+        oracle = oracle_joules(requests, sim.catalog, costs, sim.policy)
+        assert got["joules"] >= oracle.joules * (1 - 1e-9), preset
+        assert oracle.outputs == len(requests) and oracle.over(got) >= 1 - 1e-9
         assert (base["joules"] / got["joules"] > 1.2) is better, preset
 
 
 def test_on_unique_high_work_batching_costs_nothing_over_the_baseline(costs):
     """SANA 1.6B pays 1.7 % more per image at batch 2: the batcher learns to avoid it."""
     requests = trace("unique-high", requests=400)
-    sim = FleetSimulation(CATALOG, costs, 8)
+    sim = FleetSimulation(CATALOG, costs, H100_8)
     got, base = summarize(sim.run(requests)), summarize(sim.run(requests, baseline=True))
     assert got["joules"] <= base["joules"] * 1.001
     assert got["batch_sizes"][1] > 0.9 * len(requests)
@@ -84,7 +86,7 @@ def test_on_unique_high_work_batching_costs_nothing_over_the_baseline(costs):
 def test_a_power_cap_holds_the_simulated_fleet_under_it(costs):
     requests = trace("unique-high", requests=300, repeat_rate=0.0)
     cap_w = 8 * 70.0 + 2 * 560.0  # idle fleet plus room for about two busy GPUs
-    run = FleetSimulation(CATALOG, costs, 8, cap_w=cap_w).run(requests)
+    run = FleetSimulation(CATALOG, costs, H100_8, cap_w=cap_w).run(requests)
     assert max(w for _, w in run.power_w) <= cap_w
     assert len(run.receipts) == len(requests)  # served, moved or refused: none lost
 
@@ -105,12 +107,32 @@ def test_simulate_command_prints_the_factor_and_writes_the_report(tmp_path):
     assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in report["plots"])
     bad = runner.invoke(app, ["simulate", "--trace", "mixed", "--fleet", "8xTPU"])
     assert bad.exit_code == 2 and "no catalog variant was measured on TPU" in bad.output
+    bad = runner.invoke(app, ["simulate", "--trace", "mixed", "--fleet", "8xH100",
+                              "--deadline-s", "0"])  # fmt: skip
+    assert bad.exit_code == 2 and "--deadline-s: must be positive" in bad.output
+
+
+def test_outputs_a_fleet_cannot_make_at_their_floor_are_refused_and_said_so(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["simulate", "--trace", "mixed", "--fleet", "4xA100", "--requests", "200",
+            "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    high = report["quality_floors"]["high"]  # no model measured on A100 scores that high
+    assert report["achieved"]["refused"] > 0 and report["baseline_run"]["refused"] == 0
+    assert f"achieved refused {report['achieved']['refused']} of 200 outputs" in result.stdout
+    base, got = report["baseline_run"], report["achieved"]
+    assert report["factor_vs_baseline"] == pytest.approx(
+        base["joules_per_output"] / got["joules_per_output"]
+    )
+    assert high == 0.8
 
 
 def test_the_sweep_shows_reuse_paying_off_more_as_repeats_rise(costs):
     from bench.sim_report import SWEEP_REPEAT_RATES, sweep
 
-    sim = FleetSimulation(CATALOG, costs, 8)
+    sim = FleetSimulation(CATALOG, costs, H100_8)
     spec = preset_spec("mixed", requests=300, sizes={"1024x1024": 1}, rate_per_s=4.0, seed=3)
     points = sweep(sim, spec, load_prompts(DATA / "PartiPrompts.tsv").prompts)
     assert len(points) == 3 * len(SWEEP_REPEAT_RATES)
@@ -122,8 +144,8 @@ def test_the_sweep_shows_reuse_paying_off_more_as_repeats_rise(costs):
 def test_a_live_services_overhead_outside_batches_is_added_to_each_output(costs):
     """Measured time in the scheduler outside batches lands on latency, not on decisions."""
     requests = trace("mixed", requests=200)
-    plain = FleetSimulation(CATALOG, costs, 8).run(requests)
-    timed = FleetSimulation(CATALOG, costs, 8, overhead_s={"hit": 0.5, "miss": 0.25}).run(
+    plain = FleetSimulation(CATALOG, costs, H100_8).run(requests)
+    timed = FleetSimulation(CATALOG, costs, H100_8, overhead_s={"hit": 0.5, "miss": 0.25}).run(
         requests
     )
     added = {"hit": 0.5, "miss": 0.25, "coalesced": 0.25}
@@ -133,3 +155,32 @@ def test_a_live_services_overhead_outside_batches_is_added_to_each_output(costs)
     for a, b in zip(plain.receipts, timed.receipts, strict=True):
         assert b.latency_s - a.latency_s == pytest.approx(added[a.cache])
     assert {r.cache for r in plain.receipts} >= {"hit", "miss"}
+
+
+def test_a_fleet_of_two_gpu_types_runs_each_model_where_it_was_measured():
+    catalog, costs = fleet_catalog(CATALOG, {"H100": 8, "B200": 4}, DATA)
+    natives = {v.name for v in CATALOG.variants}
+    derived = {v.name: v for v in catalog.variants if v.name not in natives}
+    # v3 models were measured on B200 too; the v2 ones (SD 2.1, SDXL, SD3) only up to H100
+    assert set(derived) == {"sana15-1.6b-b200", "sana15-4.8b-b200", "pixart-sigma-b200",
+                            "flux1-dev-b200"}  # fmt: skip
+    sana = derived["sana15-1.6b-b200"]
+    assert sana.resources.accelerator_type == "B200" and costs[sana.name].gpu == "B200"
+    assert sana.quality_score == CATALOG.get("sana15-1.6b-h100").quality_score
+    assert sana.energy_prior.joules_per_image[1] == pytest.approx(342.0, abs=0.1)  # measured
+    assert "B200" in sana.energy_prior.provenance
+    assert all(catalog.get(n) == CATALOG.get(n) for n in natives)  # natives untouched
+    a100, _ = fleet_catalog(CATALOG, {"A100": 4}, DATA)
+    assert "sdxl-a100" in a100.names and not any(n.startswith("sana") for n in a100.names)
+
+
+def test_on_a_mixed_fleet_routing_picks_the_cheaper_gpu_and_the_baseline_uses_both():
+    catalog, costs = fleet_catalog(CATALOG, {"H100": 8, "B200": 4}, DATA)
+    sim = FleetSimulation(catalog, costs, {"H100": 8, "B200": 4})
+    requests = trace("unique-high", requests=300)
+    got, base = summarize(sim.run(requests)), summarize(sim.run(requests, baseline=True))
+    assert got["outputs"] == base["outputs"] == len(requests)
+    assert set(got["by_variant"]) == {"sana15-1.6b-b200"}  # 342 J on B200 vs 417 on H100
+    assert set(base["by_variant"]) == {"sana15-1.6b-h100", "sana15-1.6b-b200"}
+    assert sum(got["placement_gpus"].values()) == 12
+    assert got["joules_per_output"] < 0.95 * base["joules_per_output"]  # base: both types
