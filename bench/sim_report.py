@@ -184,6 +184,7 @@ def simulate_report(
         "hardware": f"{fleet} (GPU energy only: no CPU, DRAM or PUE, as measured)",
         "quality_floors": dict(sim.policy.quality_floors),
         "power_cap_w": sim.cap_w,
+        "joules_per_output_target": sim.target_j,
         "baseline": f"every output on {' or '.join(top)} (highest quality) at batch size 1, "
         "no cache or coalescing, on every GPU that can run it; simulated in the same run",
         "oracle": "every distinct output once, on the cheapest variant meeting its floor and "
@@ -197,7 +198,6 @@ def simulate_report(
         "waterfall_joules": steps,
         "simplifications": [
             "a refused leader's coalesced waiters are refused with it (live: one retries)",
-            "the J/output target's batch-harder response is not simulated",
             "static placement: each GPU serves one variant for the whole run",
         ],
     }

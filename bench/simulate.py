@@ -13,9 +13,10 @@ batch (``overhead_s``: cache lookup and store, flights, bookkeeping) is added to
 output's latency; GPU fleets priced from ML.ENERGY have none (nothing measured it).
 
 Coalescing follows the live rule (one generation per output key and variant in flight;
-everyone waiting shares its joules equally). Two simplifications, both stated in the
-report: a refused leader's waiters are refused with it (live, one waiter retries), and
-the J/output target's "batch harder" response is not simulated.
+everyone waiting shares its joules equally). A J/output target is held as live: each
+finished batch feeds one ``policies.target.JoulesTarget``, whose answer sets the
+dispatcher's batch wait. One simplification, stated in the report: a refused leader's
+waiters are refused with it (live, one waiter retries).
 
 Events are processed in time order (finishes before arrivals at equal times), and the
 dispatcher steps after each group of events at one instant, as the live dispatcher
@@ -39,6 +40,7 @@ from policies.policy import Policy
 from policies.profile import EnergyProfile
 from policies.reuse import CachedCopy, usable_copies
 from policies.routing import RoutingState, route
+from policies.target import JoulesTarget
 from scheduler.identity import flight_key, output_key
 from wattserve import GenerationRequest, WattserveError
 from wattserve._schemas import MAX_SEED, parse_size
@@ -93,6 +95,7 @@ class _Slot:
 class _State:
     core: DispatchCore
     profile: EnergyProfile
+    target: JoulesTarget
     catalog: Catalog
     costs: dict[str, VariantCost]
     events: list[tuple[float, int, int, object]] = field(default_factory=list)
@@ -125,6 +128,7 @@ class FleetSimulation:
         *,
         policy: Policy | None = None,
         cap_w: float | None = None,
+        target_j: float | None = None,
         idle_w: float = IDLE_W,
         max_hold_s: float = 5.0,
         replicas: dict[str, int] | None = None,
@@ -137,6 +141,7 @@ class FleetSimulation:
         self.gpus = sum(self.fleet.values())
         self.policy = policy or Policy()
         self.cap_w = cap_w
+        self.target_j = target_j  # the budget's J/output target (None: none)
         self.idle_w = idle_w
         self.max_hold_s = max_hold_s
         self.replicas = replicas  # a fixed placement (a live fleet); None: by demand
@@ -224,7 +229,7 @@ class FleetSimulation:
             core=DispatchCore(catalog, max_batch_size=self.policy.max_batch_size,
                               max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s,
                               joules_per_output=profile.joules_by_size),
-            profile=profile, catalog=catalog, costs=self.costs,
+            profile=profile, target=JoulesTarget(), catalog=catalog, costs=self.costs,
         )  # fmt: skip
         receipts: list[SimReceipt] = []
         power: list[tuple[float, float]] = [(0.0, self.gpus * self.idle_w)]
@@ -343,6 +348,8 @@ class FleetSimulation:
         st.busy_gpus -= 1
         st.busy_extra_w -= energy_j / latency_s - self.idle_w
         st.profile.observe(launch.variant, size, energy_j / size, now - started_s)
+        st.target.observe(energy_j / size)
+        st.core.max_wait_s = st.target.max_wait_s(self.policy, self.target_j)
         spec = st.catalog.get(launch.variant)
         quality = spec.quality_score if spec else 0.0
         done = []

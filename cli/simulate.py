@@ -46,6 +46,10 @@ def simulate(
         Path | None, typer.Option(help="Prompt file for a preset (default: PartiPrompts).")
     ] = None,
     cap_w: Annotated[float | None, typer.Option(help="Fleet power cap, W.")] = None,
+    target_j: Annotated[
+        float | None,
+        typer.Option(help="J/output target: over it, batches wait longer to fill (as live)."),
+    ] = None,
     deadline_s: Annotated[
         float | None,
         typer.Option(
@@ -103,6 +107,8 @@ def simulate(
         fail(f"--profile: {exc}", code=2)
     if cap_w is not None and cap_w <= 0:
         fail("--cap-w: must be positive", code=2)
+    if target_j is not None and target_j <= 0:
+        fail("--target-j: must be positive", code=2)
     if deadline_s is not None and deadline_s <= 0:
         fail("--deadline-s: must be positive", code=2)
     count = sum(gpus.values())
@@ -126,7 +132,8 @@ def simulate(
         sweep_from = (read.header, ())
         if sweep_curve:
             fail("--sweep: needs a preset (it regenerates the trace at each point)", code=2)
-    sim = FleetSimulation(variants, costs, gpus, cap_w=cap_w, replicas=replicas,
+    sim = FleetSimulation(variants, costs, gpus, cap_w=cap_w, target_j=target_j,
+                          replicas=replicas,
                           overhead_s=overhead_s,
                           policy=Policy(default_deadline_s=deadline_s))  # fmt: skip
     report, runs = simulate_report(requests_list, header, sim, fleet, provenance)

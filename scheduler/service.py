@@ -28,6 +28,7 @@ from policies.plans import BatchOutput, BatchPlan, WorkItem
 from policies.policy import Budget, Policy
 from policies.profile import EnergyProfile
 from policies.routing import RouteDecision, RoutingState, route
+from policies.target import JoulesTarget
 from scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
 from scheduler.cache import ResultCache
 from scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
@@ -57,7 +58,6 @@ class BatchMetrics(Protocol):
         ...
 
 
-TARGET_EWMA_ALPHA = 0.1
 REASON_CACHE_HIT = "cache_hit"
 REASON_DOWNGRADED = "downgraded_power_cap"
 REASON_COALESCED = "coalesced"
@@ -150,7 +150,7 @@ class Scheduler:
         self._rng = rng or random.SystemRandom()
         self._metrics = metrics
         self.budget = budget
-        self.rolling_joules_per_output: float | None = None  # EWMA over generated outputs
+        self.target = JoulesTarget()
         self.profile = EnergyProfile(catalog)
         self.batcher = Batcher(
             pool, catalog, max_batch_size=policy.max_batch_size, max_wait_s=policy.max_wait_s,
@@ -176,8 +176,8 @@ class Scheduler:
             self.cache.ttl_s = policy.cache_ttl_s
 
     def _set_wait(self) -> None:
-        factor = self.policy.over_target_wait_factor if self.over_target else 1.0
-        self.batcher.max_wait_s = self.policy.max_wait_s * factor
+        target_j = self.budget().joules_per_output_target
+        self.batcher.max_wait_s = self.target.max_wait_s(self.policy, target_j)
 
     def _learn(self, plan: BatchPlan, output: BatchOutput, round_trip_s: float) -> None:
         """Every finished batch updates the profile, the J/output target state and metrics.
@@ -189,19 +189,20 @@ class Scheduler:
         size = len(plan.items)
         per_output = output.joules / size
         self.profile.observe(plan.variant, size, per_output, round_trip_s)
-        old = self.rolling_joules_per_output
-        self.rolling_joules_per_output = (
-            per_output if old is None else old + TARGET_EWMA_ALPHA * (per_output - old)
-        )
+        self.target.observe(per_output)
         self._set_wait()
         if self._metrics is not None:
             self._metrics.record_batch(plan.variant, output.energy_source, output.joules, size)
 
     @property
+    def rolling_joules_per_output(self) -> float | None:
+        """The rolling measured J/output the target is held against (None: no batch yet)."""
+        return self.target.rolling_joules_per_output
+
+    @property
     def over_target(self) -> bool:
-        """Whether the rolling measured J/output is above the policy's target."""
-        target, actual = self.budget().joules_per_output_target, self.rolling_joules_per_output
-        return target is not None and actual is not None and actual > target
+        """Whether the rolling measured J/output is above the budget's target."""
+        return self.target.over(self.budget().joules_per_output_target)
 
     def routing_state(self) -> RoutingState:
         """What is up and what each variant is expected to cost right now."""

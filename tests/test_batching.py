@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from policies.batching import BatchingSnapshot, QueuedOutput, launch_size, plan_batches
 from policies.policy import Budget, Policy
+from policies.target import JoulesTarget
 from scheduler.service import Scheduler
 from telemetry.ledger import LedgerStore
 from wattserve import GenerationRequest
@@ -192,3 +193,14 @@ async def test_a_new_budget_applies_to_the_next_decision_without_restart(
     assert not scheduler.over_target
     budget["now"] = Budget(joules_per_output_target=1.0)  # what the control plane will do
     assert scheduler.over_target
+
+
+def test_the_joules_target_is_a_rolling_average_held_against_the_budget():
+    target = JoulesTarget(alpha=0.5)
+    policy = Policy(max_wait_s=0.02, over_target_wait_factor=4.0)
+    assert not target.over(10.0) and target.max_wait_s(policy, 10.0) == 0.02
+    target.observe(20.0)
+    target.observe(10.0)
+    assert target.rolling_joules_per_output == 15.0
+    assert target.over(10.0) and target.max_wait_s(policy, 10.0) == 0.08
+    assert not target.over(None) and not target.over(15.0)

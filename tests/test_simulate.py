@@ -15,6 +15,7 @@ from bench.simulate import FleetSimulation
 from bench.trace import load_prompts, make_trace, preset_spec
 from cli.main import app
 from policies.catalog import load_catalog
+from policies.policy import Policy
 from policies.routing import reference_variant
 from wattserve import InvalidRequest
 
@@ -184,3 +185,12 @@ def test_on_a_mixed_fleet_routing_picks_the_cheaper_gpu_and_the_baseline_uses_bo
     assert set(base["by_variant"]) == {"sana15-1.6b-h100", "sana15-1.6b-b200"}
     assert sum(got["placement_gpus"].values()) == 12
     assert got["joules_per_output"] < 0.95 * base["joules_per_output"]  # base: both types
+
+
+def test_over_its_joules_target_the_simulated_fleet_batches_harder_as_live(costs):
+    requests = trace("unique-high", requests=300)
+    free = summarize(FleetSimulation(CATALOG, costs, H100_8).run(requests))
+    held = summarize(FleetSimulation(CATALOG, costs, H100_8, target_j=1.0).run(requests))
+    wait_s = Policy().max_wait_s * (Policy().over_target_wait_factor - 1)
+    assert held["latency_s"]["p50"] == pytest.approx(free["latency_s"]["p50"] + wait_s)
+    assert held["mean_batch_size"] >= free["mean_batch_size"]
