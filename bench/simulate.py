@@ -98,6 +98,7 @@ class _State:
     target: JoulesTarget
     catalog: Catalog
     costs: dict[str, VariantCost]
+    names: frozenset[str]  # every placed variant is up for the whole run
     events: list[tuple[float, int, int, object]] = field(default_factory=list)
     seq: int = 0
     cache: dict[str, list[CachedCopy]] = field(default_factory=dict)
@@ -230,6 +231,7 @@ class FleetSimulation:
                               max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s,
                               joules_per_output=profile.joules_by_size),
             profile=profile, target=JoulesTarget(), catalog=catalog, costs=self.costs,
+            names=frozenset(catalog.names),
         )  # fmt: skip
         receipts: list[SimReceipt] = []
         power: list[tuple[float, float]] = [(0.0, self.gpus * self.idle_w)]
@@ -269,12 +271,10 @@ class FleetSimulation:
         self, st: _State, now: float, index: int, request: GenerationRequest
     ) -> list[SimReceipt]:
         """Route, reuse, coalesce or queue each output of one arriving request."""
-        estimates = {
-            name: st.profile.estimate(name, st.core.queued_for(name)) for name in st.catalog.names
-        }
+        estimates = {name: st.profile.estimate(name, st.core.queued_for(name)) for name in st.names}
         try:
             decision = route(request, st.catalog, self.policy,
-                             RoutingState(frozenset(st.catalog.names), estimates))  # fmt: skip
+                             RoutingState(st.names, estimates))  # fmt: skip
         except WattserveError:
             return [SimReceipt(index, "none", "none", 0, 0.0, SOURCE, "miss", request.seed or 0,
                                0.0, False, 0.0) for _ in range(request.n)]  # fmt: skip

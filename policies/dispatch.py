@@ -56,6 +56,9 @@ class Step:
     wake_at_s: float | None  # step again by then; None: only on a new output or a finish
 
 
+_NOTHING = Step((), (), (), None)
+
+
 class DispatchCore:
     """Queue, replicas in use and recent launches of one scheduler replica."""
 
@@ -152,16 +155,19 @@ class DispatchCore:
         free = {
             name: count - self._in_flight.get(name, 0) for name, count in self._replicas.items()
         }
+        # outputs for variants without a free replica cannot launch now
+        queued = tuple(
+            e.queued
+            for name, n in free.items()
+            if n > 0
+            for e in self._by_variant.get(name, {}).values()
+        )
+        if not queued:  # nothing can launch, so nothing to admit, hold or refuse
+            return _NOTHING
         decision = plan_batches(
             BatchingSnapshot(
                 now_s=now_s,
-                # outputs for variants without a free replica cannot launch now
-                queued=tuple(
-                    e.queued
-                    for name, n in free.items()
-                    if n > 0
-                    for e in self._by_variant.get(name, {}).values()
-                ),
+                queued=queued,
                 free_replicas=free,
                 max_batch_size=self._cap,
                 max_wait_s=self.max_wait_s,
