@@ -172,20 +172,24 @@ def costs_from_profile(
     """Cost tables from what a live service learned (``GET /admin/profiles``).
 
     For simulating that service's own fleet (the sim-vs-live validation): the same
-    interpolation as the ML.ENERGY models, over the batch sizes the service measured.
-    The profile does not record image size; it is priced as measured.
+    interpolation as the ML.ENERGY models, over the batch sizes the service measured,
+    priced at each size's mean J/output and median round trip where the profile has
+    them (its EWMAs otherwise: they follow change, which routing wants and a replay of
+    the whole run does not). The profile does not record image size; it is priced as
+    measured.
     """
     by_variant: dict[str, list[MeasuredPoint]] = {}
     for point in profile.data:
         spec = catalog.get(point.variant)
         if spec is None:
             continue
+        joules = point.mean_joules_per_output or point.joules_per_output
+        latency_s = point.median_batch_latency_s or point.batch_latency_s
         by_variant.setdefault(point.variant, []).append(MeasuredPoint(
             model_id=spec.source, nickname=spec.name, gpu=label, num_gpus=1,
             batch_size=point.batch_size, steps=spec.steps, width_px=spec.max_size_px,
-            height_px=spec.max_size_px, energy_per_image_j=point.joules_per_output,
-            batch_latency_s=point.batch_latency_s,
-            avg_power_w=point.joules_per_output * point.batch_size / point.batch_latency_s,
+            height_px=spec.max_size_px, energy_per_image_j=joules,
+            batch_latency_s=latency_s, avg_power_w=joules * point.batch_size / latency_s,
             avg_power_derived=True, ulysses_degree=None, ring_degree=None,
             source=f"live profile of replica {profile.replica}", source_file="", source_line=0,
             upstream=", ".join(profile.energy_sources),

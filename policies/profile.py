@@ -6,9 +6,11 @@ measured joules per output and of batch latency, seeded by the catalog's energy 
 :meth:`EnergyProfile.estimate`, which also accounts for the batch an output would join
 given the variant's queue. Plain data in, plain data out; the caller serialises updates.
 
-It also keeps what a served request costs in time outside any batch (cache lookup and
-store, flights, bookkeeping), by outcome, so a simulation of this service's own fleet
-can add it (``wattserve simulate --profile``).
+For replaying this service's own fleet in the simulator (``wattserve simulate
+--profile``) it also keeps what an average tracks badly: per (variant, batch size) the
+lifetime mean J/output (what the ledger's totals add up to) and the median of recent
+round trips (one slow batch should not move a typical latency), and the time a served
+request spends outside any batch (cache lookup and store, flights, bookkeeping).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import bisect
 import statistics
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from policies.catalog import Catalog
 
@@ -34,6 +37,25 @@ class VariantEstimate:
     measured: bool  # False: the catalog prior, not yet a measurement
 
 
+class MeasuredRow(NamedTuple):
+    """What has been learned of one variant at one batch size."""
+
+    variant: str
+    batch_size: int
+    joules_per_output: float  # EWMA: what routing uses
+    batch_latency_s: float  # EWMA of round trips
+    batches: int
+    mean_joules_per_output: float  # over every batch measured
+    median_batch_latency_s: float  # over the most recent batches
+
+
+@dataclass(slots=True)
+class _History:
+    batches: int = 0
+    joules_sum: float = 0.0
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
+
+
 class EnergyProfile:
     """EWMA of measured joules/output and latency per (variant, batch size)."""
 
@@ -45,6 +67,7 @@ class EnergyProfile:
         self._sizes: dict[str, list[int]] = {}  # measured batch sizes per variant, sorted
         self._by_size: dict[str, dict[int, float]] = {}  # the joules table, by variant
         self._overhead_s: dict[str, deque[float]] = {}
+        self._history: dict[tuple[str, int], _History] = {}
 
     def use_catalog(self, catalog: Catalog) -> None:
         """Estimate against ``catalog`` from now on; what was learned is kept."""
@@ -62,6 +85,12 @@ class EnergyProfile:
             old = table.get(key)
             table[key] = value if old is None else old + self._alpha * (value - old)
         self._by_size.setdefault(variant, {})[batch_size] = self._joules[key]
+        history = self._history.get(key)
+        if history is None:
+            history = self._history[key] = _History()
+        history.batches += 1
+        history.joules_sum += joules_per_output
+        history.latencies_s.append(latency_s)
 
     @property
     def joules_by_size(self) -> dict[str, dict[int, float]]:
@@ -83,12 +112,16 @@ class EnergyProfile:
         """
         return {k: statistics.median(v) for k, v in sorted(self._overhead_s.items()) if v}
 
-    def measured(self) -> list[tuple[str, int, float, float]]:
-        """What has been learned: (variant, batch size, J/output, batch latency s) rows."""
-        return [
-            (variant, size, joules, self._latency_s[(variant, size)])
-            for (variant, size), joules in sorted(self._joules.items())
-        ]
+    def measured(self) -> list[MeasuredRow]:
+        """What has been learned, per (variant, batch size)."""
+        rows = []
+        for (variant, size), joules in sorted(self._joules.items()):
+            history = self._history[(variant, size)]
+            rows.append(MeasuredRow(
+                variant, size, joules, self._latency_s[(variant, size)], history.batches,
+                history.joules_sum / history.batches, statistics.median(history.latencies_s),
+            ))  # fmt: skip
+        return rows
 
     def _nearest(
         self, table: dict[tuple[str, int], float], variant: str, size: int

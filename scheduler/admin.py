@@ -220,10 +220,7 @@ class AdminRoutes:
         self._require_admin(request)
         usage = await asyncio.to_thread(self._ledger.usage_by_variant)
         sources = sorted({s for u in usage for s in u.joules_by_source})
-        points = [
-            ProfilePoint(variant=v, batch_size=b, joules_per_output=j, batch_latency_s=s)
-            for v, b, j, s in self._scheduler.profile.measured()
-        ]
+        points = [ProfilePoint(**row._asdict()) for row in self._scheduler.profile.measured()]
         return ProfileList(
             replica=self.replica_id, energy_sources=sources, data=points,
             overhead_s=self._scheduler.profile.overhead_s(),

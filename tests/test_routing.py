@@ -142,3 +142,14 @@ def test_overhead_outside_batches_is_a_median_per_outcome_over_recent_requests()
     for _ in range(OVERHEAD_SAMPLES):
         profile.observe_overhead("miss", 0.05)
     assert profile.overhead_s()["miss"] == 0.05  # only recent requests count
+
+
+def test_the_profile_keeps_lifetime_means_and_recent_medians_beside_its_averages():
+    profile = EnergyProfile(CATALOG, alpha=0.5)
+    for joules, latency_s in ((10.0, 0.1), (20.0, 0.2), (60.0, 5.0)):
+        profile.observe("tiny-sd-turbo", 2, joules_per_output=joules, latency_s=latency_s)
+    [row] = profile.measured()
+    assert (row.variant, row.batch_size, row.batches) == ("tiny-sd-turbo", 2, 3)
+    assert row.joules_per_output == 37.5  # EWMA, recent-weighted: what routing reads
+    assert row.mean_joules_per_output == 30.0  # what the ledger's totals add up to
+    assert row.median_batch_latency_s == 0.2  # the slow outlier does not move it

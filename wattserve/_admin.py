@@ -244,6 +244,9 @@ class ProfilePoint(BaseModel):
     batch_size: int
     joules_per_output: float  # EWMA of measured J/output (see the ledger for sources)
     batch_latency_s: float  # EWMA of launch to results back at the scheduler
+    batches: int = 0  # batches measured at this size
+    mean_joules_per_output: float | None = None  # over all of them
+    median_batch_latency_s: float | None = None  # over the most recent of them
 
 
 class ProfileList(BaseModel):
