@@ -156,7 +156,16 @@ def telemetry_agents() -> list:
     return handles
 
 
-@serve.deployment(name="scheduler", ray_actor_options={"num_cpus": 0})
+# Serve lets a replica hold 5 requests by default and queues the rest in front of it; a
+# scheduler that batches must see its queue, or no batch can outgrow 5 and requests wait
+# where no cap, deadline or ledger reaches them. The batcher's own bound (4,096 queued
+# outputs, then 429) is the limit; this leaves room above it for admin and health calls.
+MAX_ONGOING_REQUESTS = 8192
+
+
+@serve.deployment(
+    name="scheduler", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS
+)
 @serve.ingress(api)
 class SchedulerIngress(AdminRoutes):
     """HTTP API: OpenAI-shaped image generation, models, ledger, status, usage, admin."""

@@ -170,7 +170,8 @@ def test_32_distinct_concurrent_requests_are_batched(url):
     results = asyncio.run(burst())
     receipts = [r.receipts[0] for r in results]
     assert {r.cache for r in receipts} == {"miss"}
-    assert max(r.batch_size for r in receipts) > 1
+    # more than Serve's default 5 requests in the scheduler at once: batches can fill
+    assert max(r.batch_size for r in receipts) > 5
     with Client(url) as client:
         rows = {(r.request_id, r.batch_id, r.batch_size) for r in client.ledger(limit=1000)}
     mine = [row for row in rows if row[0] in {r.request_id for r in results}]
