@@ -80,15 +80,16 @@ def power_png(report: dict[str, Any], run: RunResult, path: Path) -> Path:
     return _finish(fig, report, path)
 
 
-def latency_png(report: dict[str, Any], runs: dict[str, RunResult], path: Path) -> Path:
-    """Latency CDF of each run (served outputs)."""
+def latency_png(
+    report: dict[str, Any], latencies_s: dict[str, list[float]], xlabel: str, path: Path
+) -> Path:
+    """Latency CDF of each run (served outputs), simulated or live."""
     fig, ax = plt.subplots(figsize=(9, 5))
-    for name, run in runs.items():
-        latencies = sorted(r.latency_s for r in run.receipts if r.ok)
-        if latencies:
-            ax.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))],
-                    label=name)  # fmt: skip
-    ax.set_xlabel("latency (s, simulated)")
+    for name, values in latencies_s.items():
+        ordered = sorted(values)
+        if ordered:
+            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of outputs")
     ax.set_title("latency CDF")
     ax.legend()

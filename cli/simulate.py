@@ -16,10 +16,9 @@ import typer
 from pydantic import ValidationError
 
 from bench.fleet import costs_from_profile, fleet_catalog, parse_fleet
-from bench.plots import latency_png, power_png, sweep_png, waterfall_png
 from bench.profiles import DEFAULT_DATA_DIR, MeasurementsError
 from bench.sim_report import simulate_report, sweep
-from bench.simulate import FleetSimulation
+from bench.simulate import FleetSimulation, RunResult
 from bench.trace import PRESETS, load_prompts, make_trace, preset_spec, read_trace
 from cli._common import JsonOption, fail
 from cli._render import print_json, table
@@ -28,6 +27,7 @@ from policies.policy import Policy
 from wattserve import WattserveError
 from wattserve._admin import ProfileList
 
+NO_FIGURES = "no figures: matplotlib is not installed; pip install 'wattserve[serve]'"
 REAL_CATALOG = Path(__file__).resolve().parent.parent / "policies" / "real_catalog.toml"
 
 
@@ -137,15 +137,9 @@ def simulate(
                           overhead_s=overhead_s,
                           policy=Policy(default_deadline_s=deadline_s))  # fmt: skip
     report, runs = simulate_report(requests_list, header, sim, fleet, provenance)
-    stem = out.with_suffix("")
-    report["plots"] = [
-        str(waterfall_png(report, Path(f"{stem}-waterfall.png"))),
-        str(power_png(report, runs["achieved"], Path(f"{stem}-power.png"))),
-        str(latency_png(report, runs, Path(f"{stem}-latency.png"))),
-    ]
     if sweep_curve:
         report["sweep"] = sweep(sim, *sweep_from)
-        report["plots"].append(str(sweep_png(report, report["sweep"], Path(f"{stem}-sweep.png"))))
+    report["plots"] = _figures(report, runs, out.with_suffix(""))
     out.write_text(json.dumps(report, indent=2, default=str))
     if json_out:
         print_json(report)
@@ -174,8 +168,26 @@ def simulate(
             "(a quality floor no variant on this fleet meets, a deadline, or the power cap); "
             "the factor and achieved/oracle are per output served"
         )
+    figures = f" and {', '.join(report['plots'])}" if report["plots"] else f" ({NO_FIGURES})"
     typer.echo(
         f"factor vs baseline {report['factor_vs_baseline']:.2f}x; achieved/oracle "
-        f"{report['achieved_over_oracle']:.2f}; baseline: {report['baseline']}; wrote {out} "
-        f"and {', '.join(report['plots'])}"
+        f"{report['achieved_over_oracle']:.2f}; baseline: {report['baseline']}; wrote {out}"
+        f"{figures}"
     )
+
+
+def _figures(report: dict, runs: dict[str, RunResult], stem: Path) -> list[str]:
+    """The report's PNGs, or none where matplotlib (the [serve] extra) is not installed."""
+    try:
+        from bench.plots import latency_png, power_png, sweep_png, waterfall_png
+    except ImportError:
+        return []
+    latencies = {name: [r.latency_s for r in run.receipts if r.ok] for name, run in runs.items()}
+    paths = [
+        waterfall_png(report, Path(f"{stem}-waterfall.png")),
+        power_png(report, runs["achieved"], Path(f"{stem}-power.png")),
+        latency_png(report, latencies, "latency (s, simulated)", Path(f"{stem}-latency.png")),
+    ]
+    if "sweep" in report:
+        paths.append(sweep_png(report, report["sweep"], Path(f"{stem}-sweep.png")))
+    return [str(p) for p in paths]

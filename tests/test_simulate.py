@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,24 @@ def test_over_its_joules_target_the_simulated_fleet_batches_harder_as_live(costs
     wait_s = Policy().max_wait_s * (Policy().over_target_wait_factor - 1)
     assert held["latency_s"]["p50"] == pytest.approx(free["latency_s"]["p50"] + wait_s)
     assert held["mean_batch_size"] >= free["mean_batch_size"]
+
+
+def test_the_base_install_runs_the_cli_and_simulates_without_ray_torch_or_matplotlib(tmp_path):
+    """`pip install wattserve` has none of them: the CLI must start, simulate must run."""
+    out = tmp_path / "r.json"
+    code = (
+        "import sys\n"
+        "for name in ('ray', 'torch', 'diffusers', 'matplotlib'):\n"
+        "    sys.modules[name] = None  # importing it now raises ImportError\n"
+        "from typer.testing import CliRunner\n"
+        "from cli.main import app\n"
+        f"r = CliRunner().invoke(app, ['simulate', '--trace', 'mixed', '--fleet', '8xH100',"
+        f" '--requests', '100', '--out', {str(out)!r}])\n"
+        "print(r.output)\n"
+        "sys.exit(r.exit_code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no figures: matplotlib is not installed" in done.stdout
+    assert json.loads(out.read_text())["plots"] == []
