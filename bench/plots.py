@@ -90,7 +90,7 @@ def latency_png(
         if ordered:
             ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction of outputs")
+    ax.set_ylabel("fraction served")
     ax.set_title("latency CDF")
     ax.legend()
     return _finish(fig, report, path)

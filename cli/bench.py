@@ -134,7 +134,7 @@ def bench(
     if json_out:
         print_json(report)
         return
-    _print_summary(report, out)
+    _print_summary(report, out, _latency_figure(report, out))
 
 
 def _trace(
@@ -179,7 +179,37 @@ def _trace(
     return Trace(header, tuple(make_trace(spec, prompt_set.prompts)))
 
 
-def _print_summary(report: LiveReport, out: Path) -> None:
+def _hardware(report: LiveReport) -> str:
+    return ", ".join(f"{d.count} x {d.name} ({d.source})" for d in report.hardware) or "none listed"
+
+
+def _latency_figure(report: LiveReport, out: Path) -> str:
+    """The latency CDF of both phases as a PNG beside the report; what was written."""
+    try:
+        from bench.plots import latency_png
+    except ImportError:
+        return "no figure: matplotlib is not installed; pip install 'wattserve[serve]'"
+    phases = {"wattserve": report.achieved}
+    if report.baseline is not None:
+        phases["baseline"] = report.baseline
+    latencies_s = {
+        name: [r.latency_s for r in phase.requests if r.status == "ok"]
+        for name, phase in phases.items()
+    }
+    caption = {  # what the figure rests on, as the simulator's figures name it
+        "trace": report.trace.model_dump(mode="json"),
+        "hardware": f"{_hardware(report)}, behind {report.url}",
+        "energy_source": "measured by the service: "
+        + ", ".join(report.achieved.summary.energy_sources),
+        "baseline": report.baseline_name,
+        "quality_floors": report.quality_floors,
+    }
+    path = latency_png(caption, latencies_s, "latency (s, client side, from scheduled arrival)",
+                       out.with_name(f"{out.stem}-latency.png"))  # fmt: skip
+    return f"and {path}"
+
+
+def _print_summary(report: LiveReport, out: Path, figure: str) -> None:
     """The two phases side by side, per variant, then the factor and what it rests on."""
     phases = [("wattserve", report.achieved.summary)]
     if report.baseline is not None:
@@ -218,12 +248,11 @@ def _print_summary(report: LiveReport, out: Path) -> None:
         f"split by cause against the priced baseline ({split.baseline_name}, "
         f"{split.baseline_joules_per_output:,.1f} J/output): {fraction} = {causes}"
     )
-    devices = ", ".join(f"{d.count} x {d.name} ({d.source})" for d in report.hardware)
     floors = ", ".join(f"{tier} >= {floor:g}" for tier, floor in report.quality_floors.items())
     console.print(
         f"trace {header.preset or '-'} seed {header.seed} ({header.prompts.name}), speed "
-        f"{report.speed:g}x; hardware {devices or 'none listed'}; quality floors {floors}; "
-        f"seeds salted by {report.salt.offset} ({report.salt.chosen}); wrote {out}"
+        f"{report.speed:g}x; hardware {_hardware(report)}; quality floors {floors}; "
+        f"seeds salted by {report.salt.offset} ({report.salt.chosen}); wrote {out} {figure}"
     )
 
 

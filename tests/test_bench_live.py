@@ -265,3 +265,17 @@ async def test_bench_against_the_live_service_measures_its_baseline(url):
     assert achieved.outputs == baseline.outputs == sum(r.n for r in trace.requests)
     assert report.hardware and all(d.source for d in report.hardware)
     assert report.salt.chosen == "random"
+
+
+@pytest.mark.ray
+def test_bench_command_prints_the_factor_and_draws_both_latency_curves(url, tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(app, [
+        "bench", "--url", url, "--trace", "draft-heavy", "--requests", "6", "--rate-per-s",
+        "50", "--out", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "vs its in-run baseline" in result.output
+    figure = tmp_path / "b-latency.png"
+    assert figure.read_bytes()[:4] == b"\x89PNG" and str(figure) in result.output.replace("\n", "")
+    assert json.loads(out.read_text())["factor"] > 0
