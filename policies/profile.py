@@ -62,10 +62,10 @@ class EnergyProfile:
     def __init__(self, catalog: Catalog, alpha: float = DEFAULT_ALPHA) -> None:
         self._catalog = catalog
         self._alpha = alpha
-        self._joules: dict[tuple[str, int], float] = {}
-        self._latency_s: dict[tuple[str, int], float] = {}
+        # EWMAs by variant, then batch size
+        self._joules: dict[str, dict[int, float]] = {}
+        self._latency_s: dict[str, dict[int, float]] = {}
         self._sizes: dict[str, list[int]] = {}  # measured batch sizes per variant, sorted
-        self._by_size: dict[str, dict[int, float]] = {}  # the joules table, by variant
         self._overhead_s: dict[str, deque[float]] = {}
         self._history: dict[tuple[str, int], _History] = {}
 
@@ -81,10 +81,10 @@ class EnergyProfile:
         sizes = self._sizes.setdefault(variant, [])
         if batch_size not in sizes:
             bisect.insort(sizes, batch_size)
-        for table, value in ((self._joules, joules_per_output), (self._latency_s, latency_s)):
-            old = table.get(key)
-            table[key] = value if old is None else old + self._alpha * (value - old)
-        self._by_size.setdefault(variant, {})[batch_size] = self._joules[key]
+        for tables, value in ((self._joules, joules_per_output), (self._latency_s, latency_s)):
+            table = tables.setdefault(variant, {})
+            old = table.get(batch_size)
+            table[batch_size] = value if old is None else old + self._alpha * (value - old)
         history = self._history.get(key)
         if history is None:
             history = self._history[key] = _History()
@@ -98,7 +98,7 @@ class EnergyProfile:
 
         The live table, for the batcher to size batches by: read it, do not write it.
         """
-        return self._by_size
+        return self._joules
 
     def observe_overhead(self, outcome: str, seconds: float) -> None:
         """One served request's time outside batches; ``outcome`` is ``hit`` or ``miss``."""
@@ -115,24 +115,31 @@ class EnergyProfile:
     def measured(self) -> list[MeasuredRow]:
         """What has been learned, per (variant, batch size)."""
         rows = []
-        for (variant, size), joules in sorted(self._joules.items()):
+        for variant, size in sorted(self._history):
             history = self._history[(variant, size)]
             rows.append(MeasuredRow(
-                variant, size, joules, self._latency_s[(variant, size)], history.batches,
-                history.joules_sum / history.batches, statistics.median(history.latencies_s),
+                variant, size, self._joules[variant][size], self._latency_s[variant][size],
+                history.batches, history.joules_sum / history.batches,
+                statistics.median(history.latencies_s),
             ))  # fmt: skip
         return rows
 
-    def _nearest(
-        self, table: dict[tuple[str, int], float], variant: str, size: int
-    ) -> float | None:
-        sizes = self._sizes.get(variant)
-        if not sizes:
+    def _at(self, tables: dict[str, dict[int, float]], variant: str, size: int) -> float | None:
+        """The value measured at ``size``, else at the nearest measured size, else None.
+
+        Ties between two nearest sizes go to the smaller.
+        """
+        table = tables.get(variant)
+        if not table:
             return None
-        at = bisect.bisect_left(sizes, size)  # nearest measured size; ties go to the smaller
+        value = table.get(size)
+        if value is not None:
+            return value
+        sizes = self._sizes[variant]
+        at = bisect.bisect_left(sizes, size)
         if at == len(sizes) or (at > 0 and size - sizes[at - 1] <= sizes[at] - size):
             at -= 1
-        return table[(variant, sizes[at])]
+        return table[sizes[at]]
 
     def estimate(self, variant: str, queued: int) -> VariantEstimate:
         """Expected cost and latency of one more output, given ``queued`` ahead of it."""
@@ -141,12 +148,8 @@ class EnergyProfile:
             raise KeyError(variant)
         cap = spec.max_batch_size
         size = min(cap, queued + 1)
-        measured = self._joules.get((variant, size))
-        if measured is None:
-            measured = self._nearest(self._joules, variant, size)
+        measured = self._at(self._joules, variant, size)
         joules = measured if measured is not None else spec.energy_prior.at_batch_size(size)
-        batch_latency = self._latency_s.get((variant, size)) or self._nearest(
-            self._latency_s, variant, size
-        )
+        batch_latency = self._at(self._latency_s, variant, size)
         latency = None if batch_latency is None else (queued // cap + 1) * batch_latency
         return VariantEstimate(joules, size, latency, measured is not None)
