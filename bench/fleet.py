@@ -21,8 +21,9 @@ type).
 
 from __future__ import annotations
 
+import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.profiles import EnergyLatencyModel, MeasuredPoint, fit_models, load_measurements
@@ -57,6 +58,18 @@ class VariantCost:
     batch_energy_j: tuple[float, ...]  # index b: joules of a whole batch of b images
     batch_latency_s: tuple[float, ...]  # index b: seconds for a batch of b images
     extrapolated_above: int  # batch sizes above this were not measured (values held)
+    # index b: measured round trips of batches of b to draw from (a live profile's; empty
+    # where only the model's one value is known, as for every ML.ENERGY cost)
+    latency_samples_s: tuple[tuple[float, ...], ...] = ()
+
+    def latency_s(self, size: int, rng: random.Random) -> float:
+        """How long one batch of ``size`` takes.
+
+        A measured round trip drawn at random where a live profile gave them, so the
+        replay varies as the service did; else the model's value.
+        """
+        samples = self.latency_samples_s[size] if size < len(self.latency_samples_s) else ()
+        return rng.choice(samples) if samples else self.batch_latency_s[size]
 
     def best_energy_per_image_j(self) -> float:
         """The lowest J/image over the batch sizes the variant may run."""
@@ -175,8 +188,10 @@ def costs_from_profile(
     interpolation as the ML.ENERGY models, over the batch sizes the service measured,
     priced at each size's mean J/output and median round trip where the profile has
     them (its EWMAs otherwise: they follow change, which routing wants and a replay of
-    the whole run does not). The profile does not record image size; it is priced as
-    measured.
+    the whole run does not), and each batch at a measured size takes one of that size's
+    recent round trips, drawn at random: a queue grows with the mean service time and a
+    median falls where the spread puts it, so one number per size would get both wrong.
+    The profile does not record image size; it is priced as measured.
     """
     by_variant: dict[str, list[MeasuredPoint]] = {}
     for point in profile.data:
@@ -194,13 +209,20 @@ def costs_from_profile(
             source=f"live profile of replica {profile.replica}", source_file="", source_line=0,
             upstream=", ".join(profile.energy_sources),
         ))  # fmt: skip
+    samples: dict[str, dict[int, tuple[float, ...]]] = {}
+    for point in profile.data:
+        samples.setdefault(point.variant, {})[point.batch_size] = tuple(
+            point.recent_batch_latencies_s
+        )
     costs = {}
     for name, points in by_variant.items():
         spec = catalog.get(name)
         assert spec is not None
         model = EnergyLatencyModel(spec.source, name, label,
                                    tuple(sorted(points, key=lambda p: p.batch_size)))  # fmt: skip
-        costs[name] = _table(spec, model)
+        table = _table(spec, model)
+        drawn = tuple(samples[name].get(size, ()) for size in range(len(table.batch_latency_s)))
+        costs[name] = replace(table, latency_samples_s=drawn)
     if not costs:
         raise InvalidRequest("profile: it names no variant of the catalog")
     return costs

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ from wattserve import GenerationRequest, WattserveError
 from wattserve._schemas import MAX_SEED, parse_size
 
 SOURCE = "simulated"  # ML.ENERGY-measured model costs, played out by the simulator
+RNG_SEED = 0  # every run draws the same round trips: runs are deterministic
 PLACEMENT_SAMPLE = 5_000  # requests routed up front to size the placement
 _DONE, _ARRIVAL, _WAKE = 0, 1, 2
 
@@ -99,6 +101,7 @@ class _State:
     catalog: Catalog
     costs: dict[str, VariantCost]
     names: frozenset[str]  # every placed variant is up for the whole run
+    rng: random.Random  # draws measured round trips (a live profile's); seeded per run
     events: list[tuple[float, int, int, object]] = field(default_factory=list)
     seq: int = 0
     cache: dict[str, list[CachedCopy]] = field(default_factory=dict)
@@ -231,7 +234,7 @@ class FleetSimulation:
                               max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s,
                               joules_per_output=profile.joules_by_size),
             profile=profile, target=JoulesTarget(), catalog=catalog, costs=self.costs,
-            names=frozenset(catalog.names),
+            names=frozenset(catalog.names), rng=random.Random(RNG_SEED),
         )  # fmt: skip
         receipts: list[SimReceipt] = []
         power: list[tuple[float, float]] = [(0.0, self.gpus * self.idle_w)]
@@ -318,11 +321,11 @@ class FleetSimulation:
         for launch in step.launches:
             cost = st.costs[launch.variant]
             size = len(launch.tickets)
-            latency_s = cost.batch_latency_s[size]
+            latency_s = cost.latency_s(size, st.rng)
             st.busy_gpus += 1
             st.busy_extra_w += cost.batch_energy_j[size] / latency_s - self.idle_w
             st.batches += 1
-            st.push(now + latency_s, _DONE, (launch, f"bat_{st.batches}", now))
+            st.push(now + latency_s, _DONE, (launch, f"bat_{st.batches}", latency_s))
         for ticket in step.rejected:
             slot = st.slots.pop(ticket)
             waiters = st.flights.pop(slot.fkey, []) if slot.fkey else []
@@ -340,14 +343,14 @@ class FleetSimulation:
 
     def _finish(self, st: _State, now: float, data: object) -> list[SimReceipt]:
         """A batch ended: charge its outputs and their sharers, cache them, learn."""
-        launch, batch_id, started_s = data  # type: ignore[misc]
+        launch, batch_id, latency_s = data  # type: ignore[misc]
         cost = st.costs[launch.variant]
         size = len(launch.tickets)
-        energy_j, latency_s = cost.batch_energy_j[size], cost.batch_latency_s[size]
+        energy_j = cost.batch_energy_j[size]
         st.core.finished(launch.variant)
         st.busy_gpus -= 1
         st.busy_extra_w -= energy_j / latency_s - self.idle_w
-        st.profile.observe(launch.variant, size, energy_j / size, now - started_s)
+        st.profile.observe(launch.variant, size, energy_j / size, latency_s)
         st.target.observe(energy_j / size)
         st.core.max_wait_s = st.target.max_wait_s(self.policy, self.target_j)
         spec = st.catalog.get(launch.variant)

@@ -47,6 +47,7 @@ class MeasuredRow(NamedTuple):
     batches: int
     mean_joules_per_output: float  # over every batch measured
     median_batch_latency_s: float  # over the most recent batches
+    recent_batch_latencies_s: tuple[float, ...]  # those batches' round trips
 
 
 @dataclass(slots=True)
@@ -120,7 +121,7 @@ class EnergyProfile:
             rows.append(MeasuredRow(
                 variant, size, self._joules[variant][size], self._latency_s[variant][size],
                 history.batches, history.joules_sum / history.batches,
-                statistics.median(history.latencies_s),
+                statistics.median(history.latencies_s), tuple(history.latencies_s),
             ))  # fmt: skip
         return rows
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,23 @@ def test_the_base_install_runs_the_cli_and_simulates_without_ray_torch_or_matplo
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no figures: matplotlib is not installed" in done.stdout
     assert json.loads(out.read_text())["plots"] == []
+
+
+def test_a_live_profile_replays_batches_with_the_round_trips_it_measured():
+    from bench.fleet import costs_from_profile
+    from policies.catalog import load_catalog as load_builtin
+    from wattserve._admin import ProfileList, ProfilePoint
+
+    builtin = load_builtin()
+    point = ProfilePoint(variant="tiny-sd-turbo", batch_size=1, joules_per_output=20.0,
+                         batch_latency_s=0.25, batches=3, mean_joules_per_output=18.0,
+                         median_batch_latency_s=0.2,
+                         recent_batch_latencies_s=[0.1, 0.2, 0.9])  # fmt: skip
+    costs = costs_from_profile(builtin, ProfileList(replica="r", energy_sources=["simulated"],
+                                                    data=[point]), "CPU")  # fmt: skip
+    turbo = costs["tiny-sd-turbo"]
+    assert turbo.batch_energy_j[1] == 18.0  # the mean, not the EWMA: totals add up
+    assert turbo.batch_latency_s[1] == 0.2  # the median, where one number is needed
+    rng = random.Random(0)
+    assert {turbo.latency_s(1, rng) for _ in range(200)} == {0.1, 0.2, 0.9}
+    assert turbo.latency_s(2, rng) == turbo.batch_latency_s[2]  # unmeasured: the model's

@@ -247,6 +247,7 @@ class ProfilePoint(BaseModel):
     batches: int = 0  # batches measured at this size
     mean_joules_per_output: float | None = None  # over all of them
     median_batch_latency_s: float | None = None  # over the most recent of them
+    recent_batch_latencies_s: list[float] = Field(default_factory=list)  # those round trips
 
 
 class ProfileList(BaseModel):
