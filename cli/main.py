@@ -249,6 +249,29 @@ def report(
 
 
 @app.command()
+def profile(
+    out: Annotated[Path, typer.Option(help="Where to write it (JSON).")] = Path("profile.json"),
+    url: UrlOption = DEFAULT_BASE_URL,
+    token: TokenOption = None,
+    home: HomeOption = None,
+) -> None:
+    """Export what the service learned, for `wattserve simulate --profile` (admin).
+
+    Per variant and batch size: J/output (EWMA and mean) and round trips (EWMA, median,
+    the recent ones); and the time a request spends outside any batch. One replica's.
+    """
+    if not out.parent.is_dir():
+        fail(f"--out: no directory {out.parent} to write the profile in", code=2)
+    with open_admin(url, token, home) as admin, errors():
+        learned = admin.profiles()
+    out.write_text(learned.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    typer.echo(
+        f"wrote {out}: {len(learned.data)} (variant, batch size) points from replica "
+        f"{learned.replica}; energy sources {', '.join(learned.energy_sources) or 'none'}"
+    )
+
+
+@app.command()
 def usage(
     url: UrlOption = DEFAULT_BASE_URL, api_key: ApiKeyOption = None, json_out: JsonOption = False
 ) -> None:

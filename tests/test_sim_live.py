@@ -12,6 +12,7 @@ from bench.trace import load_prompts, make_trace, preset_spec, write_trace
 from cli.main import app
 from policies.catalog import builtin_catalog_path
 from wattserve import AdminClient
+from wattserve._admin import ProfileList
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +30,15 @@ def test_a_live_profile_drives_a_simulation_of_the_live_fleet(service, url, tmp_
     assert profile.overhead_s["miss"] > 0  # time in the scheduler outside batches, measured
     assert "simulated" in profile.energy_sources
     saved = tmp_path / "profile.json"
-    saved.write_text(profile.model_dump_json())
+    exported = CliRunner().invoke(app, ["profile", "--url", url, "--token",
+                                        service.admin_token, "--out", str(saved)])  # fmt: skip
+    assert exported.exit_code == 0 and f"wrote {saved}" in exported.output.replace("\n", "")
+    assert ProfileList.model_validate_json(saved.read_text()).replica == profile.replica
+    points = ProfileList.model_validate_json(saved.read_text()).data
+    assert all(len(p.recent_batch_latencies_s) == min(p.batches, 256) for p in points)
+    nowhere = CliRunner().invoke(app, ["profile", "--url", url, "--token", service.admin_token,
+                                       "--out", str(tmp_path / "no" / "p.json")])  # fmt: skip
+    assert nowhere.exit_code == 2 and "--out: no directory" in nowhere.output
     spec = preset_spec("draft-heavy", requests=40, rate_per_s=2.0, seed=5)
     prompts = load_prompts(builtin_catalog_path().parent.parent / "cli" / "demo_prompts.txt")
     trace_file = tmp_path / "t.jsonl"
