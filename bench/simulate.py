@@ -232,7 +232,7 @@ class FleetSimulation:
         st = _State(
             core=DispatchCore(catalog, max_batch_size=self.policy.max_batch_size,
                               max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s,
-                              joules_per_output=profile.joules_by_size),
+                              joules_bounds=profile.joules_bounds),
             profile=profile, target=JoulesTarget(), catalog=catalog, costs=self.costs,
             names=frozenset(catalog.names), rng=random.Random(RNG_SEED),
         )  # fmt: skip

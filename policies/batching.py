@@ -10,11 +10,13 @@ longest are served first.
 
 A batch is not always as large as it can be: bigger is not always cheaper per output
 (SANA 1.5 1.6B on an H100 costs 1.7 % more per image at batch 2 than at 1, and its
-cheapest size is 16 of the 32 that fit). When the profile has measured the size a batch
-would have and a smaller measured size is cheaper per output by more than
-``SMALLER_BATCH_MARGIN`` (measurement noise), the smaller batch launches and the rest
-wait for the next one. Sizes never measured are launched as they come, which is how they
-get measured.
+cheapest size is 16 of the 32 that fit). The profile gives, per measured batch size, a
+confidence interval of the mean J/output (mean ± 2 standard errors, over at least two
+batches). When even the high end of a smaller size's interval is below the low end of
+the size a batch would have, by more than ``SMALLER_BATCH_MARGIN``, the smaller batch
+launches and the rest wait for the next one. Noisy measurements (a CPU, where every size
+costs about the same per image) therefore never split a batch; sizes not yet measured
+twice launch as they come, which is how they get measured.
 
 A pure function over a frozen snapshot: the live batcher and the fleet simulator call
 the same code with their own clocks.
@@ -50,8 +52,8 @@ class BatchingSnapshot:
     free_replicas: Mapping[str, int]
     max_batch_size: Mapping[str, int]
     max_wait_s: float
-    # measured joules per output, by variant and batch size (the energy profile's table)
-    joules_per_output: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    # (low, high) bounds of measured J/output, by variant and batch size (the profile's)
+    joules_bounds: Mapping[str, Mapping[int, tuple[float, float]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,21 +76,21 @@ def _due(items: list[QueuedOutput], now: float, max_wait_s: float) -> tuple[floa
     return oldest_s + max_wait_s, urgent
 
 
-def launch_size(measured: Mapping[int, float] | None, available: int) -> int:
+def launch_size(bounds: Mapping[int, tuple[float, float]] | None, available: int) -> int:
     """How many of ``available`` compatible outputs to launch as one batch.
 
-    ``available``, unless a smaller measured size costs less per output than
-    ``available`` does (measured) by more than ``SMALLER_BATCH_MARGIN``; then the
-    cheapest such size.
+    ``available``, unless a smaller measured size is surely cheaper per output: the
+    high end of its J/output interval below the low end of ``available``'s by more than
+    ``SMALLER_BATCH_MARGIN``; then the surely-cheapest such size.
     """
-    at = measured.get(available) if measured else None
-    if at is None or measured is None:
+    at = bounds.get(available) if bounds else None
+    if at is None or bounds is None:
         return available
-    smaller = [(joules, size) for size, joules in measured.items() if size < available]
+    smaller = [(high, size) for size, (_, high) in bounds.items() if size < available]
     if not smaller:
         return available
-    joules, size = min(smaller)
-    return size if joules < at * (1 - SMALLER_BATCH_MARGIN) else available
+    high, size = min(smaller)
+    return size if high < at[0] * (1 - SMALLER_BATCH_MARGIN) else available
 
 
 def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
@@ -125,7 +127,7 @@ def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
         if free.get(variant, 0) <= 0:
             continue  # an older group of this variant took the last free replica
         items.sort(key=_order)
-        measured = snapshot.joules_per_output.get(variant)
+        measured = snapshot.joules_bounds.get(variant)
         while True:
             size = launch_size(measured, min(len(items), cap))
             launch.append(tuple(i.ticket for i in items[:size]))

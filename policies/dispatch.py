@@ -70,12 +70,12 @@ class DispatchCore:
         max_wait_s: float = 0.02,
         max_hold_s: float = 5.0,
         sample_period_s: float = 0.1,
-        joules_per_output: Mapping[str, Mapping[int, float]] | None = None,
+        joules_bounds: Mapping[str, Mapping[int, tuple[float, float]]] | None = None,
     ) -> None:
         self.max_wait_s = max_wait_s
-        # measured J/output by variant and batch size, read at each step (a live table:
-        # the energy profile's) so batches are not made larger than is cheapest
-        self._joules_per_output = joules_per_output if joules_per_output is not None else {}
+        # bounds of measured J/output by variant and batch size, read at each step (a live
+        # table: the energy profile's) so batches are not made larger than is cheapest
+        self._joules_bounds = joules_bounds if joules_bounds is not None else {}
         self.max_hold_s = max_hold_s
         self._sample_period_s = sample_period_s
         self._catalog = catalog
@@ -171,7 +171,7 @@ class DispatchCore:
                 free_replicas=free,
                 max_batch_size=self._cap,
                 max_wait_s=self.max_wait_s,
-                joules_per_output=self._joules_per_output,
+                joules_bounds=self._joules_bounds,
             )
         )
         wake_at = decision.wake_at_s

@@ -16,6 +16,7 @@ request spends outside any batch (cache lookup and store, flights, bookkeeping).
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class MeasuredRow(NamedTuple):
 class _History:
     batches: int = 0
     joules_sum: float = 0.0
+    joules_sq_sum: float = 0.0
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
 
 
@@ -67,6 +69,8 @@ class EnergyProfile:
         self._joules: dict[str, dict[int, float]] = {}
         self._latency_s: dict[str, dict[int, float]] = {}
         self._sizes: dict[str, list[int]] = {}  # measured batch sizes per variant, sorted
+        # mean J/output ± 2 standard errors by variant, then size (two batches or more)
+        self._bounds: dict[str, dict[int, tuple[float, float]]] = {}
         self._overhead_s: dict[str, deque[float]] = {}
         self._history: dict[tuple[str, int], _History] = {}
 
@@ -91,15 +95,23 @@ class EnergyProfile:
             history = self._history[key] = _History()
         history.batches += 1
         history.joules_sum += joules_per_output
+        history.joules_sq_sum += joules_per_output * joules_per_output
         history.latencies_s.append(latency_s)
+        n = history.batches
+        if n >= 2:
+            mean = history.joules_sum / n
+            variance = max(0.0, (history.joules_sq_sum - n * mean * mean) / (n - 1))
+            half = 2.0 * math.sqrt(variance / n)
+            self._bounds.setdefault(variant, {})[batch_size] = (mean - half, mean + half)
 
     @property
-    def joules_by_size(self) -> dict[str, dict[int, float]]:
-        """Measured J/output by variant, then batch size.
+    def joules_bounds(self) -> dict[str, dict[int, tuple[float, float]]]:
+        """(low, high) of the mean J/output (± 2 standard errors), by variant and size.
 
-        The live table, for the batcher to size batches by: read it, do not write it.
+        Sizes measured in two batches or more. The live table, for the batcher to size
+        batches by: read it, do not write it.
         """
-        return self._joules
+        return self._bounds
 
     def observe_overhead(self, outcome: str, seconds: float) -> None:
         """One served request's time outside batches; ``outcome`` is ``hit`` or ``miss``."""

@@ -99,13 +99,13 @@ class Batcher:
         max_hold_s: float = 5.0,
         sample_period_s: float = 0.1,
         max_queued: int = 4096,
-        joules_per_output: Mapping[str, Mapping[int, float]] | None = None,
+        joules_bounds: Mapping[str, Mapping[int, tuple[float, float]]] | None = None,
     ) -> None:
         self._pool = pool
         self.core = DispatchCore(
             catalog, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
             max_hold_s=max_hold_s, sample_period_s=sample_period_s,
-            joules_per_output=joules_per_output,
+            joules_bounds=joules_bounds,
         )  # fmt: skip
         self._catalog = catalog
         self._wakeup = asyncio.Event()

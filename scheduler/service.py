@@ -157,7 +157,7 @@ class Scheduler:
             clock=clock, new_batch_id=lambda: new_id("bat"), on_batch=self._learn,
             power_cap_w=lambda: self.budget().effective_cap_w(cluster_power_w(), node_power_w()),
             cluster_power_w=cluster_power_w, max_hold_s=max_hold_s,
-            joules_per_output=self.profile.joules_by_size,
+            joules_bounds=self.profile.joules_bounds,
         )  # fmt: skip
 
     def apply(self, catalog: Catalog, policy: Policy) -> None:

@@ -2,11 +2,14 @@
 
 import asyncio
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.batching import BatchingSnapshot, QueuedOutput, launch_size, plan_batches
+from policies.catalog import load_catalog
 from policies.policy import Budget, Policy
+from policies.profile import EnergyProfile
 from policies.target import JoulesTarget
 from scheduler.service import Scheduler
 from telemetry.ledger import LedgerStore
@@ -29,17 +32,28 @@ def test_full_batch_launches_at_once_and_the_rest_waits_for_a_free_replica():
 
 
 def test_a_batch_is_cut_to_a_cheaper_measured_size_and_only_on_clear_evidence():
-    sana = {1: 417.1, 2: 424.4, 3: 421.1, 5: 416.9, 16: 411.6, 32: 419.6}  # H100, J/image
+    means = {1: 417.1, 2: 424.4, 3: 421.1, 5: 416.9, 16: 411.6, 32: 419.6}  # SANA, H100
+    sana = {size: (j, j) for size, j in means.items()}  # measured without spread
     assert launch_size(sana, 2) == 1  # batch 2 costs 1.7 % more per image than singles
-    assert launch_size(sana, 5) == 5  # 0.05 % dearer than 1: within the noise margin
+    assert launch_size(sana, 5) == 5  # 0.05 % dearer than 1: within the margin
     assert launch_size(sana, 32) == 16  # the cheapest size, not the largest that fits
     assert launch_size(sana, 4) == 4  # never measured: launch it, and so measure it
-    assert launch_size({}, 7) == 7 and launch_size({2: 1.0}, 1) == 1
+    assert launch_size({}, 7) == 7 and launch_size({2: (1.0, 1.0)}, 1) == 1
+    noisy = {1: (400.0, 440.0), 2: (410.0, 450.0)}  # a CPU: the intervals overlap
+    assert launch_size(noisy, 2) == 2
     queued = [q(i) for i in range(6)]
-    decision = plan_batches(
-        BatchingSnapshot(0.0, tuple(queued), {"v": 2}, {"v": 3}, 0.05, {"v": {1: 9.0, 3: 10.0}})
-    )
+    bounds = {"v": {1: (9.0, 9.0), 3: (10.0, 10.0)}}
+    decision = plan_batches(BatchingSnapshot(0.0, tuple(queued), {"v": 2}, {"v": 3}, 0.05, bounds))
     assert decision.launch == ((0,), (1,))  # both free replicas take one output each
+
+
+def test_the_profile_bounds_a_size_once_two_batches_measured_it():
+    profile = EnergyProfile(load_catalog())
+    profile.observe("tiny-sd-turbo", 2, joules_per_output=10.0, latency_s=0.1)
+    assert profile.joules_bounds == {}  # one batch says nothing of the spread
+    profile.observe("tiny-sd-turbo", 2, joules_per_output=12.0, latency_s=0.1)
+    low, high = profile.joules_bounds["tiny-sd-turbo"][2]
+    assert (low, high) == pytest.approx((11.0 - 2.0, 11.0 + 2.0))  # mean ± 2 x (s / sqrt 2)
 
 
 def test_partial_batch_waits_until_max_wait_then_launches():
