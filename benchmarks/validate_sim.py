@@ -1,7 +1,7 @@
 """Sim vs live: simulate the live CPU service's own fleet and compare with `wattserve bench`.
 
     python benchmarks/validate_sim.py [--presets mixed,draft-heavy,unique-high]
-                                      [--requests 40] [--rate-per-s 1.0] [--seed 0]
+                                      [--requests 120] [--rate-per-s 1.0] [--seed 0]
 
 Starts a local service (its own state dir) and, for each preset: replays a trace against
 it with ``bench.live.run_live`` (wattserve phase only), fetches the energy profile the
@@ -55,7 +55,7 @@ SALT = 1_000_003  # fixed per preset, so the simulated trace uses exactly the se
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", default="mixed,draft-heavy,unique-high")
-    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rate-per-s", type=float, default=1.0)
     args = parser.parse_args()
