@@ -194,10 +194,14 @@ def costs_from_profile(
     The profile does not record image size; it is priced as measured.
     """
     by_variant: dict[str, list[MeasuredPoint]] = {}
+    samples: dict[str, dict[int, tuple[float, ...]]] = {}  # recent round trips
     for point in profile.data:
         spec = catalog.get(point.variant)
         if spec is None:
             continue
+        samples.setdefault(point.variant, {})[point.batch_size] = tuple(
+            point.recent_batch_latencies_s
+        )
         joules = point.mean_joules_per_output or point.joules_per_output
         latency_s = point.median_batch_latency_s or point.batch_latency_s
         by_variant.setdefault(point.variant, []).append(MeasuredPoint(
@@ -209,11 +213,6 @@ def costs_from_profile(
             source=f"live profile of replica {profile.replica}", source_file="", source_line=0,
             upstream=", ".join(profile.energy_sources),
         ))  # fmt: skip
-    samples: dict[str, dict[int, tuple[float, ...]]] = {}
-    for point in profile.data:
-        samples.setdefault(point.variant, {})[point.batch_size] = tuple(
-            point.recent_batch_latencies_s
-        )
     costs = {}
     for name, points in by_variant.items():
         spec = catalog.get(name)
