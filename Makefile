@@ -43,7 +43,7 @@ gpu-check: install
 
 # docs/cli.md is generated from the Typer app; tests/test_cli_docs.py fails when it drifts.
 cli-docs: install
-	$(BIN)/typer cli.main utils docs --name wattserve --output docs/cli.md
+	$(BIN)/typer wattserve.cli.main utils docs --name wattserve --output docs/cli.md
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

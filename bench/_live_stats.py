@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel
+from wattserve.bench.trace import TraceRequest
+from wattserve.telemetry.savings import savings_by_cause
 
-from bench.trace import TraceRequest
-from telemetry.savings import savings_by_cause
 from wattserve import GeneratedImage, Receipt
 from wattserve._schemas import RequestPolicy
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from wattserve._schemas import Quality
 
 if TYPE_CHECKING:
-    from bench.trace import TraceRequest
+    from wattserve.bench.trace import TraceRequest
 
 QUALITIES: tuple[Quality, ...] = get_args(Quality)
 

@@ -49,7 +49,7 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bench.trace import TraceSpec
+    from wattserve.bench.trace import TraceSpec
 
 SEED_BITS = 31  # request seeds come from [0, 2**31), as the demo's do
 

@@ -26,8 +26,14 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.profiles import EnergyLatencyModel, MeasuredPoint, fit_models, load_measurements
-from policies.catalog import Catalog, EnergyPrior, VariantSpec
+from wattserve.bench.profiles import (
+    EnergyLatencyModel,
+    MeasuredPoint,
+    fit_models,
+    load_measurements,
+)
+from wattserve.policies.catalog import Catalog, EnergyPrior, VariantSpec
+
 from wattserve import InvalidRequest
 from wattserve._admin import ProfileList
 

@@ -35,9 +35,7 @@ from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel
-
-import wattserve
-from bench._live_stats import (
+from wattserve.bench._live_stats import (
     Outcome,
     PhaseRun,
     PhaseSummary,
@@ -51,8 +49,10 @@ from bench._live_stats import (
     split_savings,
     summarize,
 )
-from bench.trace import Trace, TraceHeader, TraceRequest, trace_stats
-from policies.policy import Policy
+from wattserve.bench.trace import Trace, TraceHeader, TraceRequest, trace_stats
+from wattserve.policies.policy import Policy
+
+import wattserve
 from wattserve import AsyncClient, Receipt, TransportError, VariantInfo, WattserveError
 from wattserve._schemas import MAX_SEED, ClusterStatus, RequestPolicy, parse_size
 

@@ -13,8 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
-
-from bench.simulate import RunResult  # noqa: E402
+from wattserve.bench.simulate import RunResult  # noqa: E402
 
 
 def caption(report: dict[str, Any]) -> str:

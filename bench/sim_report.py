@@ -20,14 +20,15 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from bench.fleet import VariantCost
-from bench.simulate import FleetSimulation, RunResult, SimReceipt
-from bench.trace import TraceRequest, TraceSpec, make_trace
-from policies.catalog import Catalog
-from policies.policy import Policy
-from policies.routing import reference_variant
-from scheduler.identity import output_key
-from telemetry.savings import savings_by_cause
+from wattserve.bench.fleet import VariantCost
+from wattserve.bench.simulate import FleetSimulation, RunResult, SimReceipt
+from wattserve.bench.trace import TraceRequest, TraceSpec, make_trace
+from wattserve.policies.catalog import Catalog
+from wattserve.policies.policy import Policy
+from wattserve.policies.routing import reference_variant
+from wattserve.scheduler.identity import output_key
+from wattserve.telemetry.savings import savings_by_cause
+
 from wattserve._schemas import parse_size
 
 

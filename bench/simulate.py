@@ -33,16 +33,17 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bench.fleet import IDLE_W, VariantCost, place, with_replicas
-from bench.trace import TraceRequest
-from policies.catalog import Catalog, VariantSpec
-from policies.dispatch import DispatchCore
-from policies.policy import Policy
-from policies.profile import EnergyProfile
-from policies.reuse import CachedCopy, usable_copies
-from policies.routing import RoutingState, route
-from policies.target import JoulesTarget
-from scheduler.identity import flight_key, output_key
+from wattserve.bench.fleet import IDLE_W, VariantCost, place, with_replicas
+from wattserve.bench.trace import TraceRequest
+from wattserve.policies.catalog import Catalog, VariantSpec
+from wattserve.policies.dispatch import DispatchCore
+from wattserve.policies.policy import Policy
+from wattserve.policies.profile import EnergyProfile
+from wattserve.policies.reuse import CachedCopy, usable_copies
+from wattserve.policies.routing import RoutingState, route
+from wattserve.policies.target import JoulesTarget
+from wattserve.scheduler.identity import flight_key, output_key
+
 from wattserve import GenerationRequest, WattserveError
 from wattserve._schemas import MAX_SEED, parse_size
 

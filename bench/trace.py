@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from wattserve.bench._tally import Tally
+from wattserve.bench._tracegen import draw_requests
 
-from bench._tally import Tally
-from bench._tracegen import draw_requests
 from wattserve._schemas import (
     MAX_IMAGES_PER_REQUEST,
     MAX_PROMPT_CHARS,

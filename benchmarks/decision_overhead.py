@@ -19,11 +19,12 @@ import statistics
 import time
 from pathlib import Path
 
-from policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
-from policies.catalog import Catalog, EnergyPrior, VariantSpec
-from policies.policy import Policy
-from policies.profile import EnergyProfile
-from policies.routing import RoutingState, route
+from wattserve.policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
+from wattserve.policies.catalog import Catalog, EnergyPrior, VariantSpec
+from wattserve.policies.policy import Policy
+from wattserve.policies.profile import EnergyProfile
+from wattserve.policies.routing import RoutingState, route
+
 from wattserve import GenerationRequest
 
 

@@ -17,12 +17,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from policies.catalog import load_catalog
-from policies.plans import BatchPlan, WorkItem
-from telemetry.agent import LocalMeter, TelemetryAgent
-from telemetry.devices import open_power_sources
-from workers.worker import VariantWorker
+from wattserve.policies.catalog import load_catalog
+from wattserve.policies.plans import BatchPlan, WorkItem
+from wattserve.telemetry.agent import LocalMeter, TelemetryAgent
+from wattserve.telemetry.devices import open_power_sources
+from wattserve.workers.worker import VariantWorker
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import platform
 import time
 from pathlib import Path
 
-from telemetry.agent import TelemetryAgent
-from telemetry.devices import open_power_sources
+from wattserve.telemetry.agent import TelemetryAgent
+from wattserve.telemetry.devices import open_power_sources
 
 
 def main() -> None:

@@ -15,12 +15,12 @@ import platform
 import time
 from pathlib import Path
 
-from bench.fleet import fleet_catalog
-from bench.profiles import DEFAULT_DATA_DIR
-from bench.sim_report import summarize
-from bench.simulate import FleetSimulation
-from bench.trace import load_prompts, make_trace, preset_spec
-from policies.catalog import load_catalog
+from wattserve.bench.fleet import fleet_catalog
+from wattserve.bench.profiles import DEFAULT_DATA_DIR
+from wattserve.bench.sim_report import summarize
+from wattserve.bench.simulate import FleetSimulation
+from wattserve.bench.trace import load_prompts, make_trace, preset_spec
+from wattserve.policies.catalog import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = DEFAULT_DATA_DIR

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench.trace import load_prompts, make_trace, make_trace_file, preset_spec, read_trace
+from wattserve.bench.trace import load_prompts, make_trace, make_trace_file, preset_spec, read_trace
 
 T = TypeVar("T")
 

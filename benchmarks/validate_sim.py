@@ -29,11 +29,11 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from bench.fleet import costs_from_profile
-from bench.live import LiveReport, RequestRecord, run_live
-from bench.sim_report import summarize
-from bench.simulate import FleetSimulation, SimReceipt
-from bench.trace import (
+from wattserve.bench.fleet import costs_from_profile
+from wattserve.bench.live import LiveReport, RequestRecord, run_live
+from wattserve.bench.sim_report import summarize
+from wattserve.bench.simulate import FleetSimulation, SimReceipt
+from wattserve.bench.trace import (
     PRESETS,
     Trace,
     TraceHeader,
@@ -42,9 +42,10 @@ from bench.trace import (
     make_trace,
     preset_spec,
 )
-from cluster.runtime import LocalService, free_port
-from cluster.settings import Settings
-from policies.catalog import Catalog
+from wattserve.cluster.runtime import LocalService, free_port
+from wattserve.cluster.settings import Settings
+from wattserve.policies.catalog import Catalog
+
 from wattserve import AdminClient
 from wattserve._admin import ProfileList
 
@@ -63,7 +64,7 @@ def main() -> None:
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         parser.error(f"--presets: unknown {unknown}; known: {', '.join(PRESETS)}")
-    prompts = load_prompts(Path(str(resources.files("cli") / "demo_prompts.txt")))
+    prompts = load_prompts(Path(str(resources.files("wattserve.cli") / "demo_prompts.txt")))
     settings = Settings.from_env(Path(tempfile.mkdtemp(prefix="wsv", dir="/tmp")))
     runs = []
     with LocalService(settings, port=free_port()) as service:

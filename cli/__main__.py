@@ -1,5 +1,5 @@
 """``python -m cli``: the same as the ``wattserve`` console script."""
 
-from cli.main import main
+from wattserve.cli.main import main
 
 main()

@@ -13,9 +13,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-
-from cli import _render as render
-from cli._common import (
+from wattserve.cli import _render as render
+from wattserve.cli._common import (
     ApiKeyOption,
     HomeOption,
     JsonOption,
@@ -30,6 +29,7 @@ from cli._common import (
     parse_qualities,
     pick,
 )
+
 from wattserve import InvalidRequest
 from wattserve._admin import PolicyUpdate, TenantUpdate, VariantRecord, VariantState
 from wattserve._admin_client import (

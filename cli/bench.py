@@ -21,9 +21,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress, TaskID
-
-from bench.live import LiveReport, ProgressFn, VariantSummary, run_live
-from bench.trace import (
+from wattserve.bench.live import LiveReport, ProgressFn, VariantSummary, run_live
+from wattserve.bench.trace import (
     PRESET_DEFAULTS,
     PRESETS,
     Trace,
@@ -33,8 +32,9 @@ from bench.trace import (
     preset_spec,
     read_trace,
 )
-from cli._common import ApiKeyOption, JsonOption, UrlOption, errors, fail
-from cli._render import console, print_json, table
+from wattserve.cli._common import ApiKeyOption, JsonOption, UrlOption, errors, fail
+from wattserve.cli._render import console, print_json, table
+
 from wattserve._client import DEFAULT_BASE_URL
 from wattserve._schemas import RequestPolicy
 
@@ -164,7 +164,7 @@ def _trace(
     }
     if seed is not None:
         overrides["seed"] = seed
-    source = prompts or Path(str(resources.files("cli") / DEMO_PROMPTS))
+    source = prompts or Path(str(resources.files("wattserve.cli") / DEMO_PROMPTS))
     try:
         spec = preset_spec(trace, **overrides)
         prompt_set = load_prompts(source)
@@ -186,7 +186,7 @@ def _hardware(report: LiveReport) -> str:
 def _latency_figure(report: LiveReport, out: Path) -> str:
     """The latency CDF of both phases as a PNG beside the report; what was written."""
     try:
-        from bench.plots import latency_png
+        from wattserve.bench.plots import latency_png
     except ImportError:
         return "no figure: matplotlib is not installed; pip install 'wattserve[serve]'"
     phases = {"wattserve": report.achieved}

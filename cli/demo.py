@@ -17,9 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-
-import wattserve
-from bench.live import (
+from wattserve.bench.live import (
     ENERGY_NOTE,
     PhaseRun,
     VariantSummary,
@@ -28,12 +26,14 @@ from bench.live import (
     split_savings,
     summarize,
 )
-from bench.trace import TraceRequest
-from cli._render import console, table
-from cli.bench import progress_bars
-from cluster.runtime import LocalService, free_port
-from cluster.settings import Settings
-from policies.catalog import Catalog
+from wattserve.bench.trace import TraceRequest
+from wattserve.cli._render import console, table
+from wattserve.cli.bench import progress_bars
+from wattserve.cluster.runtime import LocalService, free_port
+from wattserve.cluster.settings import Settings
+from wattserve.policies.catalog import Catalog
+
+import wattserve
 from wattserve import AsyncClient, GeneratedImage, Quality, WattserveError
 from wattserve._schemas import DEFAULT_SIZE
 
@@ -46,7 +46,7 @@ REQUEST_FIELDS = {"prompt", "seed", "quality", "n"}  # what the report lists per
 
 def demo_prompts() -> list[str]:
     """The project's own demo prompts."""
-    text = (resources.files("cli") / "demo_prompts.txt").read_text(encoding="utf-8")
+    text = (resources.files("wattserve.cli") / "demo_prompts.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Annotated, cast
 
 import typer
-
-from cli import _render as render
-from cli._common import (
+from wattserve.cli import _render as render
+from wattserve.cli._common import (
     ApiKeyOption,
     HomeOption,
     JsonOption,
@@ -34,11 +33,12 @@ from cli._common import (
     open_client,
     parse_when,
 )
-from cli._render import print_json, table
-from cli.admin import budget_app, policy_app, tenant_app, variants_app
-from cli.bench import bench
-from cli.simulate import simulate
-from cli.trace import trace_app
+from wattserve.cli._render import print_json, table
+from wattserve.cli.admin import budget_app, policy_app, tenant_app, variants_app
+from wattserve.cli.bench import bench
+from wattserve.cli.simulate import simulate
+from wattserve.cli.trace import trace_app
+
 from wattserve import Quality
 from wattserve._admin_client import (
     ADMIN_TOKEN_ENV,
@@ -291,9 +291,9 @@ def serve(
 ) -> None:
     """Start local Ray + Serve with the catalog and block until Ctrl-C or SIGTERM."""
     _require_serve_extra()
-    from cluster.runtime import LocalService
-    from cluster.settings import Settings
-    from telemetry.logs import configure_logging
+    from wattserve.cluster.runtime import LocalService
+    from wattserve.cluster.settings import Settings
+    from wattserve.telemetry.logs import configure_logging
 
     configure_logging(json=False)
     service = LocalService(Settings.from_env(home), host=host, port=port)
@@ -327,9 +327,9 @@ def demo(
 ) -> None:
     """Start a local service, replay a small mixed workload, report energy per variant."""
     _require_serve_extra()
-    from cli.demo import run_demo
-    from cluster.settings import Settings
-    from telemetry.logs import configure_logging
+    from wattserve.cli.demo import run_demo
+    from wattserve.cluster.settings import Settings
+    from wattserve.telemetry.logs import configure_logging
 
     configure_logging(json=False)
     with errors():

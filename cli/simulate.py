@@ -14,16 +14,16 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from wattserve.bench.fleet import costs_from_profile, fleet_catalog, parse_fleet
+from wattserve.bench.profiles import DEFAULT_DATA_DIR, MeasurementsError
+from wattserve.bench.sim_report import simulate_report, sweep
+from wattserve.bench.simulate import FleetSimulation, RunResult
+from wattserve.bench.trace import PRESETS, load_prompts, make_trace, preset_spec, read_trace
+from wattserve.cli._common import JsonOption, fail
+from wattserve.cli._render import print_json, table
+from wattserve.policies.catalog import CatalogError, load_catalog
+from wattserve.policies.policy import Policy
 
-from bench.fleet import costs_from_profile, fleet_catalog, parse_fleet
-from bench.profiles import DEFAULT_DATA_DIR, MeasurementsError
-from bench.sim_report import simulate_report, sweep
-from bench.simulate import FleetSimulation, RunResult
-from bench.trace import PRESETS, load_prompts, make_trace, preset_spec, read_trace
-from cli._common import JsonOption, fail
-from cli._render import print_json, table
-from policies.catalog import CatalogError, load_catalog
-from policies.policy import Policy
 from wattserve import WattserveError
 from wattserve._admin import ProfileList
 
@@ -179,7 +179,7 @@ def simulate(
 def _figures(report: dict, runs: dict[str, RunResult], stem: Path) -> list[str]:
     """The report's PNGs, or none where matplotlib (the [serve] extra) is not installed."""
     try:
-        from bench.plots import latency_png, power_png, sweep_png, waterfall_png
+        from wattserve.bench.plots import latency_png, power_png, sweep_png, waterfall_png
     except ImportError:
         return []
     latencies = {name: [r.latency_s for r in run.receipts if r.ok] for name, run in runs.items()}

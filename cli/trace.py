@@ -16,8 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-
-from bench.trace import (
+from wattserve.bench.trace import (
     PRESET_DEFAULTS,
     PRESETS,
     TraceHeader,
@@ -28,8 +27,8 @@ from bench.trace import (
     read_trace,
     trace_stats,
 )
-from cli._common import JsonOption, fail, option_name
-from cli._render import fields, print_json
+from wattserve.cli._common import JsonOption, fail, option_name
+from wattserve.cli._render import fields, print_json
 
 
 def _default(field: str) -> str:
@@ -122,7 +121,7 @@ def make(
         fail(_invalid(exc), code=2)
     except ValueError as exc:
         fail(f"--preset: {exc}", code=2)
-    source = prompts or Path(str(resources.files("cli") / "demo_prompts.txt"))
+    source = prompts or Path(str(resources.files("wattserve.cli") / "demo_prompts.txt"))
     try:
         prompt_set = load_prompts(source)
     except OSError as exc:

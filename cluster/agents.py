@@ -7,13 +7,13 @@ from typing import Any
 import ray
 import structlog
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from wattserve.telemetry.agent import AGENT_NAMESPACE, TelemetryAgent, agent_actor_name
+from wattserve.telemetry.attribution import Reconciliation
+from wattserve.telemetry.devices import open_power_sources
+from wattserve.telemetry.energy import EnergyMeasurement
+from wattserve.telemetry.logs import configure_logging
+from wattserve.telemetry.metrics import AgentMetrics
 
-from telemetry.agent import AGENT_NAMESPACE, TelemetryAgent, agent_actor_name
-from telemetry.attribution import Reconciliation
-from telemetry.devices import open_power_sources
-from telemetry.energy import EnergyMeasurement
-from telemetry.logs import configure_logging
-from telemetry.metrics import AgentMetrics
 from wattserve._schemas import DeviceInfo, NodeInfo
 
 log = structlog.get_logger(__name__)

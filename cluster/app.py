@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from ray import serve
 from ray.serve import Application
-
-from cluster.settings import Settings
-from policies.catalog import VariantSpec
-from policies.tenancy import hash_key
-from scheduler.ingress import WORKER_DEPLOYMENT, SchedulerIngress, ServingConfig
-from workers.worker import VariantWorker
+from wattserve.cluster.settings import Settings
+from wattserve.policies.catalog import VariantSpec
+from wattserve.policies.tenancy import hash_key
+from wattserve.scheduler.ingress import WORKER_DEPLOYMENT, SchedulerIngress, ServingConfig
+from wattserve.workers.worker import VariantWorker
 
 
 def worker_app(variant: VariantSpec, settings: Settings) -> Application:

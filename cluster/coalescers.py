@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-
-from scheduler.coalescing import (
+from wattserve.scheduler.coalescing import (
     COALESCER_NAMESPACE,
     LeaderGone,
     LocalFlights,

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import structlog
+from wattserve.cluster.settings import Settings, ensure_admin_token
+from wattserve.policies.catalog import Catalog, load_catalog
 
-from cluster.settings import Settings, ensure_admin_token
-from policies.catalog import Catalog, load_catalog
 from wattserve import WattserveError
 from wattserve._admin import PolicyUpdate
 
@@ -81,11 +81,10 @@ class LocalService:
             os.environ.setdefault(key, value)
         import ray
         from ray import serve
-
-        from cluster.agents import start_agents
-        from cluster.app import ingress_app
-        from cluster.coalescers import start_coalescers
-        from cluster.variants import VariantReconciler, deploy_variants
+        from wattserve.cluster.agents import start_agents
+        from wattserve.cluster.app import ingress_app
+        from wattserve.cluster.coalescers import start_coalescers
+        from wattserve.cluster.variants import VariantReconciler, deploy_variants
 
         control = self._prepare_database()
         self.settings.ray_tmpdir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +124,8 @@ class LocalService:
 
     def _prepare_database(self) -> Any:
         """Migrate the database and seed it from the settings where it is still empty."""
-        from scheduler.control_store import ControlStore
-        from telemetry.ledger import LedgerStore
+        from wattserve.scheduler.control_store import ControlStore
+        from wattserve.telemetry.ledger import LedgerStore
 
         assert self.catalog is not None
         ledger = LedgerStore(self.settings.db_url)  # migrates to the current schema

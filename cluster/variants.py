@@ -21,12 +21,11 @@ from collections.abc import Callable
 
 import structlog
 from ray import serve
-
-from cluster.app import worker_app
-from cluster.settings import Settings
-from policies.catalog import VariantSpec
-from scheduler.control_store import ControlStore
-from scheduler.ingress import variant_app_name
+from wattserve.cluster.app import worker_app
+from wattserve.cluster.settings import Settings
+from wattserve.policies.catalog import VariantSpec
+from wattserve.scheduler.control_store import ControlStore
+from wattserve.scheduler.ingress import variant_app_name
 
 log = structlog.get_logger(__name__)
 

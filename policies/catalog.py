@@ -200,7 +200,7 @@ class Catalog(BaseModel):
 
 def builtin_catalog_path() -> Path:
     """Path of the catalog shipped with wattserve."""
-    return Path(str(resources.files("policies") / "builtin_catalog.toml"))
+    return Path(str(resources.files("wattserve.policies") / "builtin_catalog.toml"))
 
 
 def load_catalog(path: Path | str | None = None) -> Catalog:

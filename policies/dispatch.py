@@ -22,9 +22,9 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
-from policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
-from policies.catalog import Catalog
+from wattserve.policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
+from wattserve.policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
+from wattserve.policies.catalog import Catalog
 
 
 @dataclass

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from policies.catalog import Catalog
+from wattserve.policies.catalog import Catalog
 
 DEFAULT_ALPHA = 0.2
 OVERHEAD_SAMPLES = 256  # recent requests per outcome the overhead median is taken over

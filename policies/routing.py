@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from policies.catalog import Catalog, VariantSpec
-from policies.policy import Policy
-from policies.profile import VariantEstimate
+from wattserve.policies.catalog import Catalog, VariantSpec
+from wattserve.policies.policy import Policy
+from wattserve.policies.profile import VariantEstimate
+
 from wattserve import (
     AdmissionRejected,
     GenerationRequest,

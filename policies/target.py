@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.policy import Policy
+from wattserve.policies.policy import Policy
 
 TARGET_EWMA_ALPHA = 0.1
 

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import structlog
 from fastapi import Path, Query, Request
 from fastapi.responses import JSONResponse
+from wattserve.policies.routing import reference_variant
+from wattserve.scheduler._http import api, parse_body
+from wattserve.scheduler.control_store import ControlSnapshot, parse_variant_entry, policy_values
+from wattserve.telemetry.ledger import ANY_TENANT
+from wattserve.telemetry.reporting import window_report
 
-from policies.routing import reference_variant
-from scheduler._http import api, parse_body
-from scheduler.control_store import ControlSnapshot, parse_variant_entry, policy_values
-from telemetry.ledger import ANY_TENANT
-from telemetry.reporting import window_report
 from wattserve import InvalidRequest, Unauthorized
 from wattserve._admin import (
     NAME_PATTERN,
@@ -41,7 +41,7 @@ from wattserve._admin import (
 )
 
 if TYPE_CHECKING:
-    from scheduler.ingress import SchedulerIngress
+    from wattserve.scheduler.ingress import SchedulerIngress
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +88,7 @@ class AdminRoutes:
         return snapshot.budget_info().model_dump(mode="json")
 
     async def _check_node(self: "SchedulerIngress", node: str) -> None:
-        from scheduler.ingress import telemetry_agents
+        from wattserve.scheduler.ingress import telemetry_agents
 
         agents = await asyncio.to_thread(telemetry_agents)
         statuses = await asyncio.gather(*(a.status.remote() for a in agents))

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from wattserve.policies.catalog import Catalog
+from wattserve.policies.dispatch import DispatchCore, Launch
+from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
+from wattserve.telemetry.energy import estimated_batch_energy
 
-from policies.catalog import Catalog
-from policies.dispatch import DispatchCore, Launch
-from policies.plans import BatchOutput, BatchPlan, WorkItem
-from telemetry.energy import estimated_batch_energy
 from wattserve import AdmissionRejected, WattserveError
 from wattserve._schemas import EnergySource
 

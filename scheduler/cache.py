@@ -25,9 +25,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Field, SQLModel
-
-from policies.reuse import CachedCopy, usable_copies
-from telemetry.database import write_transaction
+from wattserve.policies.reuse import CachedCopy, usable_copies
+from wattserve.telemetry.database import write_transaction
 
 DEFAULT_MAX_BYTES = 1 << 30
 

@@ -21,11 +21,10 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from pydantic import ValidationError
-
-from policies.catalog import Catalog, VariantSpec
-from policies.policy import Budget, Policy
-from policies.tenancy import Tenant, hash_key, new_api_key
-from scheduler.control_tables import (
+from wattserve.policies.catalog import Catalog, VariantSpec
+from wattserve.policies.policy import Budget, Policy
+from wattserve.policies.tenancy import Tenant, hash_key, new_api_key
+from wattserve.scheduler.control_tables import (
     BudgetRow,
     ControlMetaRow,
     PolicyRow,
@@ -33,7 +32,8 @@ from scheduler.control_tables import (
     VariantDrainRow,
     VariantRow,
 )
-from telemetry.database import write_transaction
+from wattserve.telemetry.database import write_transaction
+
 from wattserve import Conflict, InvalidRequest, NotFound
 from wattserve._admin import (
     BudgetUpdate,

@@ -23,11 +23,9 @@ import structlog
 from fastapi import Query, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-
-import wattserve
-from policies.catalog import Catalog
-from policies.plans import BatchOutput, BatchPlan
-from policies.tenancy import (
+from wattserve.policies.catalog import Catalog
+from wattserve.policies.plans import BatchOutput, BatchPlan
+from wattserve.policies.tenancy import (
     AuthError,
     Caller,
     RateLimiter,
@@ -37,23 +35,25 @@ from policies.tenancy import (
     identify,
     month_window,
 )
-from scheduler._http import api, bearer_token, parse_body
-from scheduler.admin import AdminRoutes
-from scheduler.cache import ResultCache
-from scheduler.coalescing import (
+from wattserve.scheduler._http import api, bearer_token, parse_body
+from wattserve.scheduler.admin import AdminRoutes
+from wattserve.scheduler.cache import ResultCache
+from wattserve.scheduler.coalescing import (
     COALESCER_NAMESPACE,
     Flights,
     LocalFlights,
     RemoteFlights,
     coalescer_actor_name,
 )
-from scheduler.control_store import ControlSnapshot, ControlStore
-from scheduler.service import Scheduler
-from telemetry.agent import AGENT_NAMESPACE, agent_actor_name
-from telemetry.attribution import Reconciliation
-from telemetry.ledger import ANY_TENANT, LedgerStore
-from telemetry.logs import configure_logging
-from telemetry.metrics import SchedulerMetrics
+from wattserve.scheduler.control_store import ControlSnapshot, ControlStore
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.agent import AGENT_NAMESPACE, agent_actor_name
+from wattserve.telemetry.attribution import Reconciliation
+from wattserve.telemetry.ledger import ANY_TENANT, LedgerStore
+from wattserve.telemetry.logs import configure_logging
+from wattserve.telemetry.metrics import SchedulerMetrics
+
+import wattserve
 from wattserve import AdmissionRejected, Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
 from wattserve._admin import QuotaUsage, TenantInfo
 from wattserve._schemas import (

@@ -22,18 +22,18 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
+from wattserve.policies.catalog import Catalog, VariantSpec
+from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
+from wattserve.policies.policy import Budget, Policy
+from wattserve.policies.profile import EnergyProfile
+from wattserve.policies.routing import RouteDecision, RoutingState, route
+from wattserve.policies.target import JoulesTarget
+from wattserve.scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
+from wattserve.scheduler.cache import ResultCache
+from wattserve.scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
+from wattserve.scheduler.identity import flight_key, output_key
+from wattserve.telemetry.ledger import LedgerRow, LedgerStore
 
-from policies.catalog import Catalog, VariantSpec
-from policies.plans import BatchOutput, BatchPlan, WorkItem
-from policies.policy import Budget, Policy
-from policies.profile import EnergyProfile
-from policies.routing import RouteDecision, RoutingState, route
-from policies.target import JoulesTarget
-from scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
-from scheduler.cache import ResultCache
-from scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
-from scheduler.identity import flight_key, output_key
-from telemetry.ledger import LedgerRow, LedgerStore
 from wattserve import AdmissionRejected, GenerationFailed, GenerationRequest
 from wattserve._schemas import (
     MAX_SEED,

@@ -185,7 +185,7 @@ class WindowMeter:
 
 def _device_info(device: Any) -> dict[str, Any]:
     """Everything the NVML (or simulated) source reports for one device, read-only."""
-    from telemetry.devices import TelemetryError
+    from wattserve.telemetry.devices import TelemetryError
 
     def read(name: str) -> Any:
         try:
@@ -210,7 +210,7 @@ def _device_info(device: Any) -> dict[str, Any]:
 def _device_uuid(torch_device: Any) -> str | None:
     """NVML UUID of the worker's device (``workers.meter.cuda_device_uuid`` without Ray)."""
     try:
-        from workers.meter import cuda_device_uuid
+        from wattserve.workers.meter import cuda_device_uuid
     except ImportError:  # workers.meter imports ray, which a bare GPU image may lack
         if getattr(torch_device, "type", "cpu") != "cuda":
             return None
@@ -280,13 +280,12 @@ def _run_pytest() -> dict[str, Any]:
 def run_check(cpu_smoke: bool, repeats: int, models_dir: Path) -> dict[str, Any]:
     """Every stage of the check; failures are recorded in ``errors`` and later stages go on."""
     import structlog
-
-    from policies.catalog import load_catalog
-    from policies.plans import BatchPlan, WorkItem
-    from telemetry.agent import LocalMeter, TelemetryAgent
-    from telemetry.devices import TelemetryError, open_power_sources
-    from workers.pipelines import resolve_source
-    from workers.worker import VariantWorker
+    from wattserve.policies.catalog import load_catalog
+    from wattserve.policies.plans import BatchPlan, WorkItem
+    from wattserve.telemetry.agent import LocalMeter, TelemetryAgent
+    from wattserve.telemetry.devices import TelemetryError, open_power_sources
+    from wattserve.workers.pipelines import resolve_source
+    from wattserve.workers.worker import VariantWorker
 
     # Logs to stderr so stdout is the one JSON document (configure_logging keeps this).
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))

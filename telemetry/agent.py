@@ -20,10 +20,10 @@ from collections import deque
 from collections.abc import Callable
 
 import structlog
+from wattserve.telemetry.attribution import BatchEnergy, DeviceAttributor, Reconciliation, Sample
+from wattserve.telemetry.devices import DeviceSet, PowerSource, SimulatedDevice, TelemetryError
+from wattserve.telemetry.energy import EnergyMeasurement
 
-from telemetry.attribution import BatchEnergy, DeviceAttributor, Reconciliation, Sample
-from telemetry.devices import DeviceSet, PowerSource, SimulatedDevice, TelemetryError
-from telemetry.energy import EnergyMeasurement
 from wattserve._schemas import DeviceInfo, EnergySource, NodeInfo
 
 log = structlog.get_logger(__name__)

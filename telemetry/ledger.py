@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Field, Session, SQLModel, col, select
+from wattserve.telemetry.database import make_engine, migrate, write_transaction
 
-from telemetry.database import make_engine, migrate, write_transaction
 from wattserve._schemas import LedgerEntry, VariantUsage
 
 ANY_TENANT = "*"  # ``recent(tenant=ANY_TENANT)``: every row; ``tenant=None``: anonymous rows

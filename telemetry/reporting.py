@@ -10,8 +10,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from telemetry.ledger import LedgerRow
-from telemetry.savings import savings_by_cause
+from wattserve.telemetry.ledger import LedgerRow
+from wattserve.telemetry.savings import savings_by_cause
+
 from wattserve import Receipt
 from wattserve._admin import SavingsInfo, UsageRow, WindowReport
 

@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from policies.catalog import Catalog, load_catalog
-from policies.plans import BatchOutput, BatchPlan
+from wattserve.policies.catalog import Catalog, load_catalog
+from wattserve.policies.plans import BatchOutput, BatchPlan
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -47,8 +46,8 @@ def models_dir(state_home: Path) -> Path:
 @pytest.fixture(scope="session")
 def service(state_home: Path) -> Iterator[object]:
     """The real thing: local Ray, Serve, three worker deployments, SQLite ledger."""
-    from cluster.runtime import LocalService, free_port
-    from cluster.settings import Settings
+    from wattserve.cluster.runtime import LocalService, free_port
+    from wattserve.cluster.settings import Settings
 
     svc = LocalService(Settings.from_env(state_home), port=free_port())
     svc.start()
@@ -70,9 +69,9 @@ class InProcessPool:
     """
 
     def __init__(self, catalog: Catalog, models_dir: Path, fail_with: Exception | None = None):
-        from telemetry.agent import LocalMeter, TelemetryAgent
-        from telemetry.devices import open_power_sources
-        from workers.worker import VariantWorker
+        from wattserve.telemetry.agent import LocalMeter, TelemetryAgent
+        from wattserve.telemetry.devices import open_power_sources
+        from wattserve.workers.worker import VariantWorker
 
         self.agent = TelemetryAgent(open_power_sources("simulated"))
         meter = LocalMeter(self.agent)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import stat
 
 import pytest
+from wattserve.cluster.settings import AdminTokenError, ensure_admin_token
 
-from cluster.settings import AdminTokenError, ensure_admin_token
 from wattserve._admin_client import default_admin_token
 
 

@@ -3,9 +3,13 @@
 import time
 
 import pytest
-
-from telemetry.agent import LocalMeter, TelemetryAgent
-from telemetry.devices import DeviceSet, SimulatedDevice, TelemetryError, open_power_sources
+from wattserve.telemetry.agent import LocalMeter, TelemetryAgent
+from wattserve.telemetry.devices import (
+    DeviceSet,
+    SimulatedDevice,
+    TelemetryError,
+    open_power_sources,
+)
 
 
 class Clock:

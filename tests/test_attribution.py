@@ -1,9 +1,8 @@
 """Attribution and reconciliation, driven by hand-built sample streams (no clock, no Ray)."""
 
 import pytest
-
-from telemetry.attribution import DeviceAttributor, Sample
-from telemetry.devices import SimulatedDevice
+from wattserve.telemetry.attribution import DeviceAttributor, Sample
+from wattserve.telemetry.devices import SimulatedDevice
 
 
 def nvml(counter_update_s=0.1):

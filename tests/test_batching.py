@@ -5,14 +5,14 @@ import asyncio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wattserve.policies.batching import BatchingSnapshot, QueuedOutput, launch_size, plan_batches
+from wattserve.policies.catalog import load_catalog
+from wattserve.policies.policy import Budget, Policy
+from wattserve.policies.profile import EnergyProfile
+from wattserve.policies.target import JoulesTarget
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.ledger import LedgerStore
 
-from policies.batching import BatchingSnapshot, QueuedOutput, launch_size, plan_batches
-from policies.catalog import load_catalog
-from policies.policy import Budget, Policy
-from policies.profile import EnergyProfile
-from policies.target import JoulesTarget
-from scheduler.service import Scheduler
-from telemetry.ledger import LedgerStore
 from wattserve import GenerationRequest
 
 
@@ -178,7 +178,7 @@ def test_solo_outputs_run_alone_and_without_waiting():
 
 
 async def test_baseline_requests_share_nothing(catalog, inprocess_pool, tmp_path):
-    from scheduler.cache import ResultCache
+    from wattserve.scheduler.cache import ResultCache
 
     ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
     scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger,

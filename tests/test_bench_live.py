@@ -8,8 +8,7 @@ import httpx
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
-
-from bench.live import (
+from wattserve.bench.live import (
     Outcome,
     PhaseRun,
     by_source,
@@ -22,8 +21,16 @@ from bench.live import (
     salted,
     summarize,
 )
-from bench.trace import Trace, TraceHeader, TraceRequest, load_prompts, make_trace, preset_spec
-from cli.main import app
+from wattserve.bench.trace import (
+    Trace,
+    TraceHeader,
+    TraceRequest,
+    load_prompts,
+    make_trace,
+    preset_spec,
+)
+from wattserve.cli.main import app
+
 from wattserve import AsyncClient, Receipt, VariantInfo
 
 
@@ -50,7 +57,7 @@ def variant_info(name, quality_score, max_size_px=256, prior=100.0):
 
 
 def mixed_trace(requests, rate_per_s):
-    prompts = load_prompts(Path(str(resources.files("cli") / "demo_prompts.txt")))
+    prompts = load_prompts(Path(str(resources.files("wattserve.cli") / "demo_prompts.txt")))
     spec = preset_spec("mixed", requests=requests, rate_per_s=rate_per_s)
     header = TraceHeader(**spec.model_dump(), preset="mixed", prompts=prompts.source)
     return Trace(header, tuple(make_trace(spec, prompts.prompts)))

@@ -1,6 +1,6 @@
-from scheduler.cache import ResultCache
-from scheduler.identity import flight_key, normalize_prompt, output_key
-from telemetry.database import make_engine, migrate
+from wattserve.scheduler.cache import ResultCache
+from wattserve.scheduler.identity import flight_key, normalize_prompt, output_key
+from wattserve.telemetry.database import make_engine, migrate
 
 
 class Clock:

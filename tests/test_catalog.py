@@ -1,6 +1,5 @@
 import pytest
-
-from policies.catalog import CatalogError, load_catalog
+from wattserve.policies.catalog import CatalogError, load_catalog
 
 VALID = """
 [[variant]]

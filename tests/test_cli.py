@@ -9,10 +9,10 @@ import sys
 
 import httpx
 import pytest
+import wattserve.cli._common as cli_common
 from typer.testing import CliRunner
+from wattserve.cli.main import app
 
-import cli._common
-from cli.main import app
 from tests.test_admin_sdk import BUDGET, POLICY, REPORT, ROW, TENANT, VARIANT
 from tests.test_sdk import generation_body
 
@@ -162,7 +162,7 @@ def test_bad_input_is_one_line_exit_2_before_any_request(args, expected, code, h
     files["empty"].write_text("")
     args = [str(files[a[1:-1]]) if a.startswith("{") else a for a in args]
     sent = []
-    monkeypatch.setattr(cli._common, "transport", httpx.MockTransport(sent.append))
+    monkeypatch.setattr(cli_common, "transport", httpx.MockTransport(sent.append))
     result = runner.invoke(app, [*args, "--url", DOWN])
     assert (result.exit_code, sent) == (code, []), result.output
     assert expected in result.stderr and result.stderr.startswith("error: ")
@@ -238,7 +238,7 @@ def fake_service(home, monkeypatch):
             return httpx.Response(201 if request.method == "POST" else 200, json=body)
 
     fake = Fake()
-    monkeypatch.setattr(cli._common, "transport", httpx.MockTransport(fake))
+    monkeypatch.setattr(cli_common, "transport", httpx.MockTransport(fake))
     return fake
 
 
@@ -289,7 +289,7 @@ def test_no_command_prints_a_secret_but_tenant_create_prints_the_new_key(
 
 def test_a_rejected_token_is_not_echoed(home, monkeypatch):
     refused = httpx.Response(401, json={"error": {"message": "wrong admin token"}})
-    monkeypatch.setattr(cli._common, "transport", httpx.MockTransport(lambda _: refused))
+    monkeypatch.setattr(cli_common, "transport", httpx.MockTransport(lambda _: refused))
     result = runner.invoke(app, ["tenant", "list", "--token", ADMIN_TOKEN])
     assert result.exit_code == 1 and result.stderr == "error: wrong admin token\n"
 
@@ -395,8 +395,8 @@ def test_usage_shows_the_tenants_quota_use(fake_service):
 
 
 def test_serve_prints_where_the_admin_token_is_never_the_token(home, monkeypatch):
-    import cluster.runtime
-    from cluster.settings import Settings
+    import wattserve.cluster.runtime as cluster_runtime
+    from wattserve.cluster.settings import Settings
 
     class FakeService:
         def __init__(self, settings, host, port):
@@ -412,9 +412,9 @@ def test_serve_prints_where_the_admin_token_is_never_the_token(home, monkeypatch
     def interrupt():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cluster.runtime, "LocalService", FakeService)
-    monkeypatch.setattr("cli.main.signal.pause", interrupt)
-    monkeypatch.setattr("cli.main.signal.signal", lambda *_: None)
+    monkeypatch.setattr(cluster_runtime, "LocalService", FakeService)
+    monkeypatch.setattr("wattserve.cli.main.signal.pause", interrupt)
+    monkeypatch.setattr("wattserve.cli.main.signal.signal", lambda *_: None)
     result = runner.invoke(app, ["serve", "--home", str(home)])
     assert result.exit_code == 0, result.output
     assert f"admin token: in {Settings.from_env(home).home / 'admin-token'}" in result.stdout

@@ -10,7 +10,9 @@ REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 def render_reference() -> str:
     """What ``make cli-docs`` writes, produced in memory by the same Typer command."""
-    result = CliRunner().invoke(typer_cli, ["cli.main", "utils", "docs", "--name", "wattserve"])
+    result = CliRunner().invoke(
+        typer_cli, ["wattserve.cli.main", "utils", "docs", "--name", "wattserve"]
+    )
     assert result.exit_code == 0, result.output
     return result.stdout.removesuffix("\n")  # echo adds one newline to what --output writes
 

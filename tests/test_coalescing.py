@@ -4,11 +4,11 @@ import asyncio
 import hashlib
 
 import pytest
+from wattserve.policies.policy import Policy
+from wattserve.scheduler.cache import ResultCache
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.ledger import LedgerStore
 
-from policies.policy import Policy
-from scheduler.cache import ResultCache
-from scheduler.service import Scheduler
-from telemetry.ledger import LedgerStore
 from wattserve import GenerationFailed, GenerationRequest
 
 

@@ -4,10 +4,9 @@ import asyncio
 import base64
 
 import pytest
-
-from policies.policy import Policy
-from scheduler.cache import ResultCache
-from scheduler.coalescing import (
+from wattserve.policies.policy import Policy
+from wattserve.scheduler.cache import ResultCache
+from wattserve.scheduler.coalescing import (
     LeaderGone,
     LocalFlights,
     RemoteFlights,
@@ -15,8 +14,9 @@ from scheduler.coalescing import (
     coalescer_actor_name,
     owner_index,
 )
-from scheduler.service import Scheduler
-from telemetry.ledger import LedgerStore
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.ledger import LedgerStore
+
 from wattserve import GenerationRequest
 
 
@@ -56,7 +56,7 @@ async def test_leaving_before_and_after_the_output_is_shared():
 async def test_two_scheduler_replicas_generate_an_output_once(
     service, catalog, inprocess_pool, tmp_path
 ):
-    from cluster.coalescers import start_coalescers
+    from wattserve.cluster.coalescers import start_coalescers
 
     handles = start_coalescers(2)
     names = [coalescer_actor_name(i) for i in range(2)]

@@ -2,8 +2,7 @@ import json
 
 import pytest
 from PIL import Image
-
-from cli.demo import build_workload, demo_prompts, drive_workload
+from wattserve.cli.demo import build_workload, demo_prompts, drive_workload
 
 
 def test_workload_is_deterministic_mixed_and_repeats():

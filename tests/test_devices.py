@@ -5,8 +5,7 @@ import types
 
 import pynvml
 import pytest
-
-from telemetry.devices import (
+from wattserve.telemetry.devices import (
     DeviceLost,
     MetricNotSupported,
     NvmlUnavailable,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from policies.catalog import load_catalog
-from policies.dispatch import DispatchCore
+from wattserve.policies.catalog import load_catalog
+from wattserve.policies.dispatch import DispatchCore
 
 CATALOG = load_catalog()  # large 450 W q0.9, medium 400 W q0.7, turbo 350 W q0.4
 

@@ -29,11 +29,11 @@ def test_nvml_sees_the_device_and_its_energy_counter_advances():
 
 
 def test_builtin_variant_runs_on_cuda_and_is_reproducible(catalog, models_dir):
-    from policies.plans import BatchPlan, WorkItem
-    from telemetry.agent import LocalMeter, TelemetryAgent
-    from telemetry.devices import open_power_sources
-    from workers.meter import cuda_device_uuid
-    from workers.worker import VariantWorker
+    from wattserve.policies.plans import BatchPlan, WorkItem
+    from wattserve.telemetry.agent import LocalMeter, TelemetryAgent
+    from wattserve.telemetry.devices import open_power_sources
+    from wattserve.workers.meter import cuda_device_uuid
+    from wattserve.workers.worker import VariantWorker
 
     spec = catalog.get("tiny-sd-medium")
     gpu_resources = spec.resources.model_copy(update={"num_gpus": 1})

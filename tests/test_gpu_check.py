@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from policies.catalog import BuiltinArch, load_catalog
+from wattserve.policies.catalog import BuiltinArch, load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
@@ -111,7 +110,7 @@ def test_builtin_arch_defaults_are_the_tiny_layout_and_stay_strict():
 
 
 def test_tiny_builtin_weights_are_unchanged(tmp_path):
-    from workers.pipelines import resolve_source
+    from wattserve.workers.pipelines import resolve_source
 
     variant = load_catalog().get("tiny-sd-turbo")
     assert variant is not None

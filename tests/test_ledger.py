@@ -1,6 +1,5 @@
 import sqlalchemy as sa
-
-from telemetry.ledger import LedgerRow, LedgerStore
+from wattserve.telemetry.ledger import LedgerRow, LedgerStore
 
 
 def row(request_id="req_1", index=0, joules=10.0):

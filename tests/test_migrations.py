@@ -6,13 +6,13 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
+import wattserve.scheduler.cache  # noqa: F401  (registers the result_cache model)
+import wattserve.scheduler.control_tables  # noqa: F401  (registers the control-plane models)
 from sqlmodel import SQLModel
+from wattserve.scheduler.control_store import ControlStore
+from wattserve.telemetry.database import HEAD, SchemaError, make_engine, migrate, schema_version
+from wattserve.telemetry.ledger import LedgerRow, LedgerStore
 
-import scheduler.cache  # noqa: F401  (registers the result_cache model)
-import scheduler.control_tables  # noqa: F401  (registers the control-plane models)
-from scheduler.control_store import ControlStore
-from telemetry.database import HEAD, SchemaError, make_engine, migrate, schema_version
-from telemetry.ledger import LedgerRow, LedgerStore
 from wattserve._admin import BudgetUpdate, TenantCreate
 
 V1_LEDGER_ROW = {

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import wattserve.scheduler.cache  # noqa: F401  (registers the result_cache model)
+import wattserve.scheduler.control_tables  # noqa: F401  (registers the control-plane models)
 from sqlmodel import SQLModel
+from wattserve.policies.catalog import Catalog
+from wattserve.scheduler.cache import ResultCache
+from wattserve.scheduler.control_store import ControlStore
+from wattserve.telemetry.database import HEAD, make_engine, migrate, schema_version
+from wattserve.telemetry.ledger import ANY_TENANT, LedgerRow, LedgerStore
 
-import scheduler.cache  # noqa: F401  (registers the result_cache model)
-import scheduler.control_tables  # noqa: F401  (registers the control-plane models)
-from policies.catalog import Catalog
-from scheduler.cache import ResultCache
-from scheduler.control_store import ControlStore
-from telemetry.database import HEAD, make_engine, migrate, schema_version
-from telemetry.ledger import ANY_TENANT, LedgerRow, LedgerStore
 from tests.test_migrations import V1_LEDGER_ROW
 from wattserve import Conflict
 from wattserve._admin import BudgetUpdate, PolicyUpdate, TenantCreate
@@ -84,7 +84,7 @@ class PgCluster:
         )
 
     def start(self) -> None:
-        from cluster.runtime import free_port
+        from wattserve.cluster.runtime import free_port
 
         done = self._run(
             self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",

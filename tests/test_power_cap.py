@@ -3,11 +3,11 @@
 import asyncio
 
 import pytest
+from wattserve.policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
+from wattserve.policies.policy import Budget, Policy
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.ledger import LedgerStore
 
-from policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
-from policies.policy import Budget, Policy
-from scheduler.service import Scheduler
-from telemetry.ledger import LedgerStore
 from wattserve import AdmissionRejected, GenerationRequest
 
 

@@ -11,8 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from bench.profiles import (
+from wattserve.bench.profiles import (
     DEFAULT_DATA_DIR,
     EnergyLatencyModel,
     MeasurementsError,
@@ -22,7 +21,7 @@ from bench.profiles import (
     step_variation,
     validate,
 )
-from policies.catalog import load_catalog
+from wattserve.policies.catalog import load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CATALOG = ROOT / "policies" / "real_catalog.toml"
@@ -166,7 +165,7 @@ def test_missing_data_dir_fails_with_a_clear_message(tmp_path, capsys):
 @needs_data
 def test_cli_json_runs():
     done = subprocess.run(
-        [sys.executable, "-m", "bench.profiles", "--json"],
+        [sys.executable, "-m", "wattserve.bench.profiles", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -11,14 +11,14 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wattserve.policies.admission import PowerSnapshot, admit
+from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
+from wattserve.policies.policy import Policy
+from wattserve.scheduler.batcher import Batcher
+from wattserve.scheduler.cache import ResultCache
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.ledger import LedgerStore
 
-from policies.admission import PowerSnapshot, admit
-from policies.plans import BatchOutput, BatchPlan, WorkItem
-from policies.policy import Policy
-from scheduler.batcher import Batcher
-from scheduler.cache import ResultCache
-from scheduler.service import Scheduler
-from telemetry.ledger import LedgerStore
 from wattserve import AdmissionRejected, GenerationRequest
 
 

@@ -1,9 +1,14 @@
 import pytest
+from wattserve.policies.catalog import load_catalog
+from wattserve.policies.policy import Policy
+from wattserve.policies.profile import OVERHEAD_SAMPLES, EnergyProfile, VariantEstimate
+from wattserve.policies.routing import (
+    REASON_CHEAPEST_CAPABLE,
+    REASON_REQUESTED_MODEL,
+    RoutingState,
+    route,
+)
 
-from policies.catalog import load_catalog
-from policies.policy import Policy
-from policies.profile import OVERHEAD_SAMPLES, EnergyProfile, VariantEstimate
-from policies.routing import REASON_CHEAPEST_CAPABLE, REASON_REQUESTED_MODEL, RoutingState, route
 from wattserve import (
     AdmissionRejected,
     GenerationRequest,

@@ -1,6 +1,6 @@
 import pytest
+from wattserve.telemetry.savings import savings_by_cause
 
-from telemetry.savings import savings_by_cause
 from wattserve import Receipt
 
 

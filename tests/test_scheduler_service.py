@@ -4,10 +4,10 @@ import asyncio
 import random
 
 import pytest
+from wattserve.policies.policy import Policy
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.ledger import LedgerStore
 
-from policies.policy import Policy
-from scheduler.service import Scheduler
-from telemetry.ledger import LedgerStore
 from tests.conftest import InProcessPool
 from wattserve import GenerationFailed, GenerationRequest
 

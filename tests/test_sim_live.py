@@ -7,10 +7,10 @@ import json
 import httpx
 import pytest
 from typer.testing import CliRunner
+from wattserve.bench.trace import load_prompts, make_trace, preset_spec, write_trace
+from wattserve.cli.main import app
+from wattserve.policies.catalog import builtin_catalog_path
 
-from bench.trace import load_prompts, make_trace, preset_spec, write_trace
-from cli.main import app
-from policies.catalog import builtin_catalog_path
 from wattserve import AdminClient
 from wattserve._admin import ProfileList
 
@@ -42,7 +42,7 @@ def test_a_live_profile_drives_a_simulation_of_the_live_fleet(service, url, tmp_
     spec = preset_spec("draft-heavy", requests=40, rate_per_s=2.0, seed=5)
     prompts = load_prompts(builtin_catalog_path().parent.parent / "cli" / "demo_prompts.txt")
     trace_file = tmp_path / "t.jsonl"
-    from bench.trace import TraceHeader
+    from wattserve.bench.trace import TraceHeader
 
     header = TraceHeader(**spec.model_dump(), preset="draft-heavy", prompts=prompts.source)
     write_trace(trace_file, header, make_trace(spec, prompts.prompts))

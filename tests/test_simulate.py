@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from wattserve.bench.fleet import fleet_catalog, parse_fleet, place
+from wattserve.bench.profiles import DEFAULT_DATA_DIR
+from wattserve.bench.sim_report import oracle_joules, summarize
+from wattserve.bench.simulate import FleetSimulation
+from wattserve.bench.trace import load_prompts, make_trace, preset_spec
+from wattserve.cli.main import app
+from wattserve.policies.catalog import load_catalog
+from wattserve.policies.policy import Policy
+from wattserve.policies.routing import reference_variant
 
-from bench.fleet import fleet_catalog, parse_fleet, place
-from bench.profiles import DEFAULT_DATA_DIR
-from bench.sim_report import oracle_joules, summarize
-from bench.simulate import FleetSimulation
-from bench.trace import load_prompts, make_trace, preset_spec
-from cli.main import app
-from policies.catalog import load_catalog
-from policies.policy import Policy
-from policies.routing import reference_variant
 from wattserve import InvalidRequest
 
 DATA = DEFAULT_DATA_DIR
@@ -134,7 +134,7 @@ def test_outputs_a_fleet_cannot_make_at_their_floor_are_refused_and_said_so(tmp_
 
 
 def test_the_sweep_shows_reuse_paying_off_more_as_repeats_rise(costs):
-    from bench.sim_report import SWEEP_REPEAT_RATES, sweep
+    from wattserve.bench.sim_report import SWEEP_REPEAT_RATES, sweep
 
     sim = FleetSimulation(CATALOG, costs, H100_8)
     spec = preset_spec("mixed", requests=300, sizes={"1024x1024": 1}, rate_per_s=4.0, seed=3)
@@ -207,7 +207,7 @@ def test_the_base_install_runs_the_cli_and_simulates_without_ray_torch_or_matplo
         "for name in ('ray', 'torch', 'diffusers', 'matplotlib'):\n"
         "    sys.modules[name] = None  # importing it now raises ImportError\n"
         "from typer.testing import CliRunner\n"
-        "from cli.main import app\n"
+        "from wattserve.cli.main import app\n"
         f"r = CliRunner().invoke(app, ['simulate', '--trace', 'mixed', '--fleet', '8xH100',"
         f" '--requests', '100', '--out', {str(out)!r}])\n"
         "print(r.output)\n"
@@ -221,8 +221,9 @@ def test_the_base_install_runs_the_cli_and_simulates_without_ray_torch_or_matplo
 
 
 def test_a_live_profile_replays_batches_with_the_round_trips_it_measured():
-    from bench.fleet import costs_from_profile
-    from policies.catalog import load_catalog as load_builtin
+    from wattserve.bench.fleet import costs_from_profile
+    from wattserve.policies.catalog import load_catalog as load_builtin
+
     from wattserve._admin import ProfileList, ProfilePoint
 
     builtin = load_builtin()

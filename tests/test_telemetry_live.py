@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from typer.testing import CliRunner
+from wattserve.cli.main import app
+from wattserve.telemetry.devices import SIM_IDLE_W
 
-from cli.main import app
-from telemetry.devices import SIM_IDLE_W
 from wattserve import Client
 
 pytestmark = pytest.mark.ray

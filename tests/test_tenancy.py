@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-
-from policies.policy import Budget
-from policies.tenancy import (
+from wattserve.policies.policy import Budget
+from wattserve.policies.tenancy import (
     AuthError,
     RateLimiter,
     Tenant,
@@ -17,8 +16,8 @@ from policies.tenancy import (
     month_window,
     new_api_key,
 )
-from telemetry.ledger import LedgerRow
-from telemetry.reporting import window_report
+from wattserve.telemetry.ledger import LedgerRow
+from wattserve.telemetry.reporting import window_report
 
 KEY = new_api_key()
 ACME = Tenant("acme", hash_key(KEY), daily_kj=1.0, monthly_kj=10.0)

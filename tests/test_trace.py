@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
-
-from bench.profiles import DEFAULT_DATA_DIR
-from bench.trace import (
+from wattserve.bench.profiles import DEFAULT_DATA_DIR
+from wattserve.bench.trace import (
     PRESETS,
     TraceHeader,
     TraceRequest,
@@ -22,7 +21,7 @@ from bench.trace import (
     trace_stats,
     write_trace,
 )
-from cli.main import app
+from wattserve.cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PROMPTS = ROOT / "cli" / "demo_prompts.txt"

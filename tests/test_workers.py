@@ -1,11 +1,11 @@
 import hashlib
 import json
 
-from policies.plans import BatchPlan, WorkItem
-from telemetry.agent import LocalMeter, TelemetryAgent
-from telemetry.devices import open_power_sources
-from workers.pipelines import resolve_source
-from workers.worker import VariantWorker
+from wattserve.policies.plans import BatchPlan, WorkItem
+from wattserve.telemetry.agent import LocalMeter, TelemetryAgent
+from wattserve.telemetry.devices import open_power_sources
+from wattserve.workers.pipelines import resolve_source
+from wattserve.workers.worker import VariantWorker
 
 
 def meter():

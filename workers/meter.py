@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-
-from telemetry.agent import AGENT_NAMESPACE, agent_actor_name
-from telemetry.energy import EnergyMeasurement
+from wattserve.telemetry.agent import AGENT_NAMESPACE, agent_actor_name
+from wattserve.telemetry.energy import EnergyMeasurement
 
 
 def cuda_device_uuid(device: Any) -> str | None:

@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import structlog
-
-from policies.catalog import VariantSpec
-from policies.plans import BatchOutput, BatchPlan
-from telemetry.energy import BatchMeter, EnergyMeasurement, estimated_batch_energy
-from telemetry.logs import configure_logging
-from workers.pipelines import load_pipeline
+from wattserve.policies.catalog import VariantSpec
+from wattserve.policies.plans import BatchOutput, BatchPlan
+from wattserve.telemetry.energy import BatchMeter, EnergyMeasurement, estimated_batch_energy
+from wattserve.telemetry.logs import configure_logging
+from wattserve.workers.pipelines import load_pipeline
 
 log = structlog.get_logger(__name__)
 
@@ -102,7 +101,7 @@ class VariantWorker:
 
     def _node_agent_meter(self) -> BatchMeter:
         """The meter of the telemetry agent on this worker's node (Ray deployments)."""
-        from workers.meter import AgentMeter
+        from wattserve.workers.meter import AgentMeter
 
         return AgentMeter.for_this_node(self._device)
 
