@@ -1,6 +1,7 @@
 """One installed namespace: ``wattserve`` is the only top-level package, loaded once."""
 
 import pkgutil
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,12 +14,18 @@ LAYOUT = ("bench", "cli", "cluster", "policies", "scheduler", "telemetry", "work
 
 
 def test_the_wheel_installs_only_the_wattserve_package(tmp_path):
+    source = tmp_path / "src"  # a copy of the tracked files: the build leaves nothing here
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout.split()  # fmt: skip
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path / "dist")],
         check=True, capture_output=True,
     )  # fmt: skip
-    (wheel,) = tmp_path.glob("wattserve-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("wattserve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"wattserve"}
