@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # present the [serve] extra's torch range is satisfied, so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo serve test test-fast lint bench-priors gpu-check cli-docs clean
+.PHONY: install demo serve test test-fast test-multinode lint bench-priors gpu-check cli-docs clean
 
 install: $(STAMP)
 
@@ -29,7 +29,11 @@ test: install
 	$(BIN)/pytest -q
 
 test-fast: install
-	$(BIN)/pytest -q -m "not ray"
+	$(BIN)/pytest -q -m "not ray and not multinode"
+
+# Multi-node tests: each module starts its own head + typed nodes (also part of make test).
+test-multinode: install
+	$(BIN)/pytest -q -m multinode
 
 lint: install
 	$(BIN)/ruff check .
