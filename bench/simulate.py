@@ -40,11 +40,11 @@ from wattserve.policies.dispatch import DispatchCore
 from wattserve.policies.policy import Policy
 from wattserve.policies.profile import EnergyProfile
 from wattserve.policies.reuse import CachedCopy, usable_copies
-from wattserve.policies.routing import RoutingState, route
+from wattserve.policies.routing import RouteRefusal, RoutingState, route
 from wattserve.policies.target import JoulesTarget
 from wattserve.scheduler.identity import flight_key, output_key
 
-from wattserve import GenerationRequest, WattserveError
+from wattserve import GenerationRequest
 from wattserve._schemas import MAX_SEED, parse_size
 
 SOURCE = "simulated"  # ML.ENERGY-measured model costs, played out by the simulator
@@ -183,10 +183,10 @@ class FleetSimulation:
         state = RoutingState(frozenset(self.costs))
         demand: Counter[str] = Counter()
         for request in requests[:PLACEMENT_SAMPLE]:
-            try:
-                chosen = route(request, self.catalog, self.policy, state).variant
-            except WattserveError:
+            decision = route(request, self.catalog, self.policy, state)
+            if isinstance(decision, RouteRefusal):
                 continue
+            chosen = decision.variant
             cost = self.costs[chosen]
             size = 1 if request.policy == "baseline" else len(cost.batch_latency_s) - 1
             demand[chosen] += request.n * cost.batch_latency_s[size] / size
@@ -276,10 +276,8 @@ class FleetSimulation:
     ) -> list[SimReceipt]:
         """Route, reuse, coalesce or queue each output of one arriving request."""
         estimates = {name: st.profile.estimate(name, st.core.queued_for(name)) for name in st.names}
-        try:
-            decision = route(request, st.catalog, self.policy,
-                             RoutingState(st.names, estimates))  # fmt: skip
-        except WattserveError:
+        decision = route(request, st.catalog, self.policy, RoutingState(st.names, estimates))
+        if isinstance(decision, RouteRefusal):
             return [SimReceipt(index, "none", "none", 0, 0.0, SOURCE, "miss", request.seed or 0,
                                0.0, False, 0.0) for _ in range(request.n)]  # fmt: skip
         spec = st.catalog.get(decision.variant)

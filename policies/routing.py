@@ -5,26 +5,23 @@ or above the tier's floor and that are expected to finish within the request's d
 pick the one with the lowest expected joules per output at the batch it would join
 (from the online profile, seeded by the catalog prior); ties go to the higher quality,
 then the name. Every variant considered is returned with its estimate and, if it lost,
-why. Plain data over plain data, so the live scheduler and a simulator call the same
-code; power-budget terms plug in as further inputs.
+why. When none can serve it, a ``RouteRefusal`` says why instead, as data: the request
+path maps it to an exception at its edge, a simulator counts it. Plain data over plain
+data, so the live scheduler and a simulator call the same code; power-budget terms plug
+in as further inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from wattserve.policies.catalog import Catalog, VariantSpec
 from wattserve.policies.policy import Policy
 from wattserve.policies.profile import VariantEstimate
 
-from wattserve import (
-    AdmissionRejected,
-    GenerationRequest,
-    InvalidRequest,
-    NotFound,
-    ServiceUnavailable,
-)
+from wattserve import GenerationRequest
 
 REASON_CHEAPEST_CAPABLE = "cheapest_capable"
 REASON_REQUESTED_MODEL = "requested_model"
@@ -51,6 +48,27 @@ class RouteDecision:
     reason: str
     expected_joules_per_image: float
     candidates: tuple[Candidate, ...]
+
+
+RefusalKind = Literal["size", "quality", "model_unknown", "unavailable", "deadline"]
+
+
+@dataclass(frozen=True)
+class RouteRefusal:
+    """Why no variant can serve a request, as data: the caller decides what to do with it.
+
+    The live scheduler turns it into the matching ``WattserveError`` at its edge
+    (``scheduler/_refusals.py``); a simulator counts it. ``message`` is the sentence a
+    client reads, ``param`` the request field to blame, ``retry_after_s`` when waiting
+    could help (only ``deadline``), and ``candidates`` every variant considered (none for
+    ``model_unknown``).
+    """
+
+    kind: RefusalKind
+    message: str
+    param: str | None = None
+    retry_after_s: float | None = None
+    candidates: tuple[Candidate, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,50 +101,62 @@ def _assess(
                      on if why_not else None)  # fmt: skip
 
 
-def _refuse(request: GenerationRequest, candidates: tuple[Candidate, ...], floor: float) -> None:
-    """Raise the error that best explains why no candidate is left."""
+def _refuse(
+    request: GenerationRequest, candidates: tuple[Candidate, ...], floor: float
+) -> RouteRefusal:
+    """The refusal that best explains why no candidate is left.
+
+    Size first (nothing else matters if no variant can make it), then a variant being
+    down (the client did nothing wrong), then the deadline (waiting may help), and
+    otherwise the quality floor, naming the best variant there is.
+    """
     ruled_out_on = {c.rejected_on for c in candidates}
     if ruled_out_on == {"size"}:
         reasons = sorted({c.rejected_because or "" for c in candidates})
-        raise InvalidRequest(
+        message = (
             f"size: no variant can make {request.width_px}x{request.height_px} "
-            f"({'; '.join(reasons)})",
-            param="size",
+            f"({'; '.join(reasons)})"
         )
+        return RouteRefusal("size", message, param="size", candidates=candidates)
     if "model" in ruled_out_on:
-        raise ServiceUnavailable(f"no replica of a variant for {request.quality!r} is up")
+        message = f"no replica of a variant for {request.quality!r} is up"
+        return RouteRefusal("unavailable", message, candidates=candidates)
     late = [c for c in candidates if c.rejected_on == "deadline_s"]
     if late:
         fastest = min(late, key=lambda c: c.expected_latency_s or 0.0)
         latency_s = fastest.expected_latency_s or 0.0
-        raise AdmissionRejected(
+        message = (
             f"deadline_s: no capable variant is expected within {request.deadline_s:.2f}s; "
-            f"fastest is {fastest.variant} at {latency_s:.2f}s",
-            retry_after_s=max(1.0, latency_s - (request.deadline_s or 0.0)),
-            param="deadline_s",
+            f"fastest is {fastest.variant} at {latency_s:.2f}s"
         )
+        retry_after_s = max(1.0, latency_s - (request.deadline_s or 0.0))
+        return RouteRefusal("deadline", message, "deadline_s", retry_after_s, candidates)
     best = max(candidates, key=lambda c: c.quality_score)
-    raise InvalidRequest(
+    message = (
         f"quality: no variant meets {request.quality!r} (floor {floor:.2f}) at this size; "
-        f"best available is {best.variant} ({best.quality_score:.2f})",
-        param="quality",
+        f"best available is {best.variant} ({best.quality_score:.2f})"
     )
+    return RouteRefusal("quality", message, param="quality", candidates=candidates)
 
 
 def route(
     request: GenerationRequest, catalog: Catalog, policy: Policy, state: RoutingState
-) -> RouteDecision:
-    """Choose the variant for ``request``; raise a ``WattserveError`` if none can serve it."""
+) -> RouteDecision | RouteRefusal:
+    """Choose the variant for ``request``, or say why none can serve it.
+
+    A refusal is returned, not raised: it is an ordinary outcome of the decision, and
+    each caller (the request path, a simulator) acts on it its own way.
+    """
     if request.model is not None:
         variant = catalog.get(request.model)
         if variant is None:
-            raise NotFound(
-                f"model: unknown {request.model!r}; known: {', '.join(catalog.names)} or 'auto'",
-                param="model",
+            message = (
+                f"model: unknown {request.model!r}; known: {', '.join(catalog.names)} or 'auto'"
             )
+            return RouteRefusal("model_unknown", message, param="model")
         candidate = _assess(variant, request, 0.0, state)
         if candidate.rejected_because:
-            _refuse(request, (candidate,), 0.0)
+            return _refuse(request, (candidate,), 0.0)
         return RouteDecision(
             variant.name, REASON_REQUESTED_MODEL, candidate.expected_joules_per_image, (candidate,)
         )
@@ -136,14 +166,16 @@ def route(
     candidates = tuple(_assess(v, request, floor, state) for v in catalog.variants)
     capable = [c for c in candidates if c.rejected_because is None]
     if not capable:
-        _refuse(request, candidates, floor)
+        return _refuse(request, candidates, floor)
     best = min(capable, key=lambda c: (c.expected_joules_per_image, -c.quality_score, c.variant))
     return RouteDecision(
         best.variant, REASON_CHEAPEST_CAPABLE, best.expected_joules_per_image, candidates
     )
 
 
-def _baseline(request: GenerationRequest, catalog: Catalog, state: RoutingState) -> RouteDecision:
+def _baseline(
+    request: GenerationRequest, catalog: Catalog, state: RoutingState
+) -> RouteDecision | RouteRefusal:
     """The reference without wattserve: the highest-quality variant that can serve it.
 
     Ties (one model on two GPU types) go to the one expected to finish first, as a load
@@ -152,7 +184,7 @@ def _baseline(request: GenerationRequest, catalog: Catalog, state: RoutingState)
     candidates = tuple(_assess(v, request, 0.0, state) for v in catalog.variants)
     capable = [c for c in candidates if c.rejected_because is None]
     if not capable:
-        _refuse(request, candidates, 0.0)
+        return _refuse(request, candidates, 0.0)
     best = max(capable, key=lambda c: (c.quality_score, -(c.expected_latency_s or 0.0),
                                        c.variant))  # fmt: skip
     return RouteDecision(best.variant, REASON_BASELINE, best.expected_joules_per_image, candidates)

@@ -26,8 +26,9 @@ from wattserve.policies.catalog import Catalog, VariantSpec
 from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
 from wattserve.policies.policy import Budget, Policy
 from wattserve.policies.profile import EnergyProfile
-from wattserve.policies.routing import RouteDecision, RoutingState, route
+from wattserve.policies.routing import RouteDecision, RouteRefusal, RoutingState, route
 from wattserve.policies.target import JoulesTarget
+from wattserve.scheduler._refusals import refusal_error
 from wattserve.scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
@@ -214,6 +215,8 @@ class Scheduler:
 
     def _context(self, request: GenerationRequest, arrived: float) -> _Context:
         decision = route(request, self.catalog, self.policy, self.routing_state())
+        if isinstance(decision, RouteRefusal):
+            raise refusal_error(decision)
         variant = self.catalog.get(decision.variant)
         assert variant is not None  # route() only returns catalog variants
         base = request.seed if request.seed is not None else self._rng.randrange(2**31)

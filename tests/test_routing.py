@@ -5,9 +5,13 @@ from wattserve.policies.profile import OVERHEAD_SAMPLES, EnergyProfile, VariantE
 from wattserve.policies.routing import (
     REASON_CHEAPEST_CAPABLE,
     REASON_REQUESTED_MODEL,
+    Candidate,
+    RouteDecision,
+    RouteRefusal,
     RoutingState,
     route,
 )
+from wattserve.scheduler._refusals import refusal_error
 
 from wattserve import (
     AdmissionRejected,
@@ -31,7 +35,7 @@ def request(**kw):
 )
 def test_each_tier_gets_the_cheapest_variant_meeting_its_floor(tier, variant):
     decision = route(request(quality=tier), CATALOG, Policy(), ALL)
-    assert decision.variant == variant
+    assert isinstance(decision, RouteDecision) and decision.variant == variant
     assert decision.reason == REASON_CHEAPEST_CAPABLE
     assert {c.variant for c in decision.candidates} == ALL.available
     chosen = next(c for c in decision.candidates if c.variant == variant)
@@ -57,26 +61,34 @@ def test_ties_go_to_higher_quality():
 def test_requested_model_is_honoured_and_checked():
     decision = route(request(model="tiny-sd-large", quality="draft"), CATALOG, Policy(), ALL)
     assert (decision.variant, decision.reason) == ("tiny-sd-large", REASON_REQUESTED_MODEL)
-    with pytest.raises(NotFound) as info:
-        route(request(model="sdxl"), CATALOG, Policy(), ALL)
-    assert info.value.param == "model"
-    with pytest.raises(InvalidRequest) as info:
-        route(request(model="tiny-sd-large", width_px=1024), CATALOG, Policy(), ALL)
-    assert info.value.param == "size"
+    unknown = route(request(model="sdxl"), CATALOG, Policy(), ALL)
+    assert isinstance(unknown, RouteRefusal)
+    assert (unknown.kind, unknown.param, unknown.retry_after_s) == ("model_unknown", "model", None)
+    assert unknown.message == f"model: unknown 'sdxl'; known: {', '.join(CATALOG.names)} or 'auto'"
+    assert unknown.candidates == ()
+    too_big = route(request(model="tiny-sd-large", width_px=1024), CATALOG, Policy(), ALL)
+    assert isinstance(too_big, RouteRefusal)
+    assert (too_big.kind, too_big.param, too_big.retry_after_s) == ("size", "size", None)
+    assert too_big.message.startswith("size: no variant can make 1024x64 (")
+    assert [c.variant for c in too_big.candidates] == ["tiny-sd-large"]
 
 
 @pytest.mark.parametrize(("width", "height"), [(1024, 64), (64, 16), (60, 64)])
-def test_unservable_size_is_a_size_error(width, height):
-    with pytest.raises(InvalidRequest) as info:
-        route(request(width_px=width, height_px=height), CATALOG, Policy(), ALL)
-    assert info.value.param == "size"
+def test_unservable_size_is_a_size_refusal(width, height):
+    refusal = route(request(width_px=width, height_px=height), CATALOG, Policy(), ALL)
+    assert isinstance(refusal, RouteRefusal)
+    assert (refusal.kind, refusal.param, refusal.retry_after_s) == ("size", "size", None)
+    assert refusal.message.startswith(f"size: no variant can make {width}x{height} (")
+    assert {c.rejected_on for c in refusal.candidates} == {"size"}
 
 
 def test_no_replica_up_is_unavailable_not_a_client_error():
-    with pytest.raises(ServiceUnavailable):
-        route(
-            request(quality="high"), CATALOG, Policy(), RoutingState(frozenset({"tiny-sd-turbo"}))
-        )
+    refusal = route(
+        request(quality="high"), CATALOG, Policy(), RoutingState(frozenset({"tiny-sd-turbo"}))
+    )
+    assert isinstance(refusal, RouteRefusal)
+    assert (refusal.kind, refusal.param, refusal.retry_after_s) == ("unavailable", None, None)
+    assert refusal.message == "no replica of a variant for 'high' is up"
     # a cheaper capable variant being down moves the request to the next capable one
     up = RoutingState(frozenset({"tiny-sd-large"}))
     assert route(request(quality="draft"), CATALOG, Policy(), up).variant == "tiny-sd-large"
@@ -84,9 +96,11 @@ def test_no_replica_up_is_unavailable_not_a_client_error():
 
 def test_quality_floor_no_variant_meets_names_the_best_available():
     strict = Policy(quality_floors={"draft": 0.0, "standard": 0.5, "high": 0.95})
-    with pytest.raises(InvalidRequest) as info:
-        route(request(quality="high"), CATALOG, strict, ALL)
-    assert info.value.param == "quality" and "best available is tiny-sd-large" in info.value.message
+    refusal = route(request(quality="high"), CATALOG, strict, ALL)
+    assert isinstance(refusal, RouteRefusal)
+    assert (refusal.kind, refusal.param, refusal.retry_after_s) == ("quality", "quality", None)
+    assert refusal.message.startswith("quality: no variant meets 'high' (floor 0.95) at this size")
+    assert "best available is tiny-sd-large" in refusal.message
 
 
 def test_measured_profile_overrides_the_prior():
@@ -110,9 +124,36 @@ def test_deadline_rules_out_slow_variants_and_refuses_up_front_when_none_is_fast
     assert decision.variant == "tiny-sd-medium"
     turbo = next(c for c in decision.candidates if c.variant == "tiny-sd-turbo")
     assert turbo.rejected_on == "deadline_s"
-    with pytest.raises(AdmissionRejected) as info:
-        route(request(quality="high", deadline_s=1.0), CATALOG, Policy(), state)
-    assert info.value.param == "deadline_s" and info.value.retry_after_s >= 1
+    refusal = route(request(quality="high", deadline_s=1.0), CATALOG, Policy(), state)
+    assert isinstance(refusal, RouteRefusal)
+    assert (refusal.kind, refusal.param) == ("deadline", "deadline_s")
+    assert refusal.retry_after_s is not None and refusal.retry_after_s >= 1
+    assert refusal.retry_after_s == pytest.approx(2.0)  # fastest capable 3.0 s, deadline 1.0 s
+    assert refusal.message == (
+        "deadline_s: no capable variant is expected within 1.00s; fastest is tiny-sd-large at 3.00s"
+    )
+
+
+_SEEN = (Candidate("tiny-sd-turbo", 0.4, 18.0, rejected_because="x", rejected_on="size"),)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "error", "status"),
+    [
+        (RouteRefusal("size", "size: no", "size", None, _SEEN), InvalidRequest, 400),
+        (RouteRefusal("quality", "quality: no", "quality", None, _SEEN), InvalidRequest, 400),
+        (RouteRefusal("model_unknown", "model: unknown", "model", None, ()), NotFound, 404),
+        (RouteRefusal("unavailable", "no replica", None, None, _SEEN), ServiceUnavailable, 503),
+        (RouteRefusal("deadline", "deadline_s: no", "deadline_s", 2.5, _SEEN),
+         AdmissionRejected, 429),
+    ],
+)  # fmt: skip
+def test_each_refusal_kind_maps_to_its_one_error(refusal, error, status):
+    exc = refusal_error(refusal)
+    assert type(exc) is error and exc.status_code == status
+    assert (exc.message, exc.param) == (refusal.message, refusal.param)
+    if refusal.kind == "deadline":
+        assert exc.retry_after_s == 2.5
 
 
 def test_profile_ewma_latency_and_the_batch_an_output_would_join():
