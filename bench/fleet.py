@@ -87,23 +87,24 @@ def fleet_catalog(
 ) -> tuple[Catalog, dict[str, VariantCost]]:
     """The catalog as it would run on ``fleet``, and what each variant costs there.
 
-    A variant runs on GPUs of its ``accelerator_type``, priced from its model's
-    measurements on that type. On each other GPU type of the fleet where its model was
-    measured, and where the catalog has no variant of that model already, it gets a
-    *derived* twin: named for that type (``sdxl-h100`` on A100 is ``sdxl-a100``), with the
-    same model, steps, sizes and quality, and that type's measured energy per image (the
-    prior), peak power and largest measured batch. A variant without an accelerator type
-    runs on every GPU type where its model was measured, under its own name when the
-    fleet has one type. Variants measured nowhere in the fleet are left out.
+    A variant runs on GPUs of its native type (the first of its ``accelerator_types``),
+    priced from its model's measurements on that type. On each other GPU type of the
+    fleet where its model was measured, and where the catalog has no variant of that
+    model already, it gets a *derived* twin: named for that type (``sdxl-h100`` on A100
+    is ``sdxl-a100``), with the same model, steps, sizes and quality, and that type's
+    measured energy per image (the prior), peak power and largest measured batch. A
+    variant without an accelerator type runs on every GPU type where its model was
+    measured, under its own name when the fleet has one type. Variants measured nowhere
+    in the fleet are left out.
     """
     models = fit_models(load_measurements(data_dir))
     specs: list[VariantSpec] = []
     costs: dict[str, VariantCost] = {}
     for gpu in fleet:
-        native = {v.source for v in catalog.variants if v.resources.accelerator_type == gpu}
+        native = {v.source for v in catalog.variants if v.resources.native_accelerator_type == gpu}
         for spec in catalog.variants:
             model = models.get((spec.source, gpu))
-            accelerator = spec.resources.accelerator_type
+            accelerator = spec.resources.native_accelerator_type
             if model is None or (accelerator != gpu and spec.source in native):
                 continue
             if accelerator != gpu and (accelerator is not None or len(fleet) > 1):
@@ -123,7 +124,7 @@ def fleet_catalog(
 
 def _derived(spec: VariantSpec, gpu: str, model: EnergyLatencyModel) -> VariantSpec:
     """``spec``'s model on another GPU type, with that type's measured numbers."""
-    accelerator = spec.resources.accelerator_type
+    accelerator = spec.resources.native_accelerator_type
     suffix = f"-{accelerator.lower()}" if accelerator else ""
     base = spec.name[: -len(suffix)] if suffix and spec.name.endswith(suffix) else spec.name
     rows = ", ".join(sorted({f"{p.source_file} line {p.source_line}" for p in model.points}))
@@ -131,7 +132,7 @@ def _derived(spec: VariantSpec, gpu: str, model: EnergyLatencyModel) -> VariantS
         "name": f"{base}-{gpu.lower()}",
         "power_w": max(p.avg_power_w for p in model.points),
         "max_batch_size": max(model.batch_sizes),
-        "resources": spec.resources.model_copy(update={"accelerator_type": gpu}),
+        "resources": spec.resources.model_copy(update={"accelerator_types": (gpu,)}),
         "energy_prior": EnergyPrior(
             joules_per_image={p.batch_size: p.energy_per_image_j for p in model.points},
             provenance=f"derived from {spec.name} for {gpu}: ML.ENERGY measurements of "

@@ -1,7 +1,12 @@
-"""Per-node telemetry agents: one Ray actor pinned to each alive node."""
+"""Per-node telemetry agents: one Ray actor pinned to each alive node.
+
+Each agent learns its node's device type (``H100``, ...) from Ray's node table, so a
+node without NVML simulates devices of that type (see ``telemetry.devices``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -18,18 +23,55 @@ from wattserve._schemas import DeviceInfo, NodeInfo
 
 log = structlog.get_logger(__name__)
 
+# The node label Ray sets from the detected accelerator (ray._raylet's
+# RAY_NODE_ACCELERATOR_TYPE_KEY); test clusters set it with Cluster.add_node(labels=...).
+ACCELERATOR_TYPE_LABEL = "ray.io/accelerator-type"
+_ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"
+
+
+def node_device_type(node: Mapping[str, Any]) -> str | None:
+    """A ``ray.nodes()`` entry's device type: its label, else its ``accelerator_type:T``.
+
+    None when the node declares neither (a CPU node, or a cluster set up by hand).
+    """
+    label = (node.get("Labels") or {}).get(ACCELERATOR_TYPE_LABEL)
+    if label:
+        return str(label)
+    types = sorted(
+        name.removeprefix(_ACCELERATOR_RESOURCE_PREFIX)
+        for name in node.get("Resources") or {}
+        if name.startswith(_ACCELERATOR_RESOURCE_PREFIX)
+    )
+    return types[0] if types else None
+
 
 @ray.remote(num_cpus=0, max_restarts=3)
 class TelemetryAgentActor:
     """Hosts a ``TelemetryAgent`` for the node it is pinned to."""
 
-    def __init__(self, node_id: str, power_source: str, sample_hz: float, sim_devices: int):
+    def __init__(
+        self,
+        node_id: str,
+        power_source: str,
+        sample_hz: float,
+        sim_devices: int,
+        device_type: str | None = None,
+    ):
         configure_logging(json=True)
-        devices = open_power_sources(power_source, simulated_count=sim_devices, node=node_id[:8])
+        devices = open_power_sources(
+            power_source, simulated_count=sim_devices, node=node_id[:8], device_type=device_type
+        )
         self._agent = TelemetryAgent(devices, node_id=node_id, sample_hz=sample_hz)
+        self._device_type = device_type
         self._metrics = AgentMetrics(node_id)
         self._agent.start()
-        log.info("telemetry_agent_ready", node_id=node_id, kind=devices.kind, reason=devices.reason)
+        log.info(
+            "telemetry_agent_ready",
+            node_id=node_id,
+            device_type=device_type,
+            kind=devices.kind,
+            reason=devices.reason,
+        )
 
     def assign_device(self, worker_key: str) -> str | None:
         """See ``TelemetryAgent.assign_device``."""
@@ -47,7 +89,7 @@ class TelemetryAgentActor:
         """Node totals and devices; also refreshes the Prometheus gauges."""
         node, devices = self._agent.status()
         self._metrics.record_devices(devices)
-        return node, devices
+        return node.model_copy(update={"device_type": self._device_type}), devices
 
     def reconciliation(self) -> Reconciliation:
         """The node's energy books since the agent started."""
@@ -57,7 +99,11 @@ class TelemetryAgentActor:
 def start_agents(
     power_source: str = "auto", sample_hz: float = 10.0, sim_devices: int = 1
 ) -> list[Any]:
-    """Start (or find) one agent per alive node; return their handles."""
+    """Start (or find) one agent per alive node; return their handles.
+
+    Each agent is told its node's device type (:func:`node_device_type`), which shapes
+    the simulated devices it opens where NVML is unusable.
+    """
     handles = []
     for node in ray.nodes():
         if not node.get("Alive"):
@@ -69,7 +115,7 @@ def start_agents(
                 namespace=AGENT_NAMESPACE,
                 get_if_exists=True,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(node_id, power_source, sample_hz, sim_devices)
+            ).remote(node_id, power_source, sample_hz, sim_devices, node_device_type(node))
         )
     ray.get([h.status.remote() for h in handles])  # wait until every agent samples
     return handles

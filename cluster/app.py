@@ -22,13 +22,22 @@ from wattserve.workers.worker import VariantWorker
 
 
 def worker_app(variant: VariantSpec, settings: Settings) -> Application:
-    """The application serving ``variant``: its worker deployment, bound to its spec."""
+    """The application serving ``variant``: its worker deployment, bound to its spec.
+
+    Replicas of a variant with ``accelerator_types`` are placed only on nodes labelled
+    with one of those types.
+    """
+    from wattserve.cluster.agents import ACCELERATOR_TYPE_LABEL
+
     actor_options: dict = {
         "num_cpus": variant.resources.num_cpus,
         "num_gpus": variant.resources.num_gpus,
     }
-    if variant.resources.accelerator_type:
-        actor_options["accelerator_type"] = variant.resources.accelerator_type
+    if variant.resources.accelerator_types:
+        # Ray's label selector: "in(A,B)" matches either (no spaces: Ray 2.60's matcher
+        # compares " B" literally). Real GPU nodes carry this label automatically.
+        types = ",".join(variant.resources.accelerator_types)
+        actor_options["label_selector"] = {ACCELERATOR_TYPE_LABEL: f"in({types})"}
     deployment = serve.deployment(
         VariantWorker,
         name=WORKER_DEPLOYMENT,

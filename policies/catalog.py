@@ -13,9 +13,16 @@ import functools
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wattserve import WattserveError
 
@@ -27,15 +34,54 @@ class CatalogError(WattserveError):
     """The catalog file is missing, unparsable or invalid; the message names file and field."""
 
 
+# A Ray node label value (``ray.io/accelerator-type``): 63 characters at most,
+# alphanumeric at both ends, ``-_.`` inside; no commas or parentheses, which the label
+# selector ``in(A,B)`` would misread.
+AcceleratorType = Annotated[
+    str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+]
+
+
 class Resources(BaseModel):
-    """Ray resources one replica of the variant needs."""
+    """Ray resources one replica of the variant needs.
+
+    ``accelerator_types`` names the device types a replica may run on (any of them;
+    empty: any node). The first is the variant's native type, the one its energy
+    numbers describe. ``accelerator_type = "H100"`` is accepted as shorthand for one.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     num_cpus: float = Field(default=0.5, ge=0)
     num_gpus: float = Field(default=0, ge=0)
-    accelerator_type: str | None = None
+    accelerator_types: tuple[AcceleratorType, ...] = ()
     replicas: int = Field(default=1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_type_shorthand(cls, data: Any) -> Any:
+        """``accelerator_type = "H100"`` (older files, stored specs) -> ``("H100",)``."""
+        if not isinstance(data, dict) or "accelerator_type" not in data:
+            return data
+        data = dict(data)
+        single = data.pop("accelerator_type")
+        if "accelerator_types" in data:
+            raise ValueError("give accelerator_types or its shorthand accelerator_type, not both")
+        if single is not None:  # a stored spec from before the rename holds null
+            data["accelerator_types"] = (single,)
+        return data
+
+    @field_validator("accelerator_types")
+    @classmethod
+    def _distinct(cls, types: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(types)) != len(types):
+            raise ValueError("accelerator_types must not repeat a type")
+        return types
+
+    @property
+    def native_accelerator_type(self) -> str | None:
+        """The type the variant's energy numbers describe (the first listed), or None."""
+        return self.accelerator_types[0] if self.accelerator_types else None
 
 
 class EnergyPrior(BaseModel):

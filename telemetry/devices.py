@@ -234,6 +234,40 @@ def open_nvml_devices(visible: str | None = None) -> list[NvmlDevice]:
 # an assumption, named as one.
 SIM_IDLE_W = 70.0
 SIM_LIMIT_W = 700.0
+SIM_MIN_LIMIT_W = 200.0  # H100 SXM's lowest settable limit; never above a type's limit
+SIM_DEFAULT_NAME = "simulated GPU"
+
+
+@dataclass(frozen=True)
+class SimulatedType:
+    """Idle draw and power limit of one simulated device type, and where they come from."""
+
+    idle_w: float
+    limit_w: float
+    provenance: str
+
+
+# Keyed by Ray's accelerator type (the node label ``ray.io/accelerator-type``: "H100"
+# for every H100, PCIe ones included; the SXM board is simulated). limit_w is the
+# vendor's maximum board power (TDP) for the SXM/datacenter part. idle_w is not
+# sourced for any type: it stays the 70 W assumption (SIM_IDLE_W) until measured.
+SIMULATED_TYPES: dict[str, SimulatedType] = {
+    "H100": SimulatedType(SIM_IDLE_W, 700.0, "NVIDIA H100 datasheet: max TDP up to 700 W (SXM5)"),
+    "H200": SimulatedType(SIM_IDLE_W, 700.0, "NVIDIA H200 datasheet: max TDP up to 700 W (SXM)"),
+    "A100": SimulatedType(SIM_IDLE_W, 400.0, "NVIDIA A100 datasheet: max TDP 400 W (SXM4)"),
+    "B200": SimulatedType(
+        SIM_IDLE_W, 1000.0, "NVIDIA HGX B200 specifications: up to 1,000 W per GPU"
+    ),
+    "L4": SimulatedType(SIM_IDLE_W, 72.0, "NVIDIA L4 datasheet: max TDP 72 W"),
+}
+
+
+def simulated_type(device_type: str | None) -> tuple[str, SimulatedType | None]:
+    """Display name and table row for a device type; unknown or None: the defaults."""
+    row = SIMULATED_TYPES.get(device_type.upper()) if device_type else None
+    if row is None:
+        return SIM_DEFAULT_NAME, None
+    return f"simulated {device_type.upper()}", row
 
 
 class SimulatedDevice:
@@ -255,10 +289,11 @@ class SimulatedDevice:
         limit_w: float = SIM_LIMIT_W,
         clock: Callable[[], float] = time.monotonic,
         node: str = "local",
+        name: str = SIM_DEFAULT_NAME,
     ) -> None:
         self.index = index
         self.uuid = f"SIM-{node}-{index}"
-        self.name = "simulated GPU"
+        self.name = name
         self.idle_w = idle_w
         self.limit_w = limit_w
         self._clock = clock
@@ -313,8 +348,8 @@ class SimulatedDevice:
         return int(self.limit_w * 1000)
 
     def power_limit_constraints_mw(self) -> tuple[int, int] | None:
-        """Same range as an H100 SXM (200-700 W)."""
-        return 200_000, int(self.limit_w * 1000)
+        """An H100 SXM's 200 W floor (at most the limit) up to the limit."""
+        return int(min(SIM_MIN_LIMIT_W, self.limit_w) * 1000), int(self.limit_w * 1000)
 
 
 # ------------------------------------------------------------------------ factory
@@ -330,12 +365,18 @@ class DeviceSet:
 
 
 def open_power_sources(
-    mode: str | None = None, *, simulated_count: int = 1, node: str = "local"
+    mode: str | None = None,
+    *,
+    simulated_count: int = 1,
+    node: str = "local",
+    device_type: str | None = None,
 ) -> DeviceSet:
     """NVML when it initialises and sees devices, else simulated; ``mode`` overrides.
 
     ``mode`` defaults to ``WATTSERVE_POWER_SOURCE`` (``auto``, ``nvml`` or ``simulated``).
     ``nvml`` fails loudly when NVML is unusable instead of silently simulating.
+    Simulated devices take ``device_type``'s idle and limit power and name (e.g.
+    ``"simulated H100"``, see ``SIMULATED_TYPES``); unknown or None: "simulated GPU".
     """
     mode = (mode or os.environ.get("WATTSERVE_POWER_SOURCE") or "auto").lower()
     if mode not in ("auto", "nvml", "simulated"):
@@ -354,5 +395,7 @@ def open_power_sources(
             if mode == "nvml":
                 raise NvmlUnavailable("NVML initialised but sees no visible GPU")
             reason = "NVML sees no visible GPU; simulating"
-    sims = [SimulatedDevice(i, node=node) for i in range(simulated_count)]
+    name, row = simulated_type(device_type)
+    power = {"idle_w": row.idle_w, "limit_w": row.limit_w} if row is not None else {}
+    sims = [SimulatedDevice(i, node=node, name=name, **power) for i in range(simulated_count)]
     return DeviceSet("simulated", sims, reason)

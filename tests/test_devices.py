@@ -193,3 +193,39 @@ def test_simulated_counter_integrates_idle_and_busy_power_exactly():
     clock.now = 5.5
     assert gpu.energy_mj() == 1_340_000 + 70_000
     assert gpu.utilization_pct() == 0 and gpu.supports_energy_counter()
+
+
+@pytest.mark.parametrize(
+    ("device_type", "name", "limit_w"),
+    [
+        ("H100", "simulated H100", 700),
+        ("H200", "simulated H200", 700),
+        ("a100", "simulated A100", 400),
+        ("B200", "simulated B200", 1000),
+        ("L4", "simulated L4", 72),
+        ("RTX-PRO-6000", "simulated GPU", 700),  # unknown type: today's defaults
+        (None, "simulated GPU", 700),
+    ],
+)
+def test_simulated_devices_take_the_node_device_type(install, device_type, name, limit_w):
+    install(fake_nvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+    found = open_power_sources(simulated_count=2, node="n1", device_type=device_type)
+    assert found.kind == "simulated" and len(found.devices) == 2
+    for index, device in enumerate(found.devices):
+        assert (device.name, device.uuid) == (name, f"SIM-n1-{index}")
+        assert device.power_mw() == 70_000  # idle is the 70 W assumption for every type
+        assert device.power_limit_mw() == limit_w * 1000
+        low, high = device.power_limit_constraints_mw()
+        assert low <= high == limit_w * 1000
+
+
+def test_simulated_type_caps_busy_power_at_its_limit():
+    (gpu,) = open_power_sources("simulated", device_type="L4").devices
+    gpu.begin("b1", power_w=450)
+    assert gpu.power_mw() == 72_000
+
+
+def test_nvml_devices_ignore_the_device_type(install):
+    install(fake_nvml([FakeGpu("GPU-a")]))
+    found = open_power_sources(device_type="L4")
+    assert found.kind == "nvml" and found.devices[0].name == "NVIDIA H100 80GB HBM3"

@@ -191,7 +191,7 @@ def test_real_catalog_loads_and_every_number_is_the_one_it_cites():
     assert len(catalog.variants) == 8
     for variant in catalog.variants:
         assert re.search(r"https?://|arXiv:", variant.quality_provenance), variant.name
-        assert variant.resources.num_gpus == 1 and variant.resources.accelerator_type == "H100"
+        assert variant.resources.num_gpus == 1 and variant.resources.accelerator_types == ("H100",)
         file, rows = _cited_rows(variant.energy_prior.provenance)
         v3 = file.startswith("mlenergy_v3")
         assert {r["model_id" if v3 else "model"] for r in rows} == {variant.source}

@@ -169,7 +169,7 @@ def test_a_fleet_of_two_gpu_types_runs_each_model_where_it_was_measured():
     assert set(derived) == {"sana15-1.6b-b200", "sana15-4.8b-b200", "pixart-sigma-b200",
                             "flux1-dev-b200"}  # fmt: skip
     sana = derived["sana15-1.6b-b200"]
-    assert sana.resources.accelerator_type == "B200" and costs[sana.name].gpu == "B200"
+    assert sana.resources.accelerator_types == ("B200",) and costs[sana.name].gpu == "B200"
     assert sana.quality_score == CATALOG.get("sana15-1.6b-h100").quality_score
     assert sana.energy_prior.joules_per_image[1] == pytest.approx(342.0, abs=0.1)  # measured
     assert "B200" in sana.energy_prior.provenance

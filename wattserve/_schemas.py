@@ -285,6 +285,9 @@ class NodeInfo(BaseModel):
     window_s: float
     sample_hz: float
     sampling_cpu_pct: float
+    # The node's Ray accelerator type (label ray.io/accelerator-type), None if it has none;
+    # optional so that clients older than it still parse.
+    device_type: str | None = None
 
 
 class BudgetInfo(BaseModel):

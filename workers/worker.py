@@ -105,6 +105,12 @@ class VariantWorker:
 
         return AgentMeter.for_this_node(self._device)
 
+    def node_id(self) -> str:
+        """The Ray node this replica runs on (hex id), for placement checks and status."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def check_health(self) -> None:
         """Serve's health probe: the pipeline is loaded."""
         if self._pipe is None:
