@@ -1,0 +1,399 @@
+"""Power leases: the one place a batch, from any scheduler replica, gets to draw power.
+
+Scheduler replicas share one power budget; two seeing the same headroom would both
+spend it. So each asks the :class:`LeaseBook` for a *lease* per candidate batch, the
+worker confirms the start and the scheduler releases the lease when the batch ends
+(idempotent). The book is pure (injected clock, readings fed to ``observe``, decision
+values, no exceptions), so the admission service (a Ray actor) and the fleet simulator
+host the same object; not thread-safe: the host serialises calls. Rules, and why:
+
+1. **Headroom** = cap - latest measured power - declared draw of leases not yet
+   *visible* in it: started at s, with the reading taken at or after s +
+   ``visible_after_s``. Until then the batch may be missing from the reading, so it
+   counts in full (unstarted leases too). A released lease stays inside the latest
+   reading until a newer one: conservative (under-use), never over.
+2. **Uncapped** (no cluster or node cap): power is not consulted, so a cluster without
+   telemetry works; only slots apply. **Capped without a reading** (none yet, the last
+   poll failed, or older than ``expiry_s``): ``no_reading``; a cap is not kept blind.
+3. **Node caps** (keys: node ids or id prefixes, as ``Budget.node_caps_w``; tightest
+   applies) bind only on nodes the ask can use (its ``nodes``; empty: all in the
+   reading): on each, cap - measured - pending draw that could land there must cover
+   the ask. Serve picks the replica, so a pending lease counts on each node of its
+   ``nodes`` (all if empty). A usable capped node absent from the reading: ``no_reading``.
+4. **Slots**: ``replicas[variant]`` per variant, held from grant until release, expiry,
+   or ``max_run_s`` after the start (a lost release must not hold a replica forever).
+5. **Expiry**: an unstarted lease is void after ``granted_s + expiry_s`` (slot and draw
+   freed, ``start`` False), so a late worker never draws power already given away.
+6. **Epochs, warm-up**: each start of the admission service makes a book with a new
+   epoch, carried in lease ids (``start`` of another epoch's lease: False). The new book
+   does not know batches started under the old one, so with ``warm_up`` a capped book
+   grants nothing until it holds a reading taken at or after its creation +
+   ``visible_after_s``: that reading includes them.
+7. **No starvation**: asks are decided oldest first (``now - waited_s``) across
+   holders. The book remembers each holder's refused asks of its latest call (replaced
+   by its next, forgotten after max(1 s, 3 sample periods) without one). An ask that
+   waited ``aging_s`` or more and is refused for power *reserves* its draw and a slot of
+   its variant (unless its draw alone is over a cap): younger asks in the decision get
+   only the rest, so small batches cannot keep a big old one out. Another holder's
+   remembered ask is never granted by this call (its holder must start it), so once
+   aged it reserves whenever a slot is free. Young asks do not reserve: small batches
+   backfill around a big young one.
+8. Bad timing never raises: a reading stamped in the future counts as taken now, one
+   older than a reading already seen is ignored, garbage lease ids answer False.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+RefusalReason = Literal["power_cap", "no_slot", "no_reading", "warming_up", "unknown_variant"]
+
+_RECONFIGURE_RETRY_S = 1.0  # unknown variant: a new configuration helps, not a new reading
+
+
+@dataclass(frozen=True)
+class LeaseAsk:
+    """One candidate batch a scheduler wants to launch."""
+
+    key: int  # the caller's id for this candidate; echoed back in its decision
+    variant: str
+    draw_w: float  # the batch's declared draw
+    waited_s: float = 0.0  # age of its oldest output: an age, so callers' clocks never mix
+    nodes: frozenset[str] = frozenset()  # node ids the variant can run on; empty: any
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Permission to start one batch: its draw and one replica slot are reserved."""
+
+    lease_id: str  # f"{epoch}-{n}", unique per book
+    epoch: int
+    holder: str
+    variant: str
+    draw_w: float
+    granted_s: float
+    expires_s: float  # an unstarted lease is void after this (book clock)
+
+
+@dataclass(frozen=True)
+class LeaseRefusal:
+    """Why an ask was not granted, in words a user can read, and when to ask again."""
+
+    reason: RefusalReason
+    message: str
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
+class LeaseDecision:
+    """The answer to one ask: exactly one of ``lease`` and ``refusal`` is set."""
+
+    key: int
+    lease: Lease | None = None
+    refusal: LeaseRefusal | None = None
+
+
+@dataclass(frozen=True)
+class PowerReading:
+    """One poll of the telemetry agents, in watts."""
+
+    at_s: float  # book-clock time the reading was taken
+    cluster_w: float
+    node_w: Mapping[str, float] = field(default_factory=dict)  # node id -> W
+
+
+@dataclass(frozen=True)
+class LeaseBookState:
+    """The book at a glance, for status pages and benchmarks."""
+
+    epoch: int
+    cap_w: float | None
+    measured_w: float | None
+    pending_w: float  # declared draw of leases not yet visible in the measurement
+    headroom_w: float | None  # cap - measured - pending (None when uncapped or no reading)
+    leases: int  # live leases, unstarted and started
+    slots_in_use: Mapping[str, int]
+    warming_up: bool
+
+
+@dataclass
+class _Live:
+    lease: Lease
+    nodes: frozenset[str]
+    started_s: float | None = None
+
+
+@dataclass(frozen=True)
+class _Memo:
+    called_s: float  # when the holder last called
+    asks: tuple[tuple[float, LeaseAsk], ...]  # (arrival on the book clock, ask) refused
+
+
+def _node_cap_w(caps: Mapping[str, float], node: str) -> float | None:
+    """The tightest cap whose key is ``node`` or a prefix of it; None if none applies."""
+    matching = [cap_w for prefix, cap_w in caps.items() if node.startswith(prefix)]
+    return min(matching) if matching else None
+
+
+def _fmt_w(watts: float) -> str:
+    return f"{max(watts, 0.0):.0f} W"  # a negative headroom reads as none
+
+
+def _too_much(cap: str, room_w: float, draw_w: float, held: str = "") -> str:
+    return f"{cap}: {_fmt_w(room_w)} of headroom{held}, batch draws {_fmt_w(draw_w)}"
+
+
+@dataclass
+class _Room:
+    """What one decision may still hand out (headroom W, free slots), in decision order."""
+
+    now_s: float
+    gate: LeaseRefusal | None  # a refusal for every ask of this decision, if any
+    cap_w: float | None
+    cluster_w: float | None  # headroom left under the cluster cap; None: no cluster cap
+    node_w: dict[str, float]  # headroom left per capped node in the reading
+    node_caps_w: Mapping[str, float]
+    nodes: frozenset[str]  # every node in the reading
+    free: dict[str, int]
+    held_w: float = 0.0  # reserved in this decision for asks waiting longer
+
+    def reach(self, ask: LeaseAsk) -> frozenset[str]:
+        """The nodes the ask could land on."""
+        return ask.nodes or self.nodes
+
+    def shortfall(self, ask: LeaseAsk) -> tuple[RefusalReason, str] | None:
+        """Why the ask's draw does not fit (reason, message), or None if it does."""
+        if self.cluster_w is not None and ask.draw_w > self.cluster_w:
+            held = f", {_fmt_w(self.held_w)} of it held for older batches" if self.held_w else ""
+            cap = f"power cap {_fmt_w(self.cap_w or 0.0)}"
+            return "power_cap", _too_much(cap, self.cluster_w + self.held_w, ask.draw_w, held)
+        for node in sorted(self.reach(ask)):
+            cap_w = _node_cap_w(self.node_caps_w, node)
+            if node in self.node_w and ask.draw_w > self.node_w[node]:
+                cap = f"node {node} power cap {_fmt_w(cap_w or 0.0)}"
+                return "power_cap", _too_much(cap, self.node_w[node], ask.draw_w)
+            if node not in self.node_w and cap_w is not None:
+                return "no_reading", f"no power reading for capped node {node}"
+        return None
+
+    def reserve(self, ask: LeaseAsk) -> None:
+        """Hold draw and a slot for an older ask, unless it is over a cap on its own."""
+        caps = [self.cap_w, *(_node_cap_w(self.node_caps_w, n) for n in self.reach(ask))]
+        if self.free.get(ask.variant, 0) > 0 and all(c is None or ask.draw_w <= c for c in caps):
+            self.take(ask, held=True)  # one that can never fit would block everyone forever
+
+    def take(self, ask: LeaseAsk, *, held: bool) -> None:
+        """Spend the ask's draw and one slot of its variant (``held``: as a reservation)."""
+        if self.cluster_w is not None:
+            self.cluster_w -= ask.draw_w
+        for node in self.reach(ask):
+            if node in self.node_w:
+                self.node_w[node] -= ask.draw_w
+        self.free[ask.variant] = self.free.get(ask.variant, 0) - 1
+        if held:
+            self.held_w += ask.draw_w
+
+
+class LeaseBook:
+    """Leases of power and replica slots shared by several schedulers (rules above)."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        epoch: int = 1,
+        sample_period_s: float = 0.1,
+        expiry_s: float | None = None,
+        visible_after_s: float | None = None,
+        aging_s: float = 1.0,
+        max_run_s: float = 900.0,
+        warm_up: bool = True,
+    ) -> None:
+        self._clock, self._epoch, self._period_s = clock, epoch, sample_period_s
+        self._expiry_s = 5 * sample_period_s if expiry_s is None else expiry_s
+        self._visible_after_s = 2 * sample_period_s if visible_after_s is None else visible_after_s
+        self._aging_s, self._max_run_s = aging_s, max_run_s
+        self._remember_s = max(1.0, 3 * sample_period_s)
+        self._created_s, self._warmed = clock(), not warm_up
+        self._cap_w: float | None = None
+        self._node_caps_w: dict[str, float] = {}
+        self._replicas: dict[str, int] = {}
+        self._reading: PowerReading | None = None
+        self._newest_s, self._poll_failed = -math.inf, False  # newest reading time seen
+        self._live: dict[str, _Live] = {}  # by lease id
+        self._memos: dict[str, _Memo] = {}  # by holder
+        self._ids = itertools.count(1)
+
+    def configure(
+        self,
+        *,
+        cap_w: float | None,
+        node_caps_w: Mapping[str, float] | None = None,
+        replicas: Mapping[str, int],
+    ) -> None:
+        """Adopt a budget and replica counts; live leases keep what they hold."""
+        self._cap_w = cap_w
+        self._node_caps_w = dict(node_caps_w or {})
+        self._replicas = dict(replicas)
+
+    def observe(self, reading: PowerReading | None) -> None:
+        """Take a power reading; None means the poll failed (no reading until the next)."""
+        if reading is None:
+            self._reading, self._poll_failed = None, True
+            return
+        at_s = min(reading.at_s, self._clock())  # stamped in the future: taken as of now
+        if at_s < self._newest_s:
+            return  # older than one already seen: it would hide batches the newer one shows
+        self._newest_s, self._poll_failed = at_s, False
+        self._reading = reading if at_s == reading.at_s else replace(reading, at_s=at_s)
+        if at_s >= self._created_s + self._visible_after_s:
+            self._warmed = True
+
+    def request(self, holder: str, asks: Sequence[LeaseAsk]) -> tuple[LeaseDecision, ...]:
+        """Decide all of ``holder``'s candidate batches at once; answers in ``asks`` order."""
+        now = self._now()
+        self._memos.pop(holder, None)
+        room = self._room(now)
+        entries = [(now - ask.waited_s, i, ask, True) for i, ask in enumerate(asks)]
+        others = [pair for memo in self._memos.values() for pair in memo.asks]
+        entries += [(at, len(asks) + j, ask, False) for j, (at, ask) in enumerate(others)]
+        entries.sort(key=lambda entry: (entry[0], entry[1]))
+        decided: dict[int, LeaseDecision] = {}
+        for arrival_s, i, ask, own in entries:
+            aged = now - arrival_s >= self._aging_s
+            if own:
+                decided[i] = self._decide(holder, ask, room, aged)
+            elif aged and room.gate is None:
+                room.reserve(ask)  # kept for its holder, never granted here
+        answers = tuple(decided[i] for i in range(len(asks)))
+        refused = tuple(
+            (now - ask.waited_s, ask)
+            for ask, answer in zip(asks, answers, strict=True)
+            if answer.refusal is not None and answer.refusal.reason != "unknown_variant"
+        )
+        self._memos[holder] = _Memo(now, refused)
+        return answers
+
+    def start(self, lease_id: str) -> bool:
+        """The worker is starting the lease's batch; False if the lease is not live here."""
+        now = self._now()
+        live = self._live.get(lease_id) if isinstance(lease_id, str) else None
+        if live is not None and live.started_s is None:
+            live.started_s = now  # the first confirmation is when the draw began
+        return live is not None
+
+    def release(self, lease_id: str) -> bool:
+        """The lease's batch ended (either way): True the first time, False after."""
+        self._now()
+        return isinstance(lease_id, str) and self._live.pop(lease_id, None) is not None
+
+    def state(self) -> LeaseBookState:
+        """A snapshot of the book now."""
+        now = self._now()
+        reading = self._fresh(now)
+        pending_w = sum(live.lease.draw_w for live in self._pending(reading))
+        measured_w = None if reading is None else reading.cluster_w
+        headroom_w = None
+        if self._cap_w is not None and measured_w is not None:
+            headroom_w = self._cap_w - measured_w - pending_w
+        warming_up = self._capped() and not self._warmed
+        return LeaseBookState(
+            self._epoch, self._cap_w, measured_w, pending_w, headroom_w, len(self._live),
+            self._slots_in_use(), warming_up,
+        )  # fmt: skip
+
+    def _capped(self) -> bool:
+        return self._cap_w is not None or bool(self._node_caps_w)
+
+    def _now(self) -> float:
+        """Read the clock; drop leases past expiry or ``max_run_s`` and idle holders' asks."""
+        now = self._clock()
+
+        def live(x: _Live) -> bool:
+            end_s = x.lease.expires_s if x.started_s is None else x.started_s + self._max_run_s
+            return now <= end_s
+
+        self._live = {lease_id: x for lease_id, x in self._live.items() if live(x)}
+        memos = self._memos.items()
+        self._memos = {h: m for h, m in memos if now - m.called_s <= self._remember_s}
+        return now
+
+    def _fresh(self, now: float) -> PowerReading | None:
+        """The latest reading if it is recent enough to decide on."""
+        reading = self._reading
+        return None if reading is None or now - reading.at_s > self._expiry_s else reading
+
+    def _pending(self, reading: PowerReading | None) -> list[_Live]:
+        """Leases whose draw the reading may not include."""
+        seen_s, after_s = -math.inf if reading is None else reading.at_s, self._visible_after_s
+        return [
+            x for x in self._live.values() if x.started_s is None or seen_s < x.started_s + after_s
+        ]
+
+    def _slots_in_use(self) -> dict[str, int]:
+        return dict(Counter(live.lease.variant for live in self._live.values()))
+
+    def _gate(self, now: float) -> LeaseRefusal | None:
+        """A refusal that holds for every ask now (warming up, no reading), if any."""
+        if not self._capped():
+            return None
+        if not self._warmed:
+            left_s = self._created_s + self._visible_after_s - now
+            why = f"admission epoch {self._epoch} waits for a reading with the running batches"
+            return LeaseRefusal("warming_up", why, left_s if left_s > 0 else self._period_s)
+        if self._fresh(now) is not None:
+            return None
+        why = "the last power poll failed" if self._poll_failed else "no power reading yet"
+        if self._reading is not None:
+            why = f"the last power reading is {now - self._reading.at_s:.2f} s old"
+        why += "; nothing starts under a power cap without one"
+        return LeaseRefusal("no_reading", why, self._period_s)
+
+    def _room(self, now: float) -> _Room:
+        """Headroom and free slots at the start of a decision."""
+        gate, reading = self._gate(now), self._fresh(now)
+        pending = self._pending(reading)
+        cluster_w = None
+        if self._cap_w is not None and reading is not None:
+            cluster_w = self._cap_w - reading.cluster_w - sum(p.lease.draw_w for p in pending)
+        node_w: dict[str, float] = {}
+        for node, measured_w in ({} if reading is None else reading.node_w).items():
+            cap_w = _node_cap_w(self._node_caps_w, node)
+            if cap_w is not None:
+                there = sum(p.lease.draw_w for p in pending if not p.nodes or node in p.nodes)
+                node_w[node] = cap_w - measured_w - there
+        in_use = self._slots_in_use()
+        free = {name: n - in_use.get(name, 0) for name, n in self._replicas.items()}
+        nodes = frozenset(() if reading is None else reading.node_w)
+        return _Room(now, gate, self._cap_w, cluster_w, node_w, self._node_caps_w, nodes, free)
+
+    def _decide(self, holder: str, ask: LeaseAsk, room: _Room, aged: bool) -> LeaseDecision:
+        """Grant or refuse one of the caller's own asks, spending from ``room``."""
+
+        def no(reason: RefusalReason, message: str, retry_after_s: float) -> LeaseDecision:
+            return LeaseDecision(ask.key, refusal=LeaseRefusal(reason, message, retry_after_s))
+
+        if ask.variant not in self._replicas:
+            message = f"variant {ask.variant!r} has no replicas configured"
+            return no("unknown_variant", message, _RECONFIGURE_RETRY_S)
+        if room.gate is not None:
+            return LeaseDecision(ask.key, refusal=room.gate)
+        if room.free.get(ask.variant, 0) <= 0:
+            message = f"all {self._replicas[ask.variant]} replicas of {ask.variant} are leased"
+            return no("no_slot", message, self._period_s)
+        problem = room.shortfall(ask) if self._capped() else None
+        if problem is not None:
+            if aged and problem[0] == "power_cap":
+                room.reserve(ask)
+            return no(*problem, self._period_s)
+        room.take(ask, held=False)
+        now, lease_id = room.now_s, f"{self._epoch}-{next(self._ids)}"
+        expires_s = now + self._expiry_s
+        lease = Lease(lease_id, self._epoch, holder, ask.variant, ask.draw_w, now, expires_s)
+        self._live[lease.lease_id] = _Live(lease, ask.nodes)
+        return LeaseDecision(ask.key, lease=lease)

@@ -1,0 +1,561 @@
+"""The lease book: unit tests per rule, then invariants under random interleavings.
+
+The property tests run a fake world next to the book: dispatchers ask for leases, start
+batches that draw their full declared power on one of their nodes, end them, and the
+admission service restarts now and then while the world keeps running old batches. After
+every operation the world's true power must be under the caps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wattserve.policies.leases import (
+    Lease,
+    LeaseAsk,
+    LeaseBook,
+    LeaseBookState,
+    LeaseDecision,
+    LeaseRefusal,
+    PowerReading,
+)
+
+
+class FakeClock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt_s: float) -> None:
+        self.t += dt_s
+
+
+def make_book(clock, *, cap_w=1000.0, node_caps_w=None, replicas=None, warm_up=False, **kw):
+    book = LeaseBook(clock=clock, warm_up=warm_up, **kw)
+    book.configure(cap_w=cap_w, node_caps_w=node_caps_w, replicas=replicas or {"v": 8})
+    return book
+
+
+def read(book, clock, cluster_w, **node_w):
+    book.observe(PowerReading(clock(), cluster_w, dict(node_w)))
+
+
+def ask(key, draw_w, variant="v", waited_s=0.0, nodes=()):
+    return LeaseAsk(key, variant, draw_w, waited_s, frozenset(nodes))
+
+
+def one(book, holder, *asks_):
+    (decision,) = book.request(holder, list(asks_))
+    return decision
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+# --- headroom ------------------------------------------------------------------------
+
+
+def test_grants_oldest_first_and_answers_in_ask_order(clock):
+    book = make_book(clock)
+    read(book, clock, 200.0)
+    young, old = ask(0, 500.0, waited_s=0.0), ask(1, 500.0, waited_s=0.5)
+    decisions = book.request("s1", [young, old])
+    assert [d.key for d in decisions] == [0, 1]
+    assert decisions[1].lease is not None and decisions[1].refusal is None
+    assert decisions[0].lease is None and decisions[0].refusal.reason == "power_cap"
+
+
+def test_power_cap_refusal_says_cap_headroom_and_draw(clock):
+    book = make_book(clock, cap_w=700.0)
+    read(book, clock, 180.0)
+    assert one(book, "s1", ask(0, 400.0)).lease is not None
+    refusal = one(book, "s1", ask(1, 120.0 + 1, waited_s=0.0)).refusal
+    assert refusal == LeaseRefusal(
+        "power_cap", "power cap 700 W: 120 W of headroom, batch draws 121 W", 0.1
+    )
+    assert one(book, "s2", ask(2, 120.0)).lease is not None  # exactly the headroom fits
+
+
+def test_started_lease_counts_in_full_until_a_reading_shows_it(clock):
+    book = make_book(clock)
+    read(book, clock, 100.0)
+    lease = one(book, "s1", ask(0, 300.0)).lease
+    assert book.state().pending_w == 300.0
+    assert book.start(lease.lease_id)
+    clock.advance(0.1)
+    read(book, clock, 400.0)  # taken before start + visible_after_s (0.2 s)
+    assert book.state().pending_w == 300.0
+    assert book.state().headroom_w == 1000.0 - 400.0 - 300.0
+    clock.advance(0.15)  # now past start + 0.2 s (0.1 + 0.1 would round just under)
+    read(book, clock, 400.0)
+    state = book.state()
+    assert state.pending_w == 0.0 and state.headroom_w == 600.0 and state.leases == 1
+
+
+def test_release_drops_pending_draw_but_not_what_the_reading_shows(clock):
+    book = make_book(clock)
+    read(book, clock, 100.0)
+    unstarted = one(book, "s1", ask(0, 300.0)).lease
+    assert book.release(unstarted.lease_id)
+    assert book.state().pending_w == 0.0
+    lease = one(book, "s1", ask(1, 300.0)).lease
+    book.start(lease.lease_id)
+    clock.advance(0.2)
+    read(book, clock, 400.0)
+    assert book.release(lease.lease_id)
+    assert book.state().headroom_w == 600.0  # still measured until a newer reading
+
+
+def test_uncapped_book_needs_no_reading_only_slots(clock):
+    book = make_book(clock, cap_w=None, replicas={"v": 2}, warm_up=True)
+    decisions = book.request("s1", [ask(k, 5000.0) for k in range(3)])
+    assert [d.lease is not None for d in decisions] == [True, True, False]
+    assert decisions[2].refusal.reason == "no_slot"
+    state = book.state()
+    assert state.headroom_w is None and not state.warming_up and state.slots_in_use == {"v": 2}
+
+
+def test_capped_book_refuses_without_a_fresh_reading(clock):
+    book = make_book(clock)
+    refusal = one(book, "s1", ask(0, 10.0)).refusal
+    assert refusal.reason == "no_reading" and "no power reading yet" in refusal.message
+    read(book, clock, 100.0)
+    assert one(book, "s1", ask(1, 10.0)).lease is not None
+    book.observe(None)
+    refusal = one(book, "s1", ask(2, 10.0)).refusal
+    assert refusal.reason == "no_reading" and "poll failed" in refusal.message
+    read(book, clock, 100.0)
+    clock.advance(0.51)  # older than expiry_s = 5 sample periods
+    refusal = one(book, "s1", ask(3, 10.0)).refusal
+    assert refusal.reason == "no_reading" and "0.51 s old" in refusal.message
+    assert refusal.retry_after_s == 0.1
+    assert book.state().measured_w is None
+
+
+def test_readings_stamped_late_or_out_of_order_are_safe(clock):
+    book = make_book(clock)
+    lease = one(book, "s1", ask(0, 1.0)).refusal  # no reading: nothing to do with it
+    assert lease.reason == "no_reading"
+    read(book, clock, 100.0)
+    granted = one(book, "s1", ask(1, 300.0)).lease
+    book.start(granted.lease_id)
+    book.observe(PowerReading(clock() + 10.0, 100.0))  # future stamp: taken as of now
+    assert book.state().pending_w == 300.0
+    clock.advance(0.3)
+    read(book, clock, 400.0)
+    book.observe(PowerReading(clock() - 0.3, 100.0))  # older than the one held: ignored
+    assert book.state().measured_w == 400.0 and book.state().pending_w == 0.0
+
+
+# --- node caps -----------------------------------------------------------------------
+
+
+def test_node_caps_bind_only_on_the_nodes_the_ask_can_use(clock):
+    book = make_book(clock, cap_w=None, node_caps_w={"a": 1000.0})
+    read(book, clock, 1000.0, a=900.0, b=100.0)
+    assert one(book, "s1", ask(0, 500.0, nodes={"b"})).lease is not None
+    refusal = one(book, "s1", ask(1, 500.0, nodes={"a", "b"})).refusal
+    assert refusal.reason == "power_cap"
+    assert refusal.message == "node a power cap 1000 W: 100 W of headroom, batch draws 500 W"
+    assert one(book, "s1", ask(2, 500.0)).refusal.reason == "power_cap"  # any node: a too
+    assert one(book, "s1", ask(3, 100.0)).lease is not None
+    assert book.state().headroom_w is None  # no cluster cap
+
+
+def test_node_cap_keys_are_prefixes_and_the_tightest_applies(clock):
+    caps = {"gpu-1": 600.0, "gpu-1b": 400.0}
+    book = make_book(clock, cap_w=None, node_caps_w=caps)
+    read(book, clock, 350.0, **{"gpu-1a": 100.0, "gpu-1b": 200.0, "cpu-0": 50.0})
+    assert one(book, "s1", ask(0, 500.0, nodes={"gpu-1a"})).lease is not None
+    assert one(book, "s1", ask(1, 250.0, nodes={"gpu-1b"})).refusal.reason == "power_cap"
+    assert one(book, "s1", ask(2, 5000.0, nodes={"cpu-0"})).lease is not None
+
+
+def test_pending_draw_counts_on_every_node_the_lease_could_land_on(clock):
+    book = make_book(clock, cap_w=None, node_caps_w={"a": 500.0, "b": 500.0})
+    read(book, clock, 0.0, a=0.0, b=0.0)
+    assert one(book, "s1", ask(0, 400.0, nodes={"a"})).lease is not None
+    assert one(book, "s1", ask(1, 400.0, nodes={"b"})).lease is not None
+    assert one(book, "s1", ask(2, 200.0, nodes={"b"})).refusal is not None
+    book2 = make_book(clock, cap_w=None, node_caps_w={"a": 500.0, "b": 500.0})
+    read(book2, clock, 0.0, a=0.0, b=0.0)
+    assert one(book2, "s1", ask(0, 400.0)).lease is not None  # any node: counts on both
+    assert one(book2, "s1", ask(1, 200.0, nodes={"b"})).refusal is not None
+
+
+def test_capped_node_missing_from_the_reading_is_no_reading(clock):
+    book = make_book(clock, cap_w=None, node_caps_w={"gpu": 500.0})
+    read(book, clock, 100.0, **{"gpu-0": 100.0})
+    refusal = one(book, "s1", ask(0, 10.0, nodes={"gpu-9"})).refusal
+    assert refusal.reason == "no_reading" and "gpu-9" in refusal.message
+    assert one(book, "s1", ask(1, 10.0, nodes={"cpu-9"})).lease is not None  # uncapped node
+
+
+# --- slots, expiry, release ----------------------------------------------------------
+
+
+def test_slots_per_variant_and_unknown_variant(clock):
+    book = make_book(clock, cap_w=None, replicas={"big": 1, "small": 2})
+    first = one(book, "s1", ask(0, 1.0, "big")).lease
+    refusal = one(book, "s2", ask(1, 1.0, "big")).refusal
+    assert refusal == LeaseRefusal("no_slot", "all 1 replicas of big are leased", 0.1)
+    assert one(book, "s2", ask(2, 1.0, "small")).lease is not None
+    refusal = one(book, "s2", ask(3, 1.0, "huge")).refusal
+    assert refusal.reason == "unknown_variant" and "'huge'" in refusal.message
+    assert book.state().slots_in_use == {"big": 1, "small": 1}
+    assert book.release(first.lease_id)
+    assert one(book, "s2", ask(4, 1.0, "big")).lease is not None
+
+
+def test_unstarted_lease_expires_and_frees_its_slot_and_draw(clock):
+    book = make_book(clock, replicas={"v": 1})
+    read(book, clock, 0.0)
+    lease = one(book, "s1", ask(0, 600.0)).lease
+    assert lease.expires_s == pytest.approx(lease.granted_s + 0.5)
+    assert lease.lease_id.startswith("1-") and lease.epoch == 1 and lease.holder == "s1"
+    clock.advance(0.5)
+    read(book, clock, 0.0)
+    assert book.state().leases == 1  # void only after expires_s
+    clock.advance(0.01)
+    assert not book.start(lease.lease_id)
+    assert book.state() == LeaseBookState(1, 1000.0, 0.0, 0.0, 1000.0, 0, {}, False)
+    assert not book.release(lease.lease_id)
+    assert one(book, "s1", ask(1, 600.0)).lease is not None
+
+
+def test_release_is_idempotent_and_garbage_ids_answer_false(clock):
+    book = make_book(clock, cap_w=None)
+    lease = one(book, "s1", ask(0, 1.0)).lease
+    assert book.start(lease.lease_id) and book.start(lease.lease_id)  # repeat: still fine
+    assert book.release(lease.lease_id)
+    assert not book.release(lease.lease_id)
+    assert not book.start(lease.lease_id)
+    for garbage in ("", "nope", "1-999", "2-1", None, 7):
+        assert not book.start(garbage) and not book.release(garbage)
+
+
+def test_started_lease_frees_its_slot_after_max_run(clock):
+    book = make_book(clock, cap_w=None, replicas={"v": 1}, max_run_s=10.0)
+    lease = one(book, "s1", ask(0, 1.0)).lease
+    book.start(lease.lease_id)
+    clock.advance(9.0)
+    assert one(book, "s1", ask(1, 1.0)).refusal.reason == "no_slot"
+    clock.advance(1.5)
+    assert one(book, "s1", ask(2, 1.0)).lease is not None
+    assert not book.release(lease.lease_id)
+
+
+# --- epochs and warm-up --------------------------------------------------------------
+
+
+def test_warm_up_waits_for_a_reading_that_includes_old_batches(clock):
+    book = make_book(clock, warm_up=True, epoch=3)
+    assert book.state().warming_up
+    refusal = one(book, "s1", ask(0, 1.0)).refusal
+    assert refusal.reason == "warming_up" and refusal.retry_after_s == pytest.approx(0.2)
+    assert "epoch 3" in refusal.message
+    clock.advance(0.15)
+    read(book, clock, 100.0)  # before created + visible_after_s: may miss old batches
+    assert one(book, "s1", ask(1, 1.0)).refusal.retry_after_s == pytest.approx(0.05)
+    clock.advance(0.1)
+    assert one(book, "s1", ask(2, 1.0)).refusal.retry_after_s == 0.1  # time up, no reading
+    read(book, clock, 100.0)
+    lease = one(book, "s1", ask(3, 1.0)).lease
+    assert lease.lease_id.startswith("3-") and not book.state().warming_up
+
+
+@pytest.mark.parametrize("warm_up", [False, True])
+def test_warm_up_covers_old_batches_a_lagging_meter_does_not_show_yet(clock, warm_up):
+    old = make_book(clock)
+    read(old, clock, 100.0)
+    old.start(one(old, "s1", ask(0, 600.0)).lease.lease_id)  # true power now 700 W
+    clock.advance(0.05)
+    new = make_book(clock, epoch=2, warm_up=warm_up)  # the service restarted
+    clock.advance(0.05)
+    read(new, clock, 100.0)  # the meter lags: the 600 W batch is not in it yet
+    decision = one(new, "s1", ask(1, 600.0))
+    if not warm_up:  # what warm-up is for: this grant would take the world to 1300 W
+        assert decision.lease is not None
+        return
+    assert decision.refusal.reason == "warming_up"
+    clock.advance(0.2)
+    read(new, clock, 700.0)  # past created + visible_after_s: the old batch shows
+    assert one(new, "s1", ask(2, 600.0)).refusal.reason == "power_cap"
+    assert one(new, "s1", ask(3, 300.0)).lease is not None
+
+
+def test_new_epoch_refuses_old_leases(clock):
+    old = make_book(clock)
+    read(old, clock, 0.0)
+    lease = one(old, "s1", ask(0, 10.0)).lease
+    new = make_book(clock, epoch=2, warm_up=True)
+    clock.advance(0.2)
+    read(new, clock, 0.0)
+    assert not new.start(lease.lease_id) and not new.release(lease.lease_id)
+    fresh = one(new, "s1", ask(1, 10.0)).lease
+    assert fresh.epoch == 2 and fresh.lease_id != lease.lease_id
+    assert new.start(fresh.lease_id)
+
+
+# --- no starvation -------------------------------------------------------------------
+
+
+def test_aged_ask_reserves_its_draw_against_younger_ones(clock):
+    book = make_book(clock)
+    read(book, clock, 500.0)  # 500 W of headroom
+    old_big, small = ask(0, 700.0, waited_s=1.0), ask(1, 100.0, waited_s=0.0)
+    big_d, small_d = book.request("s1", [old_big, small])
+    assert big_d.refusal.reason == "power_cap" and small_d.refusal.reason == "power_cap"
+    assert "700 W of it held for older batches" in small_d.refusal.message
+
+
+def test_young_big_ask_lets_small_ones_backfill(clock):
+    book = make_book(clock)
+    read(book, clock, 500.0)
+    big_d, small_d = book.request("s1", [ask(0, 700.0, waited_s=0.9), ask(1, 100.0)])
+    assert big_d.refusal is not None and small_d.lease is not None
+
+
+def test_remembered_old_ask_of_another_holder_reserves_but_is_never_granted(clock):
+    book = make_book(clock)
+    read(book, clock, 500.0)
+    assert one(book, "A", ask(0, 700.0, waited_s=2.0)).refusal is not None
+    assert one(book, "B", ask(0, 100.0)).refusal.reason == "power_cap"
+    read(book, clock, 0.0)  # now the big one would fit: B still may not take its share
+    decisions = book.request("B", [ask(1, 200.0), ask(2, 200.0)])
+    assert [d.lease is not None for d in decisions] == [True, False]
+    assert book.state().leases == 1  # nothing was granted to A by B's call
+    assert one(book, "A", ask(0, 700.0, waited_s=2.0)).lease is not None
+
+
+def test_remembered_asks_are_replaced_by_the_next_call_and_forgotten_when_idle(clock):
+    book = make_book(clock)
+    read(book, clock, 500.0)
+    one(book, "A", ask(0, 700.0, waited_s=2.0))
+    book.request("A", [])  # A no longer wants it
+    assert one(book, "B", ask(0, 100.0)).lease is not None
+    one(book, "A", ask(1, 700.0, waited_s=2.0))
+    clock.advance(1.01)
+    read(book, clock, 500.0)
+    assert one(book, "B", ask(1, 100.0)).lease is not None  # A silent for > 1 s
+
+
+def test_young_remembered_ask_does_not_reserve(clock):
+    book = make_book(clock)
+    read(book, clock, 500.0)
+    one(book, "A", ask(0, 700.0, waited_s=0.5))
+    assert one(book, "B", ask(0, 100.0)).lease is not None
+
+
+def test_remembered_old_ask_holds_the_next_free_slot(clock):
+    book = make_book(clock, cap_w=None, replicas={"v": 1})
+    first = one(book, "B", ask(0, 1.0)).lease
+    assert one(book, "A", ask(0, 1.0, waited_s=1.5)).refusal.reason == "no_slot"
+    assert book.release(first.lease_id)
+    assert one(book, "B", ask(1, 1.0)).refusal.reason == "no_slot"  # held for A
+    assert one(book, "A", ask(0, 1.0, waited_s=1.5)).lease is not None
+
+
+@pytest.mark.parametrize("node_caps_w", [None, {"a": 400.0}])
+def test_old_ask_over_a_cap_on_its_own_reserves_nothing(clock, node_caps_w):
+    book = make_book(clock, node_caps_w=node_caps_w)
+    read(book, clock, 0.0, a=0.0)
+    too_big = ask(0, 1500.0 if node_caps_w is None else 500.0, waited_s=5.0)
+    assert one(book, "A", too_big).refusal.reason == "power_cap"  # can never fit
+    assert one(book, "B", ask(0, 100.0)).lease is not None
+
+
+def test_decision_values_hold_exactly_one_of_lease_and_refusal(clock):
+    book = make_book(clock)
+    read(book, clock, 0.0)
+    for decision in book.request("s1", [ask(0, 10.0), ask(1, 10.0e6)]):
+        assert isinstance(decision, LeaseDecision)
+        assert (decision.lease is None) != (decision.refusal is None)
+        assert decision.lease is None or isinstance(decision.lease, Lease)
+
+
+# --- properties: a fake world -------------------------------------------------------
+
+NODES_IDLE_W = {"gpu-a1": 40.0, "gpu-a2": 60.0, "gpu-b1": 30.0}
+CAP_W = 900.0
+NODE_CAPS_W = {"gpu-a": 700.0, "gpu-b1": 500.0}
+REPLICAS = {"big": 2, "small": 3}
+
+
+@dataclass
+class Held:
+    lease: Lease
+    nodes: frozenset[str]
+
+
+@dataclass
+class World:
+    clock: FakeClock
+    book: LeaseBook
+    running: list[tuple[Lease, str, float]] = field(default_factory=list)  # lease, node, start
+    queues: dict[str, list[tuple[int, LeaseAsk, float]]] = field(default_factory=dict)
+    granted: dict[str, list[Held]] = field(default_factory=dict)
+    released: set[str] = field(default_factory=set)
+    keys: int = 0
+
+    def node_w(self, lag_s: float = 0.0) -> dict[str, float]:
+        """True power per node, or (``lag_s``) what a meter shows that misses recent starts."""
+        watts = dict(NODES_IDLE_W)
+        for lease, node, started_s in self.running:
+            if started_s <= self.clock() - lag_s:
+                watts[node] += lease.draw_w
+        return watts
+
+    def check(self) -> None:
+        watts = self.node_w()
+        assert sum(watts.values()) <= CAP_W + 1e-6
+        for node, w in watts.items():
+            caps = [c for prefix, c in NODE_CAPS_W.items() if node.startswith(prefix)]
+            assert all(w <= c + 1e-6 for c in caps), (node, w)
+        epoch = self.book.state().epoch
+        for variant, n in REPLICAS.items():
+            mine = [x for x, _, _ in self.running if x.epoch == epoch and x.variant == variant]
+            assert len(mine) <= n
+
+
+def new_book(clock: FakeClock, epoch: int) -> LeaseBook:
+    book = LeaseBook(clock=clock, epoch=epoch, warm_up=True)
+    book.configure(cap_w=CAP_W, node_caps_w=NODE_CAPS_W, replicas=REPLICAS)
+    return book
+
+
+def do_ask(world: World, data, holder: str) -> None:
+    queue = world.queues.setdefault(holder, [])
+    for _ in range(data.draw(st.integers(0, 2))):
+        variant = data.draw(st.sampled_from(sorted(REPLICAS)))
+        draw_w = float(data.draw(st.integers(20, 450)))
+        nodes = frozenset(data.draw(st.sets(st.sampled_from(sorted(NODES_IDLE_W)))))
+        world.keys += 1
+        queue.append(
+            (world.keys, LeaseAsk(world.keys, variant, draw_w, nodes=nodes), world.clock())
+        )
+    now = world.clock()
+    asks = [LeaseAsk(a.key, a.variant, a.draw_w, now - t, a.nodes) for _, a, t in queue]
+    decisions = world.book.request(holder, asks)
+    assert [d.key for d in decisions] == [a.key for a in asks]
+    granted = {d.key: d.lease for d in decisions if d.lease is not None}
+    for a in asks:
+        if a.key in granted:
+            world.granted.setdefault(holder, []).append(Held(granted[a.key], a.nodes))
+    world.queues[holder] = [entry for entry in queue if entry[0] not in granted]
+
+
+def do_start(world: World, data) -> None:
+    holders = sorted(h for h, held in world.granted.items() if held)
+    if not holders:
+        return
+    held = world.granted[data.draw(st.sampled_from(holders))]
+    item = held.pop(data.draw(st.integers(0, len(held) - 1)))
+    lease, now = item.lease, world.clock()
+    expected = lease.epoch == world.book.state().epoch and now <= lease.expires_s
+    assert world.book.start(lease.lease_id) == expected
+    if expected:
+        node = data.draw(st.sampled_from(sorted(item.nodes or NODES_IDLE_W)))
+        world.running.append((lease, node, now))
+
+
+def do_release(world: World, lease: Lease, twice: bool) -> None:
+    if lease.epoch != world.book.state().epoch:
+        return  # the old book's batches are never released to the new one
+    for _ in range(2 if twice else 1):
+        if world.book.release(lease.lease_id):
+            assert lease.lease_id not in world.released
+            world.released.add(lease.lease_id)
+
+
+# weighted towards the operations that move leases along; restarts and failures are rare
+OPS = ("tick",) * 8 + ("ask",) * 8 + ("start",) * 8 + ("end",) * 4
+OPS += ("advance", "fail", "abandon", "restart")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_world_power_stays_under_every_cap(data):
+    clock = FakeClock()
+    world = World(clock, new_book(clock, 1))
+    clock.advance(0.2)  # past the first book's warm-up, once it sees a reading
+    holders = ("d0", "d1", "d2")[: data.draw(st.integers(2, 3))]
+    steps = data.draw(st.lists(st.sampled_from(OPS), min_size=20, max_size=120))
+    for op in steps:
+        holder = data.draw(st.sampled_from(holders))
+        if op in ("tick", "advance"):  # a tick: a sample period or so, then a reading
+            clock.advance(data.draw(st.integers(1, 150 if op == "tick" else 900)) / 1000)
+        if op == "tick":  # the meter may miss starts up to just under visible_after_s old
+            watts = world.node_w(lag_s=data.draw(st.integers(0, 190)) / 1000)
+            world.book.observe(PowerReading(clock(), sum(watts.values()), watts))
+        elif op == "fail":
+            world.book.observe(None)
+        elif op == "ask":
+            do_ask(world, data, holder)
+        elif op == "start":
+            do_start(world, data)
+        elif op == "end" and world.running:
+            lease, _, _ = world.running.pop(data.draw(st.integers(0, len(world.running) - 1)))
+            do_release(world, lease, twice=data.draw(st.booleans()))
+        elif op == "abandon" and world.granted.get(holder):
+            lease = world.granted[holder].pop().lease
+            expected = lease.epoch == world.book.state().epoch and clock() <= lease.expires_s
+            assert world.book.release(lease.lease_id) == expected
+            world.released.add(lease.lease_id)
+        elif op == "restart":
+            world.book = new_book(clock, world.book.state().epoch + 1)
+        world.check()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    draws=st.lists(st.integers(50, 250), min_size=120, max_size=120),
+    durations=st.lists(st.integers(1, 4), min_size=120, max_size=120),
+    a_first=st.lists(st.booleans(), min_size=40, max_size=40),
+    per_step=st.integers(1, 3),
+)
+def test_old_big_ask_is_not_starved_by_small_ones(draws, durations, a_first, per_step):
+    clock, big_w, idle_w = FakeClock(), 700.0, 100.0
+    book = LeaseBook(clock=clock, aging_s=1.0, warm_up=False)
+    book.configure(cap_w=1000.0, replicas={"big": 1, "small": 10})
+    running: list[tuple[int, str, float]] = []  # (end step, lease id, W) of B's batches
+    enqueued_s, aged_step, granted_step, k = clock(), None, None, 0
+    for step in range(40):
+        clock.advance(0.1)
+        for item in [r for r in running if r[0] <= step]:
+            running.remove(item)
+            assert book.release(item[1])
+        drawn_w = (big_w if granted_step is not None else 0.0) + sum(r[2] for r in running)
+        book.observe(PowerReading(clock(), idle_w + drawn_w))
+        waited_s = clock() - enqueued_s
+        if aged_step is None and waited_s >= 1.0 + 1e-9:
+            aged_step = step
+        for who in ("A", "B") if a_first[step] else ("B", "A"):
+            headroom_w = book.state().headroom_w
+            if who == "A" and granted_step is None:
+                (d,) = book.request("A", [LeaseAsk(0, "big", big_w, waited_s)])
+                assert (d.lease is not None) == (headroom_w >= big_w)  # as soon as it fits
+                if d.lease is not None:
+                    granted_step = step
+                    assert book.start(d.lease.lease_id)
+            elif who == "B":
+                asks = [
+                    LeaseAsk(k + i, "small", float(draws[k + i]), 0.05) for i in range(per_step)
+                ]
+                k += per_step
+                leases = [d.lease for d in book.request("B", asks) if d.lease is not None]
+                if leases and aged_step is not None and granted_step is None:
+                    assert sum(x.draw_w for x in leases) <= headroom_w - big_w
+                for lease in leases:
+                    assert book.start(lease.lease_id)
+                    running.append((step + durations[k % 120], lease.lease_id, lease.draw_w))
+    assert aged_step is not None and granted_step is not None
+    assert granted_step <= aged_step + 4 + 2
