@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel
-from wattserve.bench.trace import TraceRequest
-from wattserve.telemetry.savings import savings_by_cause
 
 from wattserve import GeneratedImage, Receipt
 from wattserve._schemas import RequestPolicy
+from wattserve.bench.trace import TraceRequest
+from wattserve.telemetry.savings import savings_by_cause
 
 SAVINGS_NOTE = (
     "split against the priced baseline (every output on the reference variant at its mean "

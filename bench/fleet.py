@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from wattserve import InvalidRequest
+from wattserve._admin import ProfileList
 from wattserve.bench.profiles import (
     EnergyLatencyModel,
     MeasuredPoint,
@@ -33,9 +35,6 @@ from wattserve.bench.profiles import (
     load_measurements,
 )
 from wattserve.policies.catalog import Catalog, EnergyPrior, VariantSpec
-
-from wattserve import InvalidRequest
-from wattserve._admin import ProfileList
 
 IDLE_W = 70.0
 _FLEET_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*([A-Za-z0-9]+)\s*$")

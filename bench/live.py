@@ -35,6 +35,10 @@ from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel
+
+import wattserve
+from wattserve import AsyncClient, Receipt, TransportError, VariantInfo, WattserveError
+from wattserve._schemas import MAX_SEED, ClusterStatus, RequestPolicy, parse_size
 from wattserve.bench._live_stats import (
     Outcome,
     PhaseRun,
@@ -51,10 +55,6 @@ from wattserve.bench._live_stats import (
 )
 from wattserve.bench.trace import Trace, TraceHeader, TraceRequest, trace_stats
 from wattserve.policies.policy import Policy
-
-import wattserve
-from wattserve import AsyncClient, Receipt, TransportError, VariantInfo, WattserveError
-from wattserve._schemas import MAX_SEED, ClusterStatus, RequestPolicy, parse_size
 
 __all__ = [
     "ENERGY_NOTE",

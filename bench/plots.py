@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+
 from wattserve.bench.simulate import RunResult  # noqa: E402
 
 

@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from wattserve._schemas import parse_size
 from wattserve.bench.fleet import VariantCost
 from wattserve.bench.simulate import FleetSimulation, RunResult, SimReceipt
 from wattserve.bench.trace import TraceRequest, TraceSpec, make_trace
@@ -28,8 +29,6 @@ from wattserve.policies.policy import Policy
 from wattserve.policies.routing import reference_variant
 from wattserve.scheduler.identity import output_key
 from wattserve.telemetry.savings import savings_by_cause
-
-from wattserve._schemas import parse_size
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -33,23 +33,26 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from wattserve import GenerationRequest
+from wattserve._schemas import MAX_SEED, parse_size
 from wattserve.bench.fleet import IDLE_W, VariantCost, place, with_replicas
 from wattserve.bench.trace import TraceRequest
 from wattserve.policies.catalog import Catalog, VariantSpec
 from wattserve.policies.dispatch import DispatchCore
+from wattserve.policies.leases import LeaseBook, PowerReading
 from wattserve.policies.policy import Policy
 from wattserve.policies.profile import EnergyProfile
 from wattserve.policies.reuse import CachedCopy, usable_copies
 from wattserve.policies.routing import RouteRefusal, RoutingState, route
 from wattserve.policies.target import JoulesTarget
 from wattserve.scheduler.identity import flight_key, output_key
-
-from wattserve import GenerationRequest
-from wattserve._schemas import MAX_SEED, parse_size
+from wattserve.scheduler.leases import replica_slots
 
 SOURCE = "simulated"  # ML.ENERGY-measured model costs, played out by the simulator
 RNG_SEED = 0  # every run draws the same round trips: runs are deterministic
 PLACEMENT_SAMPLE = 5_000  # requests routed up front to size the placement
+SAMPLE_PERIOD_S = 0.1  # the live telemetry agents' default (10 Hz)
+SIM_HOLDER = "simulator"
 _DONE, _ARRIVAL, _WAKE = 0, 1, 2
 
 
@@ -97,6 +100,7 @@ class _Slot:
 @dataclass
 class _State:
     core: DispatchCore
+    book: LeaseBook  # the admission service's decisions: power budget and replica slots
     profile: EnergyProfile
     target: JoulesTarget
     catalog: Catalog
@@ -153,6 +157,7 @@ class FleetSimulation:
         overhead_s = overhead_s or {}
         self.hit_overhead_s = overhead_s.get("hit", 0.0)
         self.miss_overhead_s = overhead_s.get("miss", 0.0)
+        self._now_s = 0.0  # simulated time of the step in progress
 
     # --- setup ------------------------------------------------------------------------
 
@@ -234,6 +239,7 @@ class FleetSimulation:
             core=DispatchCore(catalog, max_batch_size=self.policy.max_batch_size,
                               max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s,
                               joules_bounds=profile.joules_bounds),
+            book=self._book(catalog),
             profile=profile, target=JoulesTarget(), catalog=catalog, costs=self.costs,
             names=frozenset(catalog.names), rng=random.Random(RNG_SEED),
         )  # fmt: skip
@@ -267,6 +273,16 @@ class FleetSimulation:
             placement=placement, duration_s=now, idle_j=idle_j, power_w=power, moved=moved,
             wall_s=time.perf_counter() - started,
         )  # fmt: skip
+
+    def _book(self, catalog: Catalog) -> LeaseBook:
+        """The lease book as the admission service keeps it, on the simulated clock.
+
+        Its readings are exact (the simulated fleet's power at the step), so it needs no
+        warm-up; a batch's draw counts as not yet measured for two sample periods, as live.
+        """
+        book = LeaseBook(clock=lambda: self._now_s, sample_period_s=SAMPLE_PERIOD_S, warm_up=False)
+        book.configure(cap_w=self.cap_w, replicas=replica_slots(catalog))
+        return book
 
     def _power_w(self, st: _State) -> float:
         return self.gpus * self.idle_w + st.busy_extra_w
@@ -309,15 +325,21 @@ class FleetSimulation:
                 continue
             if fkey is not None:
                 st.flights[fkey] = []
-            ticket = st.core.submit(spec.name, request.width_px, request.height_px, now, None,
-                                    floor, solo=baseline)  # fmt: skip
+            deadline_s = now + request.deadline_s if request.deadline_s else None  # as live
+            ticket = st.core.submit(spec.name, request.width_px, request.height_px, now,
+                                    deadline_s, floor, solo=baseline)  # fmt: skip
             st.slots[ticket] = slot
         return done
 
     def _step(self, st: _State, now: float, receipts: list[SimReceipt]) -> int:
         """One dispatcher decision; launches become finish events. Returns outputs moved."""
-        step = st.core.step(now, self.cap_w, self._power_w(st))
+        self._now_s = now  # the lease book's clock
+        if self.cap_w is not None:
+            st.book.observe(PowerReading(now, self._power_w(st)))
+        step = st.core.step(now, st.book, SIM_HOLDER)
         for launch in step.launches:
+            if launch.lease is not None:
+                st.book.start(launch.lease.lease_id)
             cost = st.costs[launch.variant]
             size = len(launch.tickets)
             latency_s = cost.latency_s(size, st.rng)
@@ -325,7 +347,7 @@ class FleetSimulation:
             st.busy_extra_w += cost.batch_energy_j[size] / latency_s - self.idle_w
             st.batches += 1
             st.push(now + latency_s, _DONE, (launch, f"bat_{st.batches}", latency_s))
-        for ticket in step.rejected:
+        for ticket, _refusal in step.rejected:
             slot = st.slots.pop(ticket)
             waiters = st.flights.pop(slot.fkey, []) if slot.fkey else []
             for s in (slot, *waiters):
@@ -347,6 +369,8 @@ class FleetSimulation:
         size = len(launch.tickets)
         energy_j = cost.batch_energy_j[size]
         st.core.finished(launch.variant)
+        if launch.lease is not None:
+            st.book.release(launch.lease.lease_id)
         st.busy_gpus -= 1
         st.busy_extra_w -= energy_j / latency_s - self.idle_w
         st.profile.observe(launch.variant, size, energy_j / size, latency_s)

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from wattserve.bench._tally import Tally
-from wattserve.bench._tracegen import draw_requests
 
 from wattserve._schemas import (
     MAX_IMAGES_PER_REQUEST,
@@ -36,6 +34,8 @@ from wattserve._schemas import (
     Quality,
     parse_size,
 )
+from wattserve.bench._tally import Tally
+from wattserve.bench._tracegen import draw_requests
 
 __all__ = [
     "PRESETS",

@@ -19,13 +19,12 @@ import statistics
 import time
 from pathlib import Path
 
+from wattserve import GenerationRequest
 from wattserve.policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
 from wattserve.policies.catalog import Catalog, EnergyPrior, VariantSpec
 from wattserve.policies.policy import Policy
 from wattserve.policies.profile import EnergyProfile
 from wattserve.policies.routing import RoutingState, route
-
-from wattserve import GenerationRequest
 
 
 def synthetic_catalog(count: int) -> Catalog:

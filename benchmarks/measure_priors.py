@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from wattserve.policies.catalog import load_catalog
 from wattserve.policies.plans import BatchPlan, WorkItem
 from wattserve.telemetry.agent import LocalMeter, TelemetryAgent

@@ -29,6 +29,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from wattserve import AdminClient
+from wattserve._admin import ProfileList
 from wattserve.bench.fleet import costs_from_profile
 from wattserve.bench.live import LiveReport, RequestRecord, run_live
 from wattserve.bench.sim_report import summarize
@@ -45,9 +47,6 @@ from wattserve.bench.trace import (
 from wattserve.cluster.runtime import LocalService, free_port
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import Catalog
-
-from wattserve import AdminClient
-from wattserve._admin import ProfileList
 
 ROOT = Path(__file__).resolve().parent.parent
 SALT = 1_000_003  # fixed per preset, so the simulated trace uses exactly the seeds sent live

@@ -13,6 +13,19 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+
+from wattserve import InvalidRequest
+from wattserve._admin import PolicyUpdate, TenantUpdate, VariantRecord, VariantState
+from wattserve._admin_client import (
+    UNSET,
+    AdminClient,
+    budget_update,
+    checked_name,
+    partial_update,
+    tenant_create,
+    variant_add,
+)
+from wattserve._client import DEFAULT_BASE_URL
 from wattserve.cli import _render as render
 from wattserve.cli._common import (
     ApiKeyOption,
@@ -29,19 +42,6 @@ from wattserve.cli._common import (
     parse_qualities,
     pick,
 )
-
-from wattserve import InvalidRequest
-from wattserve._admin import PolicyUpdate, TenantUpdate, VariantRecord, VariantState
-from wattserve._admin_client import (
-    UNSET,
-    AdminClient,
-    budget_update,
-    checked_name,
-    partial_update,
-    tenant_create,
-    variant_add,
-)
-from wattserve._client import DEFAULT_BASE_URL
 
 budget_app = typer.Typer(help="Show or change the power cap and the J/output target.",
                          no_args_is_help=True)  # fmt: skip

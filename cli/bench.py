@@ -21,6 +21,9 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress, TaskID
+
+from wattserve._client import DEFAULT_BASE_URL
+from wattserve._schemas import RequestPolicy
 from wattserve.bench.live import LiveReport, ProgressFn, VariantSummary, run_live
 from wattserve.bench.trace import (
     PRESET_DEFAULTS,
@@ -34,9 +37,6 @@ from wattserve.bench.trace import (
 )
 from wattserve.cli._common import ApiKeyOption, JsonOption, UrlOption, errors, fail
 from wattserve.cli._render import console, print_json, table
-
-from wattserve._client import DEFAULT_BASE_URL
-from wattserve._schemas import RequestPolicy
 
 DEFAULT_REQUESTS = 40  # a preset's length here: ~1-2 minutes on the CPU demo service
 DEFAULT_RATE_PER_S = 2.0  # arrivals/s for a preset: what the CPU demo service keeps up with

@@ -17,6 +17,10 @@ from importlib import resources
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+import wattserve
+from wattserve import AsyncClient, GeneratedImage, Quality, WattserveError
+from wattserve._schemas import DEFAULT_SIZE
 from wattserve.bench.live import (
     ENERGY_NOTE,
     PhaseRun,
@@ -32,10 +36,6 @@ from wattserve.cli.bench import progress_bars
 from wattserve.cluster.runtime import LocalService, free_port
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import Catalog
-
-import wattserve
-from wattserve import AsyncClient, GeneratedImage, Quality, WattserveError
-from wattserve._schemas import DEFAULT_SIZE
 
 TIER_MIX: tuple[tuple[Quality, float], ...] = (("draft", 0.4), ("standard", 0.35), ("high", 0.25))
 REPEAT_RATE = 0.3

@@ -18,6 +18,18 @@ from pathlib import Path
 from typing import Annotated, cast
 
 import typer
+
+from wattserve import Quality
+from wattserve._admin_client import (
+    ADMIN_TOKEN_ENV,
+    LEDGER_STATUSES,
+    MAX_LEDGER_LIMIT,
+    admin_token_path,
+    ledger_params,
+    report_params,
+)
+from wattserve._client import DEFAULT_BASE_URL
+from wattserve._schemas import LedgerStatus
 from wattserve.cli import _render as render
 from wattserve.cli._common import (
     ApiKeyOption,
@@ -38,18 +50,6 @@ from wattserve.cli.admin import budget_app, policy_app, tenant_app, variants_app
 from wattserve.cli.bench import bench
 from wattserve.cli.simulate import simulate
 from wattserve.cli.trace import trace_app
-
-from wattserve import Quality
-from wattserve._admin_client import (
-    ADMIN_TOKEN_ENV,
-    LEDGER_STATUSES,
-    MAX_LEDGER_LIMIT,
-    admin_token_path,
-    ledger_params,
-    report_params,
-)
-from wattserve._client import DEFAULT_BASE_URL
-from wattserve._schemas import LedgerStatus
 
 app = typer.Typer(
     name="wattserve",
@@ -288,15 +288,23 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     home: Annotated[Path | None, typer.Option(help="State dir (WATTSERVE_HOME).")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="WATTSERVE_RAY_ADDRESS",
+            help="Attach to this running Ray cluster ('auto' as Ray means it) instead of "
+            "starting a local one; on exit remove only what this run deployed.",
+        ),
+    ] = None,
 ) -> None:
-    """Start local Ray + Serve with the catalog and block until Ctrl-C or SIGTERM."""
+    """Serve the catalog on local Ray (or a cluster with --address) until Ctrl-C or SIGTERM."""
     _require_serve_extra()
     from wattserve.cluster.runtime import LocalService
     from wattserve.cluster.settings import Settings
     from wattserve.telemetry.logs import configure_logging
 
     configure_logging(json=False)
-    service = LocalService(Settings.from_env(home), host=host, port=port)
+    service = LocalService(Settings.from_env(home), host=host, port=port, address=address)
 
     def _terminate(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt

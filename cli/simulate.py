@@ -14,6 +14,9 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+
+from wattserve import WattserveError
+from wattserve._admin import ProfileList
 from wattserve.bench.fleet import costs_from_profile, fleet_catalog, parse_fleet
 from wattserve.bench.profiles import DEFAULT_DATA_DIR, MeasurementsError
 from wattserve.bench.sim_report import simulate_report, sweep
@@ -23,9 +26,6 @@ from wattserve.cli._common import JsonOption, fail
 from wattserve.cli._render import print_json, table
 from wattserve.policies.catalog import CatalogError, load_catalog
 from wattserve.policies.policy import Policy
-
-from wattserve import WattserveError
-from wattserve._admin import ProfileList
 
 NO_FIGURES = "no figures: matplotlib is not installed; pip install 'wattserve[serve]'"
 REAL_CATALOG = Path(__file__).resolve().parent.parent / "policies" / "real_catalog.toml"

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+
 from wattserve.bench.trace import (
     PRESET_DEFAULTS,
     PRESETS,

@@ -12,14 +12,14 @@ from typing import Any
 import ray
 import structlog
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from wattserve._schemas import DeviceInfo, NodeInfo
 from wattserve.telemetry.agent import AGENT_NAMESPACE, TelemetryAgent, agent_actor_name
 from wattserve.telemetry.attribution import Reconciliation
 from wattserve.telemetry.devices import open_power_sources
 from wattserve.telemetry.energy import EnergyMeasurement
 from wattserve.telemetry.logs import configure_logging
 from wattserve.telemetry.metrics import AgentMetrics
-
-from wattserve._schemas import DeviceInfo, NodeInfo
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +85,10 @@ class TelemetryAgentActor:
         """See ``TelemetryAgent.batch_finished``."""
         return self._agent.batch_finished(batch_id)
 
+    def power_w(self) -> tuple[str, float]:
+        """(node id, the node's power now in W): the admission service's reading."""
+        return self._agent.node_id, self._agent.power_w()
+
     def status(self) -> tuple[NodeInfo, list[DeviceInfo]]:
         """Node totals and devices; also refreshes the Prometheus gauges."""
         node, devices = self._agent.status()
@@ -113,6 +117,7 @@ def start_agents(
             TelemetryAgentActor.options(
                 name=agent_actor_name(node_id),
                 namespace=AGENT_NAMESPACE,
+                lifetime="detached",  # the cluster's, not the driver's that asked for it
                 get_if_exists=True,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(node_id, power_source, sample_hz, sim_devices, node_device_type(node))

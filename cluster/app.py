@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+
 from wattserve.cluster.settings import Settings, ensure_admin_token
 from wattserve.policies.catalog import VariantSpec
 from wattserve.policies.tenancy import hash_key
@@ -61,6 +62,7 @@ def ingress_app(settings: Settings, admin_token: str | None) -> Application:
         admin_token_sha256=hash_key(admin_token) if admin_token else None,
         replicas=settings.scheduler_replicas,
         coalescers=settings.coalescers,
+        settings=settings,
     )
     ingress = SchedulerIngress.options(num_replicas=settings.scheduler_replicas)
     return ingress.bind(settings.db_url, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+
 from wattserve.scheduler.coalescing import (
     COALESCER_NAMESPACE,
     LeaderGone,
@@ -46,10 +47,13 @@ class CoalescerActor:
 
 
 def start_coalescers(count: int, lease_s: float = 300.0) -> list[Any]:
-    """Start (or find) ``count`` named coalescer actors; keep the handles alive."""
+    """Start (or find) ``count`` named, detached coalescer actors."""
     handles = [
         CoalescerActor.options(
-            name=coalescer_actor_name(i), namespace=COALESCER_NAMESPACE, get_if_exists=True
+            name=coalescer_actor_name(i),
+            namespace=COALESCER_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
         ).remote(lease_s)
         for i in range(count)
     ]

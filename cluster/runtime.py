@@ -1,7 +1,12 @@
-"""Start and stop wattserve on a local Ray cluster: the embedded default deployment.
+"""Start and stop wattserve: on a Ray cluster it starts itself, or on one that already runs.
 
-``LocalService`` owns the Ray instance it starts: ``stop()`` shuts down Serve and then
-Ray, which ends every process ``start()`` created.
+``LocalService`` without an address owns the Ray instance it starts (the embedded
+default): ``stop()`` shuts down Serve and then Ray, which ends every process ``start()``
+created. With ``address`` (``--address``, ``WATTSERVE_RAY_ADDRESS``; ``auto`` as Ray
+means it) it attaches to a running cluster, deploys the service into it, and ``stop()``
+removes only what it deployed: the Serve applications, and the control actors if it was
+the one that started them. Everything the service needs at run time lives in the
+cluster (``cluster.control``), so the driver can go away without taking it along.
 """
 
 from __future__ import annotations
@@ -11,15 +16,14 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
 
 import httpx
 import structlog
-from wattserve.cluster.settings import Settings, ensure_admin_token
-from wattserve.policies.catalog import Catalog, load_catalog
 
 from wattserve import WattserveError
-from wattserve._admin import PolicyUpdate
+from wattserve.cluster.names import CONTROL_NAMESPACE
+from wattserve.cluster.settings import Settings, ensure_admin_token
+from wattserve.policies.catalog import Catalog, load_catalog
 
 
 class SettingsError(WattserveError):
@@ -51,15 +55,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalService:
     """wattserve on a Ray cluster started (and owned) by this process."""
 
-    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        address: str | None = None,
+    ) -> None:
         self.settings = settings
         self.host = host
         self.port = port
+        self.address = address  # None: start (and own) a local Ray instance
         self.catalog: Catalog | None = None
         self.admin_token: str | None = None
         self._ray_started = False
-        self._actors: list[Any] = []
-        self._reconciler: Any = None
+        self._connected_here = True  # whether stop() disconnects this process from Ray
+        self._created_control = False
 
     @property
     def url(self) -> str:
@@ -68,26 +79,36 @@ class LocalService:
         return f"http://{host}:{self.port}"
 
     def start(self, ready_timeout_s: float = 600) -> str:
-        """Start Ray, Serve and the app; return the URL once ``/healthz`` answers."""
+        """Start (or attach to) Ray, then Serve and the app; the URL once ``/healthz`` answers."""
         # Validate the catalog before anything heavy starts: a bad file fails in a second.
         self.catalog = load_catalog(self.settings.catalog_path)
-        if self.settings.power_cap_w is not None and self.settings.scheduler_replicas > 1:
-            raise SettingsError(
-                "WATTSERVE_POWER_CAP_W needs a single scheduler replica: each replica admits "
-                "against the same measured power, so several could overshoot the cap together"
-            )
         self.admin_token = ensure_admin_token(self.settings.home)
         for key, value in _PROCESS_ENV.items():
             os.environ.setdefault(key, value)
-        import ray
         from ray import serve
-        from wattserve.cluster.agents import start_agents
-        from wattserve.cluster.app import ingress_app
-        from wattserve.cluster.coalescers import start_coalescers
-        from wattserve.cluster.variants import VariantReconciler, deploy_variants
 
-        control = self._prepare_database()
+        from wattserve.cluster.app import ingress_app
+        from wattserve.cluster.control import ensure_control_plane
+
+        self._init_ray()
+        serve.start(http_options={"host": self.host, "port": self.port})
+        _, self._created_control = ensure_control_plane(self.settings)
+        serve.run(ingress_app(self.settings, self.admin_token), name=APP_NAME, route_prefix="/")
+        self._wait_ready(ready_timeout_s)
+        log.info("service_ready", url=self.url, address=self.address or "local")
+        return self.url
+
+    def _init_ray(self) -> None:
+        import ray
+
         self.settings.ray_tmpdir.mkdir(parents=True, exist_ok=True)
+        if self.address is not None:
+            self._connected_here = not ray.is_initialized()  # else: this process's driver
+            if self._connected_here:
+                ray.init(address=self.address, namespace=APP_NAME, log_to_driver=False,
+                         configure_logging=False)  # fmt: skip
+            self._ray_started = True
+            return
         in_main_thread = threading.current_thread() is threading.main_thread()
         sigterm_handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
         ray.init(
@@ -103,46 +124,6 @@ class LocalService:
             # ray.init replaces SIGTERM with a handler that aborts the driver; this process
             # owns the cluster and must get the chance to stop it cleanly, so restore ours.
             signal.signal(signal.SIGTERM, sigterm_handler)
-        # Keep the handles: a non-detached actor dies when its last handle goes away.
-        self._actors = start_agents(
-            self.settings.power_source, self.settings.sample_hz, self.settings.sim_devices
-        ) + start_coalescers(self.settings.coalescers)
-        serve.start(http_options={"host": self.host, "port": self.port})
-        snapshot = control.snapshot()
-        deploy_variants(
-            [spec for spec, state in snapshot.variants if state in ("active", "deploying")],
-            self.settings,
-        )
-        for name in snapshot.in_state("deploying"):
-            control.set_variant_state(name, "active")
-        serve.run(ingress_app(self.settings, self.admin_token), name=APP_NAME, route_prefix="/")
-        self._reconciler = VariantReconciler(control, self.settings)
-        self._reconciler.start()
-        self._wait_ready(ready_timeout_s)
-        log.info("service_ready", url=self.url, variants=control.snapshot().catalog().names)
-        return self.url
-
-    def _prepare_database(self) -> Any:
-        """Migrate the database and seed it from the settings where it is still empty."""
-        from wattserve.scheduler.control_store import ControlStore
-        from wattserve.telemetry.ledger import LedgerStore
-
-        assert self.catalog is not None
-        ledger = LedgerStore(self.settings.db_url)  # migrates to the current schema
-        control = ControlStore(ledger.engine)
-        seeded = control.seed_variants(self.catalog)
-        control.seed_budget(self.settings.power_cap_w, self.settings.joules_per_output_target)
-        control.seed_policy(
-            PolicyUpdate(
-                cache_max_bytes=self.settings.cache_max_bytes,
-                cache_ttl_s=self.settings.cache_ttl_s,
-            )
-        )
-        # Nothing is in flight across a restart: a variant that was draining is done.
-        for name in control.snapshot().in_state("retiring"):
-            control.set_variant_state(name, "retired")
-        log.info("database_ready", seeded_variants=seeded)
-        return control
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -158,22 +139,42 @@ class LocalService:
         raise TimeoutError(f"wattserve at {self.url} not ready after {timeout_s}s: {last_error}")
 
     def stop(self) -> None:
-        """Shut down Serve and the Ray processes this service started."""
+        """Embedded: shut down Serve and Ray. Attached: remove only what this run deployed."""
         if not self._ray_started:
             return
         import ray
         from ray import serve
 
         try:
-            if self._reconciler is not None:
-                self._reconciler.stop()
-                self._reconciler = None
-            serve.shutdown()
+            if self.address is None:
+                serve.shutdown()
+            else:
+                self._remove_deployed()
         finally:
-            self._actors = []
-            ray.shutdown()
+            if self._connected_here:
+                ray.shutdown()  # attached: disconnects this driver; the cluster keeps running
             self._ray_started = False
-            log.info("service_stopped")
+            log.info("service_stopped", address=self.address or "local")
+
+    def _remove_deployed(self) -> None:
+        """Delete this service's Serve apps; its control actors too if it started them."""
+        import ray
+        from ray import serve
+
+        from wattserve.cluster.names import CONTROL_NAME, VARIANT_APP_PREFIX, control_actor_names
+
+        if self._created_control:
+            control = ray.get_actor(CONTROL_NAME, namespace=CONTROL_NAMESPACE)
+            ray.get(control.stop.remote())
+        for name in serve.status().applications:
+            if name == APP_NAME or name.startswith(VARIANT_APP_PREFIX):
+                serve.delete(name)
+        if self._created_control:
+            for name in control_actor_names():
+                try:
+                    ray.kill(ray.get_actor(name, namespace=CONTROL_NAMESPACE), no_restart=True)
+                except ValueError:
+                    pass  # already gone
 
     def __enter__(self) -> LocalService:
         self.start()

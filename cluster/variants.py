@@ -1,7 +1,7 @@
 """The variant reconciler: makes the deployed variants match the control plane's.
 
-It runs in the process that owns the Serve deployment (``wattserve serve``), polling
-the variant table every ``POLL_S``:
+It runs inside the cluster's control plane actor (``cluster.control``), polling the
+variant table every ``POLL_S``:
 
 * ``deploying`` → deploy the variant's application; ``active`` once it runs, ``failed``
   (with the reason) if it cannot start;
@@ -21,11 +21,12 @@ from collections.abc import Callable
 
 import structlog
 from ray import serve
+
 from wattserve.cluster.app import worker_app
+from wattserve.cluster.names import variant_app_name
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import VariantSpec
 from wattserve.scheduler.control_store import ControlStore
-from wattserve.scheduler.ingress import variant_app_name
 
 log = structlog.get_logger(__name__)
 

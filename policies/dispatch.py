@@ -1,30 +1,42 @@
 """The batch dispatcher's state machine: queued outputs in, launch decisions out.
 
-``DispatchCore`` owns what the dispatcher must remember between decisions — the queue of
-outputs (per ticket), batches in flight per variant, the declared draw of batches
-launched too recently to show in a power reading — and applies the pure decisions
-(``plan_batches``, ``admit``, ``held_fate``) at each :meth:`step`. It has no clock, no
-asyncio and no I/O: the caller passes ``now`` and the power picture and carries out the
-returned :class:`Step`. The live scheduler's ``Batcher`` drives it from an asyncio task
-with real workers; the fleet simulator drives the *same* object from its event queue
-under a simulated clock, which is why it exists as a separate, synchronous piece.
+``DispatchCore`` owns what one scheduler replica must remember between decisions — the
+queue of outputs (per ticket) and its batches in flight per variant — and applies the
+pure decisions (``plan_batches``, ``held_fate``). It has no clock, no asyncio and no I/O:
+the caller passes ``now`` and carries out what it returns. The live scheduler's
+``Batcher`` drives it from an asyncio task with real workers; the fleet simulator drives
+the *same* object from its event queue under a simulated clock.
 
-One step, in order: plan batches for free replicas; admit each planned batch under the
-power cap, in plan order; launch the admitted ones (they leave the queue and occupy a
-replica until :meth:`finished`); for outputs in held batches, decide hold / move (once,
-to the lowest-drawing variant that still meets their floor and size) / reject.
+One decision is two calls around a lease request, so that permission to draw power
+comes from one place for every replica (``policies.leases.LeaseBook``, hosted by the
+admission service, or in process for one replica and the simulator):
+
+1. :meth:`propose` plans batches for this replica's free replicas (``plan_batches``) and
+   turns each into a ``LeaseAsk`` (declared draw, age of its oldest output);
+2. the caller asks the lease book for all of them at once (one call per step);
+3. :meth:`settle` launches the granted ones (they leave the queue and occupy a replica
+   until :meth:`finished`); a batch refused for lack of a free slot stays queued; for
+   outputs in a batch refused to protect the power budget it decides hold / move (once,
+   to the lowest-drawing variant that still meets their floor and size) / reject.
+
+The queue may change while the lease request is out (a request withdraws its output):
+settle launches what is still queued and hands back leases it could not use.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from wattserve.policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
+from wattserve.policies.admission import HeldOutput, held_fate
 from wattserve.policies.batching import BatchingSnapshot, QueuedOutput, plan_batches
 from wattserve.policies.catalog import Catalog
+from wattserve.policies.leases import Lease, LeaseAsk, LeaseBook, LeaseDecision, LeaseRefusal
+
+# Refusals that protect the power budget: their outputs are held, moved or rejected.
+# A missing slot is not one of them: the batch simply waits for a replica.
+POWER_REFUSALS = frozenset({"power_cap", "no_reading", "warming_up", "unavailable"})
 
 
 @dataclass
@@ -36,7 +48,7 @@ class _Entry:
 
 @dataclass(frozen=True)
 class Launch:
-    """A batch to run now: its variant, size and members (tickets, and whether moved)."""
+    """A batch to run now: its variant, size, members (tickets, whether moved), lease."""
 
     variant: str
     width_px: int
@@ -44,6 +56,17 @@ class Launch:
     tickets: tuple[int, ...]
     moved: tuple[bool, ...]
     draw_w: float  # the variant's declared active power
+    lease: Lease | None = None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Batches this replica would launch now, each as the lease it asks for."""
+
+    now_s: float
+    batches: tuple[tuple[int, ...], ...]  # tickets of each planned batch
+    asks: tuple[LeaseAsk, ...]  # one per batch, ``key`` = its index here
+    wake_at_s: float | None
 
 
 @dataclass(frozen=True)
@@ -52,8 +75,9 @@ class Step:
 
     launches: tuple[Launch, ...]
     moved: tuple[tuple[int, str], ...]  # (ticket, new variant)
-    rejected: tuple[int, ...]  # refused to protect the power cap
+    rejected: tuple[tuple[int, LeaseRefusal], ...]  # (ticket, why) refused for the budget
     wake_at_s: float | None  # step again by then; None: only on a new output or a finish
+    unused: tuple[Lease, ...] = ()  # granted, but every member left meanwhile: release
 
 
 _NOTHING = Step((), (), (), None)
@@ -69,7 +93,6 @@ class DispatchCore:
         max_batch_size: int | None = None,
         max_wait_s: float = 0.02,
         max_hold_s: float = 5.0,
-        sample_period_s: float = 0.1,
         joules_bounds: Mapping[str, Mapping[int, tuple[float, float]]] | None = None,
     ) -> None:
         self.max_wait_s = max_wait_s
@@ -77,7 +100,6 @@ class DispatchCore:
         # table: the energy profile's) so batches are not made larger than is cheapest
         self._joules_bounds = joules_bounds if joules_bounds is not None else {}
         self.max_hold_s = max_hold_s
-        self._sample_period_s = sample_period_s
         self._catalog = catalog
         self._cap: dict[str, int] = {}
         self._replicas: dict[str, int] = {}
@@ -87,9 +109,6 @@ class DispatchCore:
         # with a free replica, so its cost does not grow with work queued behind busy ones
         self._by_variant: dict[str, dict[int, _Entry]] = {}
         self._in_flight: dict[str, int] = {}
-        # (launch time s, declared draw W) of recent launches, oldest first, and their sum
-        self._launched: deque[tuple[float, float]] = deque()
-        self._launching_w = 0.0
         self._tickets = itertools.count()
         self.configure(catalog, max_batch_size=max_batch_size)
 
@@ -150,8 +169,8 @@ class DispatchCore:
         """A launched batch of ``variant`` ended (either way): its replica is free again."""
         self._in_flight[variant] -= 1
 
-    def step(self, now_s: float, cap_w: float | None, measured_w: float | None) -> Step:
-        """Decide what to launch, move and refuse now, under ``cap_w`` (None: uncapped)."""
+    def propose(self, now_s: float) -> Proposal:
+        """Plan batches for the free replicas; each becomes a lease ask."""
         free = {
             name: count - self._in_flight.get(name, 0) for name, count in self._replicas.items()
         }
@@ -162,8 +181,8 @@ class DispatchCore:
             if n > 0
             for e in self._by_variant.get(name, {}).values()
         )
-        if not queued:  # nothing can launch, so nothing to admit, hold or refuse
-            return _NOTHING
+        if not queued:  # nothing can launch, so nothing to ask for, hold or refuse
+            return Proposal(now_s, (), (), None)
         decision = plan_batches(
             BatchingSnapshot(
                 now_s=now_s,
@@ -174,50 +193,65 @@ class DispatchCore:
                 joules_bounds=self._joules_bounds,
             )
         )
-        wake_at = decision.wake_at_s
-        recent = now_s - 2 * self._sample_period_s
-        while self._launched and self._launched[0][0] < recent:
-            self._launching_w -= self._launched.popleft()[1]
-        if not self._launched:
-            self._launching_w = 0.0  # no float drift across an idle period
-        snapshot = PowerSnapshot(
-            cap_w=cap_w,
-            measured_w=measured_w,
-            launching_w=self._launching_w,
-        )
-        draws = [self._draw(self._queue[tickets[0]].queued.variant) for tickets in decision.launch]
-        launches, moved, rejected = [], [], []
-        for tickets, ok in zip(decision.launch, admit(snapshot, draws), strict=True):
-            if ok:
-                launches.append(self._launch(now_s, tickets))
+        asks = []
+        for key, tickets in enumerate(decision.launch):
+            entries = [self._queue[t].queued for t in tickets]
+            oldest_s = min(q.enqueued_s for q in entries)
+            variant = entries[0].variant
+            asks.append(LeaseAsk(key, variant, self._draw(variant), now_s - oldest_s))
+        return Proposal(now_s, decision.launch, tuple(asks), decision.wake_at_s)
+
+    def settle(self, proposal: Proposal, decisions: Sequence[LeaseDecision]) -> Step:
+        """Launch the granted batches; hold, move or reject those refused for the budget."""
+        now_s, wake_at = proposal.now_s, proposal.wake_at_s
+        launches, moved, rejected, unused = [], [], [], []
+        by_key = {d.key: d for d in decisions}
+        for key, tickets in enumerate(proposal.batches):
+            present = tuple(t for t in tickets if t in self._queue)
+            decision = by_key.get(key)
+            lease = decision.lease if decision is not None else None
+            if lease is not None:
+                if present:
+                    launches.append(self._launch(present, lease))
+                else:
+                    unused.append(lease)
                 continue
-            for ticket in tickets:
+            refusal = decision.refusal if decision is not None else None
+            retry_s = refusal.retry_after_s if refusal is not None else 0.1
+            due = now_s + max(retry_s, 1e-3)
+            wake_at = due if wake_at is None else min(wake_at, due)
+            if refusal is None or refusal.reason not in POWER_REFUSALS:
+                continue  # no free slot (or no answer for it): wait for a replica
+            for ticket in present:
                 fate, to = self._settle_held(now_s, ticket)
                 if fate == "reject":
-                    rejected.append(ticket)
+                    rejected.append((ticket, refusal))
                 elif fate == "move" and to is not None:
                     moved.append((ticket, to))
-            due = now_s + self._sample_period_s
-            wake_at = due if wake_at is None else min(wake_at, due)
-        return Step(tuple(launches), tuple(moved), tuple(rejected), wake_at)
+        return Step(tuple(launches), tuple(moved), tuple(rejected), wake_at, tuple(unused))
+
+    def step(self, now_s: float, book: LeaseBook, holder: str = "local") -> Step:
+        """One whole decision against an in-process lease book (simulator, tests)."""
+        proposal = self.propose(now_s)
+        if not proposal.asks:
+            return replace(_NOTHING, wake_at_s=proposal.wake_at_s)
+        return self.settle(proposal, book.request(holder, proposal.asks))
 
     # --- internals --------------------------------------------------------------------
 
     def _draw(self, variant: str) -> float:
         return self._draw_w.get(variant, 0.0)
 
-    def _launch(self, now_s: float, tickets: tuple[int, ...]) -> Launch:
+    def _launch(self, tickets: tuple[int, ...], lease: Lease) -> Launch:
         entries = [self._queue.pop(t) for t in tickets]
         first = entries[0].queued
         waiting = self._by_variant[first.variant]
         for t in tickets:
             del waiting[t]
         self._in_flight[first.variant] = self._in_flight.get(first.variant, 0) + 1
-        draw_w = self._draw(first.variant)
-        self._launched.append((now_s, draw_w))
-        self._launching_w += draw_w
         return Launch(first.variant, first.width_px, first.height_px, tickets,
-                      tuple(e.moved for e in entries), draw_w)  # fmt: skip
+                      tuple(e.moved for e in entries), self._draw(first.variant),
+                      lease)  # fmt: skip
 
     def _settle_held(self, now_s: float, ticket: int) -> tuple[str, str | None]:
         """``("hold", None)``, ``("move", variant)`` or ``("reject", None)``."""

@@ -51,7 +51,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-RefusalReason = Literal["power_cap", "no_slot", "no_reading", "warming_up", "unknown_variant"]
+# "unavailable" is never decided here: a scheduler says it when the book cannot be reached.
+RefusalReason = Literal[
+    "power_cap", "no_slot", "no_reading", "warming_up", "unknown_variant", "unavailable"
+]
 
 _RECONFIGURE_RETRY_S = 1.0  # unknown variant: a new configuration helps, not a new reading
 

@@ -30,6 +30,9 @@ class BatchPlan:
     width_px: int
     height_px: int
     items: tuple[WorkItem, ...]
+    # The lease that lets this batch draw power; the worker confirms its start with the
+    # admission service (None: no admission service, e.g. one in-process scheduler).
+    lease_id: str | None = None
 
 
 @dataclass(frozen=True)

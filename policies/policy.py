@@ -54,24 +54,6 @@ class Budget:
 
     cluster_cap_w: float | None = None
     joules_per_output_target: float | None = None
-    # Per-node caps keyed by Ray node id or a prefix of it. Where the scheduler cannot
-    # know which node a batch lands on, a batch must fit under every capped node.
+    # Per-node caps keyed by Ray node id or a prefix of it. They bind batches of the
+    # variants that can be placed on those nodes (``policies.leases``).
     node_caps_w: dict[str, float] = field(default_factory=dict)
-
-    def effective_cap_w(
-        self, cluster_power_w: float | None, node_power_w: dict[str, float]
-    ) -> float | None:
-        """The one cluster-wide cap admission enforces, folding in the node caps.
-
-        A node cap with headroom h admits a batch only if it draws at most h; expressed
-        as a cluster cap that is ``cluster_power_w + h``. The tightest of all applies.
-        """
-        caps = [] if self.cluster_cap_w is None else [self.cluster_cap_w]
-        if self.node_caps_w and cluster_power_w is None:
-            caps.extend(self.node_caps_w.values())  # no reading: admission holds everything
-        elif self.node_caps_w and cluster_power_w is not None:
-            for prefix, cap_w in self.node_caps_w.items():
-                for node_id, power_w in node_power_w.items():
-                    if node_id.startswith(prefix):
-                        caps.append(cluster_power_w + cap_w - power_w)
-        return min(caps) if caps else None

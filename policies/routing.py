@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from wattserve import GenerationRequest
 from wattserve.policies.catalog import Catalog, VariantSpec
 from wattserve.policies.policy import Policy
 from wattserve.policies.profile import VariantEstimate
-
-from wattserve import GenerationRequest
 
 REASON_CHEAPEST_CAPABLE = "cheapest_capable"
 REASON_REQUESTED_MODEL = "requested_model"

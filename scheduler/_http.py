@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import wattserve
-from wattserve import AdmissionRejected, InvalidRequest, NotFound, WattserveError
+from wattserve import InvalidRequest, NotFound, WattserveError
 
 log = structlog.get_logger(__name__)
 
@@ -63,8 +63,9 @@ async def parse_body(request: Request, model: type[M]) -> M:
 def error_response(exc: WattserveError) -> JSONResponse:
     """The one place a ``WattserveError`` becomes an HTTP response."""
     headers = {}
-    if isinstance(exc, AdmissionRejected):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    retry_after_s = getattr(exc, "retry_after_s", None)  # AdmissionRejected, ServiceUnavailable
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after_s)))
     return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
 
 

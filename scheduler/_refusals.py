@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import assert_never
 
-from wattserve.policies.routing import RouteRefusal
-
 from wattserve import (
     AdmissionRejected,
     InvalidRequest,
@@ -23,6 +21,7 @@ from wattserve import (
     ServiceUnavailable,
     WattserveError,
 )
+from wattserve.policies.routing import RouteRefusal
 
 DEFAULT_RETRY_AFTER_S = 1.0  # a deadline refusal always carries one; this only guards
 

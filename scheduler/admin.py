@@ -17,11 +17,6 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import structlog
 from fastapi import Path, Query, Request
 from fastapi.responses import JSONResponse
-from wattserve.policies.routing import reference_variant
-from wattserve.scheduler._http import api, parse_body
-from wattserve.scheduler.control_store import ControlSnapshot, parse_variant_entry, policy_values
-from wattserve.telemetry.ledger import ANY_TENANT
-from wattserve.telemetry.reporting import window_report
 
 from wattserve import InvalidRequest, Unauthorized
 from wattserve._admin import (
@@ -39,6 +34,11 @@ from wattserve._admin import (
     VariantAdd,
     VariantList,
 )
+from wattserve.policies.routing import reference_variant
+from wattserve.scheduler._http import api, parse_body
+from wattserve.scheduler.control_store import ControlSnapshot, parse_variant_entry, policy_values
+from wattserve.telemetry.ledger import ANY_TENANT
+from wattserve.telemetry.reporting import window_report
 
 if TYPE_CHECKING:
     from wattserve.scheduler.ingress import SchedulerIngress
@@ -74,12 +74,6 @@ class AdminRoutes:
         """Set the cluster cap, one node's cap or the J/output target."""
         self._require_admin(request)
         update = await parse_body(request, BudgetUpdate)
-        if update.node is None and update.watts is not None and self._config.replicas > 1:
-            raise InvalidRequest(
-                "a cluster power cap needs a single scheduler replica: each replica admits "
-                "against the same measured power, so several could overshoot it together",
-                param="watts",
-            )
         if update.node is not None:
             await self._check_node(update.node)
         await asyncio.to_thread(self._control.set_budget, update)

@@ -6,11 +6,15 @@ or the earliest wait deadline passes, and launches each planned batch as its own
 so a slow batch never blocks planning. Free replicas per variant are the catalog's
 replica count minus batches in flight (each replica takes one batch at a time).
 
-Under a power cap (``power_cap_w()``, read at every decision), each planned batch must also pass
-``policies.admission.admit`` against the live cluster power; a batch that does not fit
-stays queued and is re-checked every ``sample_period_s``. Its outputs wait up to
-``max_hold_s`` (or their deadline), then move once to a lower-drawing variant that still
-meets their quality floor, and are otherwise refused with ``AdmissionRejected`` (429).
+Every planned batch needs a lease (``scheduler.leases.LeaseGate``): one request per
+dispatch step for all candidate batches, answered by the lease book that holds the power
+budget and the replica slots of every scheduler replica. A batch refused for a slot waits
+for a replica; one refused to protect the budget stays queued and is asked for again at
+the refusal's ``retry_after_s``. Its outputs wait up to ``max_hold_s`` (or their
+deadline), then move once to a lower-drawing variant that still meets their quality
+floor, and are otherwise refused: ``AdmissionRejected`` (429) over the power cap,
+``ServiceUnavailable`` (503) while no power reading or no admission service is there
+(fail closed). The lease is released when the batch ends, either way.
 
 A request that goes away while its output is still queued withdraws it; once launched,
 the batch runs for everyone in it.
@@ -25,13 +29,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
-from wattserve.policies.catalog import Catalog
-from wattserve.policies.dispatch import DispatchCore, Launch
-from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
-from wattserve.telemetry.energy import estimated_batch_energy
 
-from wattserve import AdmissionRejected, WattserveError
+from wattserve import AdmissionRejected, ServiceUnavailable, WattserveError
 from wattserve._schemas import EnergySource
+from wattserve.policies.catalog import Catalog
+from wattserve.policies.dispatch import DispatchCore, Launch, Step
+from wattserve.policies.leases import LeaseRefusal
+from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
+from wattserve.scheduler.leases import LeaseGate, LocalLeases
+from wattserve.telemetry.energy import estimated_batch_energy
 
 log = structlog.get_logger(__name__)
 
@@ -94,18 +100,15 @@ class Batcher:
         clock: Callable[[], float] = time.monotonic,
         new_batch_id: Callable[[], str],
         on_batch: Callable[[BatchPlan, BatchOutput, float], None] | None = None,
-        power_cap_w: Callable[[], float | None] = lambda: None,
-        cluster_power_w: Callable[[], float | None] = lambda: None,
+        leases: LeaseGate | None = None,
         max_hold_s: float = 5.0,
-        sample_period_s: float = 0.1,
         max_queued: int = 4096,
         joules_bounds: Mapping[str, Mapping[int, tuple[float, float]]] | None = None,
     ) -> None:
         self._pool = pool
         self.core = DispatchCore(
             catalog, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
-            max_hold_s=max_hold_s, sample_period_s=sample_period_s,
-            joules_bounds=joules_bounds,
+            max_hold_s=max_hold_s, joules_bounds=joules_bounds,
         )  # fmt: skip
         self._catalog = catalog
         self._wakeup = asyncio.Event()
@@ -115,8 +118,7 @@ class Batcher:
         self._pending: dict[int, _Pending] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
-        self._power_cap_w = power_cap_w
-        self._cluster_power_w = cluster_power_w
+        self.leases: LeaseGate = leases if leases is not None else LocalLeases(catalog, clock=clock)
         self._max_queued = max_queued
 
     @property
@@ -132,6 +134,7 @@ class Batcher:
         """Adopt a new catalog and batch-size bound (see ``DispatchCore.configure``)."""
         self._catalog = catalog
         self.core.configure(catalog, max_batch_size=max_batch_size)
+        self.leases.configure(catalog)
         self._wakeup.set()
 
     def busy_with(self, variant: str) -> bool:
@@ -182,31 +185,46 @@ class Batcher:
     async def _dispatch(self) -> None:
         while True:
             self._wakeup.clear()
-            cap_w = self._power_cap_w()
-            measured_w = self._cluster_power_w() if cap_w is not None else None
-            step = self.core.step(self._clock(), cap_w, measured_w)
-            for launch in step.launches:
-                members = [self._pending.pop(t) for t in launch.tickets]
-                task = asyncio.create_task(self._run(launch, members))
-                self._batches.add(task)
-                task.add_done_callback(self._batches.discard)
-            for ticket, to in step.moved:
-                log.info("output_moved_power_cap", ticket=ticket, to=to)
-            for ticket in step.rejected:
-                self._pending.pop(ticket).future.set_exception(
-                    AdmissionRejected(
-                        f"power cap {cap_w or 0:.0f} W: no capacity within "
-                        f"{self.core.max_hold_s:.0f}s and no lower-drawing variant meets the "
-                        "request",
-                        retry_after_s=self.core.max_hold_s,
-                    )
-                )
+            proposal = self.core.propose(self._clock())
+            step = Step((), (), (), proposal.wake_at_s)
+            if proposal.asks:  # one lease request per step, for every candidate batch
+                step = self.core.settle(proposal, await self.leases.request(proposal.asks))
+            self._carry_out(step)
             wake_at = step.wake_at_s
             timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
                 pass
+
+    def _carry_out(self, step: Step) -> None:
+        for lease in step.unused:
+            self.leases.release(lease.lease_id)
+        for launch in step.launches:
+            members = [self._pending.pop(t) for t in launch.tickets]
+            task = asyncio.create_task(self._run(launch, members))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        for ticket, to in step.moved:
+            log.info("output_moved_power_cap", ticket=ticket, to=to)
+        for ticket, refusal in step.rejected:
+            pending = self._pending.pop(ticket, None)
+            if pending is not None and not pending.future.done():
+                pending.future.set_exception(self._refused(refusal))
+
+    def _refused(self, refusal: LeaseRefusal) -> WattserveError:
+        """The error a held output ends with: 429 over the cap, 503 without a reading."""
+        hold_s = self.core.max_hold_s
+        if refusal.reason == "power_cap":
+            return AdmissionRejected(
+                f"{refusal.message}; no capacity within {hold_s:.0f}s and no "
+                "lower-drawing variant meets the request",
+                retry_after_s=hold_s,
+            )
+        return ServiceUnavailable(
+            f"power budget cannot be checked ({refusal.message}); held {hold_s:.0f}s",
+            retry_after_s=max(1.0, refusal.retry_after_s),
+        )
 
     async def _run_with_retry(self, plan: BatchPlan) -> BatchOutput:
         """Run a batch; if its replica fails, run it once more (Serve picks a healthy one).
@@ -222,9 +240,10 @@ class Batcher:
             return await self._pool.run(plan)
 
     async def _run(self, launch: Launch, members: list[_Pending]) -> None:
+        lease_id = launch.lease.lease_id if launch.lease is not None else None
         plan = BatchPlan(
             self._new_batch_id(), launch.variant, launch.width_px, launch.height_px,
-            tuple(m.item for m in members),
+            tuple(m.item for m in members), lease_id,
         )  # fmt: skip
         size = len(members)
         started = self._clock()
@@ -252,5 +271,7 @@ class Batcher:
                         output.joules / size, output.energy_source,
                     ))  # fmt: skip
         finally:
+            if lease_id is not None:
+                self.leases.release(lease_id)
             self.core.finished(plan.variant)
             self._wakeup.set()

@@ -25,6 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Field, SQLModel
+
 from wattserve.policies.reuse import CachedCopy, usable_copies
 from wattserve.telemetry.database import write_transaction
 

@@ -21,6 +21,17 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from pydantic import ValidationError
+
+from wattserve import Conflict, InvalidRequest, NotFound
+from wattserve._admin import (
+    BudgetUpdate,
+    PolicyUpdate,
+    TenantCreate,
+    TenantInfo,
+    TenantUpdate,
+    VariantRecord,
+)
+from wattserve._schemas import BudgetInfo
 from wattserve.policies.catalog import Catalog, VariantSpec
 from wattserve.policies.policy import Budget, Policy
 from wattserve.policies.tenancy import Tenant, hash_key, new_api_key
@@ -33,17 +44,6 @@ from wattserve.scheduler.control_tables import (
     VariantRow,
 )
 from wattserve.telemetry.database import write_transaction
-
-from wattserve import Conflict, InvalidRequest, NotFound
-from wattserve._admin import (
-    BudgetUpdate,
-    PolicyUpdate,
-    TenantCreate,
-    TenantInfo,
-    TenantUpdate,
-    VariantRecord,
-)
-from wattserve._schemas import BudgetInfo
 
 CLUSTER_SCOPE = "cluster"
 NODE_SCOPE_PREFIX = "node:"

@@ -23,6 +23,24 @@ import structlog
 from fastapi import Query, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+
+import wattserve
+from wattserve import AdmissionRejected, Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
+from wattserve._admin import QuotaUsage, TenantInfo
+from wattserve._schemas import (
+    ClusterStatus,
+    EnergyReport,
+    Health,
+    ImageGenerationBody,
+    LedgerPage,
+    ModelList,
+    ReconciliationInfo,
+    TargetInfo,
+    VariantInfo,
+)
+from wattserve.cluster.admission import RemoteLeases, node_agents
+from wattserve.cluster.names import WORKER_DEPLOYMENT, variant_app_name
+from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import Catalog
 from wattserve.policies.plans import BatchOutput, BatchPlan
 from wattserve.policies.tenancy import (
@@ -47,36 +65,12 @@ from wattserve.scheduler.coalescing import (
 )
 from wattserve.scheduler.control_store import ControlSnapshot, ControlStore
 from wattserve.scheduler.service import Scheduler
-from wattserve.telemetry.agent import AGENT_NAMESPACE, agent_actor_name
 from wattserve.telemetry.attribution import Reconciliation
 from wattserve.telemetry.ledger import ANY_TENANT, LedgerStore
 from wattserve.telemetry.logs import configure_logging
 from wattserve.telemetry.metrics import SchedulerMetrics
 
-import wattserve
-from wattserve import AdmissionRejected, Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
-from wattserve._admin import QuotaUsage, TenantInfo
-from wattserve._schemas import (
-    ClusterStatus,
-    EnergyReport,
-    Health,
-    ImageGenerationBody,
-    LedgerPage,
-    ModelList,
-    ReconciliationInfo,
-    TargetInfo,
-    VariantInfo,
-)
-
 log = structlog.get_logger(__name__)
-
-
-WORKER_DEPLOYMENT = "worker"
-
-
-def variant_app_name(variant: str) -> str:
-    """The Serve application that runs ``variant``'s workers."""
-    return f"wattserve-variant-{variant}"
 
 
 class ServeWorkerPool:
@@ -135,22 +129,17 @@ class ServingConfig:
     admin_token_sha256: str | None  # None: the admin API refuses everyone
     replicas: int = 1
     coalescers: int = 0  # 0: this replica coalesces by itself
+    # Where the in-cluster control plane gets its settings if no one has started it yet
+    # (``serve deploy``, a RayService: no ``wattserve serve`` driver ran first).
+    settings: Settings | None = None
 
 
-POWER_POLL_S = 0.1
 REFRESH_S = 0.5
 
 
 def telemetry_agents() -> list:
     """Handles of the telemetry agents of all alive nodes."""
-    handles = []
-    for node in ray.nodes():
-        if node.get("Alive"):
-            try:
-                name = agent_actor_name(node["NodeID"])
-                handles.append(ray.get_actor(name, namespace=AGENT_NAMESPACE))
-            except ValueError:
-                log.warning("node_without_telemetry_agent", node_id=node["NodeID"])
+    handles = node_agents()
     if not handles:
         raise ServiceUnavailable("no telemetry agent is running")
     return handles
@@ -174,6 +163,10 @@ class SchedulerIngress(AdminRoutes):
         configure_logging(json=True)
         self._config = config
         self.replica_id = uuid.uuid4().hex[:12]
+        if config.settings is not None:  # found at once when a driver started it
+            from wattserve.cluster.control import ensure_control_plane  # imports this module
+
+            await asyncio.to_thread(ensure_control_plane, config.settings)
         self._ledger = LedgerStore(db_url)  # migrates: a no-op once the service has
         self._control = ControlStore(self._ledger.engine)
         self._snapshot: ControlSnapshot = await asyncio.to_thread(self._control.snapshot)
@@ -184,9 +177,6 @@ class SchedulerIngress(AdminRoutes):
             max_bytes=policy.cache_max_bytes,
             ttl_s=policy.cache_ttl_s,
         )
-        self._cluster_power_w: float | None = None
-        self._node_power_w: dict[str, float] = {}
-        self._power_poller: asyncio.Task[None] | None = None
         self._rates = RateLimiter(time.monotonic)
         self._drained: set[str] = set()
         flights: Flights = LocalFlights()
@@ -196,6 +186,7 @@ class SchedulerIngress(AdminRoutes):
             flights = RemoteFlights(names, handles)
         self._pool = ServeWorkerPool()
         catalog = self._snapshot.catalog()
+        self._leases = RemoteLeases(self.replica_id, catalog, self._capped)
         await asyncio.to_thread(self._pool.set_variants, catalog.names)
         self._scheduler = Scheduler(
             catalog,
@@ -206,10 +197,9 @@ class SchedulerIngress(AdminRoutes):
             flights=flights,
             metrics=SchedulerMetrics(),
             budget=lambda: self._snapshot.budget,
-            cluster_power_w=lambda: self._cluster_power_w,
-            node_power_w=lambda: self._node_power_w,
+            # every replica's batches get their power and replica slot from one lease book
+            leases=self._leases,
         )
-        self._start_power_poller()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
         log.info("scheduler_ready", variants=catalog.names, revision=self._snapshot.revision)
 
@@ -232,7 +222,8 @@ class SchedulerIngress(AdminRoutes):
             await asyncio.to_thread(self._pool.set_variants, catalog.names)
             self._snapshot = snapshot
             self._scheduler.apply(catalog, snapshot.policy)
-            self._start_power_poller()
+            if force:  # this replica made the change: the admission service takes it now
+                await self._leases.refresh()
             log.info("control_applied", revision=snapshot.revision, variants=catalog.names)
         for name in self._snapshot.in_state("retiring"):
             if name not in self._drained and not self._scheduler.batcher.busy_with(name):
@@ -241,24 +232,10 @@ class SchedulerIngress(AdminRoutes):
                 log.info("variant_drained", variant=name, replica=self.replica_id)
         return self._snapshot
 
-    def _start_power_poller(self) -> None:
+    def _capped(self) -> bool:
+        """Whether a power budget is in force (then no lease, no launch)."""
         budget = self._snapshot.budget
-        capped = budget.cluster_cap_w is not None or bool(budget.node_caps_w)
-        if capped and self._power_poller is None:
-            self._power_poller = asyncio.get_running_loop().create_task(self._poll_power())
-
-    async def _poll_power(self) -> None:
-        """Keep live cluster and node power fresh for admission; None (admit nothing) on failure."""
-        while True:
-            try:
-                agents = await asyncio.to_thread(telemetry_agents)
-                snapshots = await asyncio.gather(*(a.status.remote() for a in agents))
-                self._node_power_w = {node.node_id: node.power_w for node, _ in snapshots}
-                self._cluster_power_w = sum(self._node_power_w.values())
-            except Exception as exc:  # keep polling; admission holds work meanwhile
-                self._cluster_power_w = None
-                log.warning("cluster_power_unavailable", error=repr(exc))
-            await asyncio.sleep(POWER_POLL_S)
+        return budget.cluster_cap_w is not None or bool(budget.node_caps_w)
 
     # --- callers ------------------------------------------------------------------------
 
@@ -370,6 +347,7 @@ class SchedulerIngress(AdminRoutes):
             budget=self._snapshot.budget_info(),
             nodes=nodes,
             devices=devices,
+            admission=await self._leases.info(),
         ).model_dump(mode="json")
 
     @api.get("/v1/report")

@@ -22,20 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
-from wattserve.policies.catalog import Catalog, VariantSpec
-from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
-from wattserve.policies.policy import Budget, Policy
-from wattserve.policies.profile import EnergyProfile
-from wattserve.policies.routing import RouteDecision, RouteRefusal, RoutingState, route
-from wattserve.policies.target import JoulesTarget
-from wattserve.scheduler._refusals import refusal_error
-from wattserve.scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
-from wattserve.scheduler.cache import ResultCache
-from wattserve.scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
-from wattserve.scheduler.identity import flight_key, output_key
-from wattserve.telemetry.ledger import LedgerRow, LedgerStore
 
-from wattserve import AdmissionRejected, GenerationFailed, GenerationRequest
+from wattserve import AdmissionRejected, GenerationFailed, GenerationRequest, ServiceUnavailable
 from wattserve._schemas import (
     MAX_SEED,
     CacheStatus,
@@ -47,6 +35,19 @@ from wattserve._schemas import (
     RouteInfo,
     WattserveExtension,
 )
+from wattserve.policies.catalog import Catalog, VariantSpec
+from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
+from wattserve.policies.policy import Budget, Policy
+from wattserve.policies.profile import EnergyProfile
+from wattserve.policies.routing import RouteDecision, RouteRefusal, RoutingState, route
+from wattserve.policies.target import JoulesTarget
+from wattserve.scheduler._refusals import refusal_error
+from wattserve.scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
+from wattserve.scheduler.cache import ResultCache
+from wattserve.scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
+from wattserve.scheduler.identity import flight_key, output_key
+from wattserve.scheduler.leases import LeaseGate, LocalLeases
+from wattserve.telemetry.ledger import LedgerRow, LedgerStore
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +96,7 @@ class _Outcome:
     route_reason: str
     error: str | None = None
     retry_after_s: float | None = None  # set when refused to protect the power budget
+    unavailable: bool = False  # refused because the budget could not be checked (503)
 
 
 def route_info(decision: RouteDecision) -> RouteInfo:
@@ -137,8 +139,7 @@ class Scheduler:
         rng: random.Random | None = None,
         metrics: BatchMetrics | None = None,
         budget: Callable[[], Budget] = Budget,
-        cluster_power_w: Callable[[], float | None] = lambda: None,
-        node_power_w: Callable[[], dict[str, float]] = dict,
+        leases: LeaseGate | None = None,
         max_hold_s: float = 5.0,
     ) -> None:
         self.catalog = catalog
@@ -156,8 +157,9 @@ class Scheduler:
         self.batcher = Batcher(
             pool, catalog, max_batch_size=policy.max_batch_size, max_wait_s=policy.max_wait_s,
             clock=clock, new_batch_id=lambda: new_id("bat"), on_batch=self._learn,
-            power_cap_w=lambda: self.budget().effective_cap_w(cluster_power_w(), node_power_w()),
-            cluster_power_w=cluster_power_w, max_hold_s=max_hold_s,
+            leases=leases if leases is not None else LocalLeases(catalog, budget=budget,
+                                                                 clock=clock),
+            max_hold_s=max_hold_s,
             joules_bounds=self.profile.joules_bounds,
         )  # fmt: skip
 
@@ -253,7 +255,8 @@ class Scheduler:
         await asyncio.to_thread(self.ledger.record, rows)
         refused = [o for o in outcomes.values() if o.retry_after_s is not None]
         if refused:
-            raise AdmissionRejected(
+            error = ServiceUnavailable if refused[0].unavailable else AdmissionRejected
+            raise error(
                 refused[0].error or "refused", retry_after_s=refused[0].retry_after_s or 1.0
             )
         failed = [o.error for o in outcomes.values() if o.error]
@@ -362,9 +365,11 @@ class Scheduler:
             if isinstance(result, BatchedOutput):
                 generated.append((index, result))
                 continue
-            if isinstance(result, AdmissionRejected):
+            if isinstance(result, AdmissionRejected | ServiceUnavailable):
                 outcomes[index] = replace(
-                    self._unproduced(ctx, result.message), retry_after_s=result.retry_after_s
+                    self._unproduced(ctx, result.message),
+                    retry_after_s=result.retry_after_s or 1.0,
+                    unavailable=isinstance(result, ServiceUnavailable),
                 )
                 await self._fail_flights(ctx, [index], result.message)
                 continue

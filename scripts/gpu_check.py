@@ -280,6 +280,7 @@ def _run_pytest() -> dict[str, Any]:
 def run_check(cpu_smoke: bool, repeats: int, models_dir: Path) -> dict[str, Any]:
     """Every stage of the check; failures are recorded in ``errors`` and later stages go on."""
     import structlog
+
     from wattserve.policies.catalog import load_catalog
     from wattserve.policies.plans import BatchPlan, WorkItem
     from wattserve.telemetry.agent import LocalMeter, TelemetryAgent

@@ -20,11 +20,11 @@ from collections import deque
 from collections.abc import Callable
 
 import structlog
+
+from wattserve._schemas import DeviceInfo, EnergySource, NodeInfo
 from wattserve.telemetry.attribution import BatchEnergy, DeviceAttributor, Reconciliation, Sample
 from wattserve.telemetry.devices import DeviceSet, PowerSource, SimulatedDevice, TelemetryError
 from wattserve.telemetry.energy import EnergyMeasurement
-
-from wattserve._schemas import DeviceInfo, EnergySource, NodeInfo
 
 log = structlog.get_logger(__name__)
 
@@ -195,6 +195,12 @@ class TelemetryAgent:
     def _window_power_w(self, index: int) -> float | None:
         values = [powers[index] for _, powers in self._ring if powers[index] is not None]
         return sum(values) / len(values) / 1000 if values else None  # type: ignore[operator]
+
+    def power_w(self) -> float:
+        """The node's power read now, W: what the admission service holds against the cap."""
+        with self._lock:
+            readings = [d.power_mw() for d in self.devices]
+        return sum(readings) / 1000
 
     def status(self) -> tuple[NodeInfo, list[DeviceInfo]]:
         """The node's totals and each device's current and windowed power."""

@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Field, Session, SQLModel, col, select
-from wattserve.telemetry.database import make_engine, migrate, write_transaction
 
 from wattserve._schemas import LedgerEntry, VariantUsage
+from wattserve.telemetry.database import make_engine, migrate, write_transaction
 
 ANY_TENANT = "*"  # ``recent(tenant=ANY_TENANT)``: every row; ``tenant=None``: anonymous rows
 

@@ -10,11 +10,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from wattserve.telemetry.ledger import LedgerRow
-from wattserve.telemetry.savings import savings_by_cause
-
 from wattserve import Receipt
 from wattserve._admin import SavingsInfo, UsageRow, WindowReport
+from wattserve.telemetry.ledger import LedgerRow
+from wattserve.telemetry.savings import savings_by_cause
 
 ANONYMOUS = "(anonymous)"
 

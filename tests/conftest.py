@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from wattserve.policies.catalog import Catalog, load_catalog
 from wattserve.policies.plans import BatchOutput, BatchPlan
 

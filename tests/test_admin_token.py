@@ -5,9 +5,9 @@ from __future__ import annotations
 import stat
 
 import pytest
-from wattserve.cluster.settings import AdminTokenError, ensure_admin_token
 
 from wattserve._admin_client import default_admin_token
+from wattserve.cluster.settings import AdminTokenError, ensure_admin_token
 
 
 def test_first_start_writes_a_private_token_that_later_starts_and_the_cli_reuse(

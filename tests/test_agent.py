@@ -3,6 +3,7 @@
 import time
 
 import pytest
+
 from wattserve.telemetry.agent import LocalMeter, TelemetryAgent
 from wattserve.telemetry.devices import (
     DeviceSet,

@@ -1,6 +1,7 @@
 """Attribution and reconciliation, driven by hand-built sample streams (no clock, no Ray)."""
 
 import pytest
+
 from wattserve.telemetry.attribution import DeviceAttributor, Sample
 from wattserve.telemetry.devices import SimulatedDevice
 

@@ -5,6 +5,8 @@ import asyncio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from wattserve import GenerationRequest
 from wattserve.policies.batching import BatchingSnapshot, QueuedOutput, launch_size, plan_batches
 from wattserve.policies.catalog import load_catalog
 from wattserve.policies.policy import Budget, Policy
@@ -12,8 +14,6 @@ from wattserve.policies.profile import EnergyProfile
 from wattserve.policies.target import JoulesTarget
 from wattserve.scheduler.service import Scheduler
 from wattserve.telemetry.ledger import LedgerStore
-
-from wattserve import GenerationRequest
 
 
 def q(ticket, variant="v", size=64, at=0.0, deadline=None):

@@ -8,6 +8,8 @@ import httpx
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
+
+from wattserve import AsyncClient, Receipt, VariantInfo
 from wattserve.bench.live import (
     Outcome,
     PhaseRun,
@@ -30,8 +32,6 @@ from wattserve.bench.trace import (
     preset_spec,
 )
 from wattserve.cli.main import app
-
-from wattserve import AsyncClient, Receipt, VariantInfo
 
 
 def receipt(variant="v", joules=10.0, source="simulated", cache="miss", batch="b1", size=1,

@@ -1,4 +1,5 @@
 import pytest
+
 from wattserve.policies.catalog import CatalogError, load_catalog
 
 VALID = """

@@ -9,12 +9,12 @@ import sys
 
 import httpx
 import pytest
-import wattserve.cli._common as cli_common
 from typer.testing import CliRunner
-from wattserve.cli.main import app
 
+import wattserve.cli._common as cli_common
 from tests.test_admin_sdk import BUDGET, POLICY, REPORT, ROW, TENANT, VARIANT
 from tests.test_sdk import generation_body
+from wattserve.cli.main import app
 
 runner = CliRunner()
 DOWN = "http://127.0.0.1:9"  # nothing listens: a request that gets out fails with exit 1
@@ -399,7 +399,7 @@ def test_serve_prints_where_the_admin_token_is_never_the_token(home, monkeypatch
     from wattserve.cluster.settings import Settings
 
     class FakeService:
-        def __init__(self, settings, host, port):
+        def __init__(self, settings, host, port, address):
             self.settings = settings
 
         def start(self):

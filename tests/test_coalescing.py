@@ -4,12 +4,12 @@ import asyncio
 import hashlib
 
 import pytest
+
+from wattserve import GenerationFailed, GenerationRequest
 from wattserve.policies.policy import Policy
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.service import Scheduler
 from wattserve.telemetry.ledger import LedgerStore
-
-from wattserve import GenerationFailed, GenerationRequest
 
 
 def request(**kw):

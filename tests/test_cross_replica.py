@@ -4,6 +4,8 @@ import asyncio
 import base64
 
 import pytest
+
+from wattserve import GenerationRequest
 from wattserve.policies.policy import Policy
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import (
@@ -16,8 +18,6 @@ from wattserve.scheduler.coalescing import (
 )
 from wattserve.scheduler.service import Scheduler
 from wattserve.telemetry.ledger import LedgerStore
-
-from wattserve import GenerationRequest
 
 
 def test_rendezvous_owner_is_stable_and_spreads_keys():

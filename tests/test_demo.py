@@ -2,6 +2,7 @@ import json
 
 import pytest
 from PIL import Image
+
 from wattserve.cli.demo import build_workload, demo_prompts, drive_workload
 
 

@@ -16,6 +16,7 @@ from ray._common.utils import import_attr
 from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
+
 from wattserve.cluster.app import BuildArgs, build
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

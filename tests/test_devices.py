@@ -5,6 +5,7 @@ import types
 
 import pynvml
 import pytest
+
 from wattserve.telemetry.devices import (
     DeviceLost,
     MetricNotSupported,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from wattserve.policies.catalog import BuiltinArch, load_catalog
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
 import sqlalchemy as sa
+
 from wattserve.telemetry.ledger import LedgerRow, LedgerStore
 
 

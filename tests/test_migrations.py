@@ -6,14 +6,14 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import SQLModel
+
 import wattserve.scheduler.cache  # noqa: F401  (registers the result_cache model)
 import wattserve.scheduler.control_tables  # noqa: F401  (registers the control-plane models)
-from sqlmodel import SQLModel
+from wattserve._admin import BudgetUpdate, TenantCreate
 from wattserve.scheduler.control_store import ControlStore
 from wattserve.telemetry.database import HEAD, SchemaError, make_engine, migrate, schema_version
 from wattserve.telemetry.ledger import LedgerRow, LedgerStore
-
-from wattserve._admin import BudgetUpdate, TenantCreate
 
 V1_LEDGER_ROW = {
     "request_id": "req_old", "image_index": 0, "created_at": datetime(2026, 11, 1, tzinfo=UTC),

@@ -17,6 +17,7 @@ import pytest
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
+
 from wattserve.cluster.agents import ACCELERATOR_TYPE_LABEL, start_agents
 from wattserve.cluster.app import worker_app
 from wattserve.cluster.runtime import _PROCESS_ENV

@@ -22,18 +22,18 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import SQLModel
+
 import wattserve.scheduler.cache  # noqa: F401  (registers the result_cache model)
 import wattserve.scheduler.control_tables  # noqa: F401  (registers the control-plane models)
-from sqlmodel import SQLModel
+from tests.test_migrations import V1_LEDGER_ROW
+from wattserve import Conflict
+from wattserve._admin import BudgetUpdate, PolicyUpdate, TenantCreate
 from wattserve.policies.catalog import Catalog
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.control_store import ControlStore
 from wattserve.telemetry.database import HEAD, make_engine, migrate, schema_version
 from wattserve.telemetry.ledger import ANY_TENANT, LedgerRow, LedgerStore
-
-from tests.test_migrations import V1_LEDGER_ROW
-from wattserve import Conflict
-from wattserve._admin import BudgetUpdate, PolicyUpdate, TenantCreate
 
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 THREADS, WRITES = 8, 20

@@ -3,19 +3,13 @@
 import asyncio
 
 import pytest
-from wattserve.policies.admission import HeldOutput, PowerSnapshot, admit, held_fate
-from wattserve.policies.policy import Budget, Policy
-from wattserve.scheduler.service import Scheduler
-from wattserve.telemetry.ledger import LedgerStore
 
 from wattserve import AdmissionRejected, GenerationRequest
-
-
-def test_admit_fills_headroom_in_plan_order():
-    snap = PowerSnapshot(cap_w=1000, measured_w=300, launching_w=200)
-    assert admit(snap, [300, 300, 100]) == [True, False, True]
-    assert admit(PowerSnapshot(None, None, 0), [5000]) == [True]
-    assert admit(PowerSnapshot(1000, None, 0), [1]) == [False]  # no reading, no launch
+from wattserve.policies.admission import HeldOutput, held_fate
+from wattserve.policies.policy import Budget, Policy
+from wattserve.scheduler.leases import LocalLeases
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.ledger import LedgerStore
 
 
 def test_held_outputs_wait_then_move_once_then_are_refused():
@@ -60,10 +54,14 @@ async def run_capped(scheduler, requests, sample):
 
 def capped_scheduler(catalog, pool, ledger, cap_w, max_hold_s):
     """A scheduler under a cluster cap, reading live power from the pool's simulated GPU."""
-    return Scheduler(
-        catalog, Policy(), pool, ledger, budget=lambda: Budget(cluster_cap_w=cap_w),
-        cluster_power_w=lambda: pool.agent.status()[0].power_w, max_hold_s=max_hold_s,
-    )  # fmt: skip
+
+    def budget():
+        return Budget(cluster_cap_w=cap_w)
+
+    leases = LocalLeases(catalog, budget=budget,
+                         cluster_power_w=lambda: pool.agent.status()[0].power_w)  # fmt: skip
+    return Scheduler(catalog, Policy(), pool, ledger, budget=budget, leases=leases,
+                     max_hold_s=max_hold_s)  # fmt: skip
 
 
 async def test_cap_holds_then_serves_everything_without_exceeding_it(

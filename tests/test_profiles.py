@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from wattserve.bench.profiles import (
     DEFAULT_DATA_DIR,
     EnergyLatencyModel,

@@ -1,4 +1,12 @@
 import pytest
+
+from wattserve import (
+    AdmissionRejected,
+    GenerationRequest,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
 from wattserve.policies.catalog import load_catalog
 from wattserve.policies.policy import Policy
 from wattserve.policies.profile import OVERHEAD_SAMPLES, EnergyProfile, VariantEstimate
@@ -12,14 +20,6 @@ from wattserve.policies.routing import (
     route,
 )
 from wattserve.scheduler._refusals import refusal_error
-
-from wattserve import (
-    AdmissionRejected,
-    GenerationRequest,
-    InvalidRequest,
-    NotFound,
-    ServiceUnavailable,
-)
 
 CATALOG = load_catalog()
 ALL = RoutingState(frozenset(CATALOG.names))

@@ -1,7 +1,7 @@
 import pytest
-from wattserve.telemetry.savings import savings_by_cause
 
 from wattserve import Receipt
+from wattserve.telemetry.savings import savings_by_cause
 
 
 def receipt(variant, joules, batch_size=1, cache="miss", batch="b", seed=0):

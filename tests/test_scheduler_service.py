@@ -4,12 +4,12 @@ import asyncio
 import random
 
 import pytest
-from wattserve.policies.policy import Policy
-from wattserve.scheduler.service import Scheduler
-from wattserve.telemetry.ledger import LedgerStore
 
 from tests.conftest import InProcessPool
 from wattserve import GenerationFailed, GenerationRequest
+from wattserve.policies.policy import Policy
+from wattserve.scheduler.service import Scheduler
+from wattserve.telemetry.ledger import LedgerStore
 
 
 class FakeClock:

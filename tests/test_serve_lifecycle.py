@@ -12,6 +12,7 @@ import time
 import httpx
 import psutil
 import pytest
+
 from wattserve.cluster.runtime import free_port
 
 pytestmark = pytest.mark.ray

@@ -7,12 +7,12 @@ import json
 import httpx
 import pytest
 from typer.testing import CliRunner
-from wattserve.bench.trace import load_prompts, make_trace, preset_spec, write_trace
-from wattserve.cli.main import app
-from wattserve.policies.catalog import builtin_catalog_path
 
 from wattserve import AdminClient
 from wattserve._admin import ProfileList
+from wattserve.bench.trace import load_prompts, make_trace, preset_spec, write_trace
+from wattserve.cli.main import app
+from wattserve.policies.catalog import builtin_catalog_path
 
 pytestmark = pytest.mark.ray
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+from wattserve import InvalidRequest
 from wattserve.bench.fleet import fleet_catalog, parse_fleet, place
 from wattserve.bench.profiles import DEFAULT_DATA_DIR
 from wattserve.bench.sim_report import oracle_joules, summarize
@@ -19,8 +21,6 @@ from wattserve.cli.main import app
 from wattserve.policies.catalog import load_catalog
 from wattserve.policies.policy import Policy
 from wattserve.policies.routing import reference_variant
-
-from wattserve import InvalidRequest
 
 DATA = DEFAULT_DATA_DIR
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"no ML.ENERGY data at {DATA}")
@@ -221,10 +221,9 @@ def test_the_base_install_runs_the_cli_and_simulates_without_ray_torch_or_matplo
 
 
 def test_a_live_profile_replays_batches_with_the_round_trips_it_measured():
+    from wattserve._admin import ProfileList, ProfilePoint
     from wattserve.bench.fleet import costs_from_profile
     from wattserve.policies.catalog import load_catalog as load_builtin
-
-    from wattserve._admin import ProfileList, ProfilePoint
 
     builtin = load_builtin()
     point = ProfilePoint(variant="tiny-sd-turbo", batch_size=1, joules_per_output=20.0,

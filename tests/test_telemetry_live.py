@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from typer.testing import CliRunner
-from wattserve.cli.main import app
-from wattserve.telemetry.devices import SIM_IDLE_W
 
 from wattserve import Client
+from wattserve.cli.main import app
+from wattserve.telemetry.devices import SIM_IDLE_W
 
 pytestmark = pytest.mark.ray
 

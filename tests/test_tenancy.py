@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from wattserve.policies.policy import Budget
+
 from wattserve.policies.tenancy import (
     AuthError,
     RateLimiter,
@@ -80,15 +80,6 @@ def test_rate_limiter_refills_with_the_clock():
     now[0] = 30.0
     assert limiter.allow(tenant) is None
     assert limiter.allow(Tenant("free", "h2")) is None  # no limit set
-
-
-def test_node_caps_fold_into_one_cluster_cap():
-    budget = Budget(cluster_cap_w=1000, node_caps_w={"aa": 300})
-    nodes = {"aa11": 250.0, "bb22": 400.0}
-    assert budget.effective_cap_w(650.0, nodes) == 650.0 + 50.0  # 50 W left on node aa
-    assert Budget(cluster_cap_w=500).effective_cap_w(650.0, nodes) == 500
-    assert Budget().effective_cap_w(650.0, nodes) is None
-    assert Budget(node_caps_w={"aa": 300}).effective_cap_w(None, {}) == 300  # no reading
 
 
 def row(request_id: str, variant: str, joules: float, batch_size: int, tenant: str | None,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
+
 from wattserve.bench.profiles import DEFAULT_DATA_DIR
 from wattserve.bench.trace import (
     PRESETS,

@@ -101,10 +101,16 @@ class GenerationFailed(WattserveError):
 
 
 class ServiceUnavailable(WattserveError):
-    """No capable variant can take the request right now."""
+    """No capable variant can take the request right now; ``retry_after_s`` when known."""
 
     status_code = 503
     error_type = "service_unavailable"
+
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
 
 
 class TransportError(WattserveError):
@@ -140,11 +146,10 @@ def error_from_response(status_code: int, body: Any, headers: dict[str, str]) ->
     cls = _BY_STATUS.get(status_code)
     if cls is None:
         cls = InvalidRequest if 400 <= status_code < 500 else WattserveError
-    if cls is AdmissionRejected:
-        retry = headers.get("retry-after", "1")
+    if cls is AdmissionRejected or (cls is ServiceUnavailable and "retry-after" in headers):
         try:
-            retry_after_s = float(retry)
+            retry_after_s = float(headers.get("retry-after", "1"))
         except ValueError:
             retry_after_s = 1.0
-        return AdmissionRejected(message, retry_after_s=retry_after_s, param=param)
+        return cls(message, retry_after_s=retry_after_s, param=param)  # type: ignore[call-arg]
     return cls(message, param=param)

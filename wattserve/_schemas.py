@@ -300,6 +300,21 @@ class BudgetInfo(BaseModel):
     revision: int  # control-plane revision that set it
 
 
+class AdmissionInfo(BaseModel):
+    """The cluster's admission service as one scheduler replica sees it."""
+
+    epoch: int
+    measured_w: float | None  # its latest power reading; None: none (nothing starts under a cap)
+    pending_w: float  # declared draw of leases not yet visible in that reading
+    headroom_w: float | None  # cap - measured - pending; None when uncapped
+    leases: int  # live leases, all scheduler replicas together
+    warming_up: bool  # a restarted service grants nothing until old work shows in a reading
+    replica: str  # the scheduler replica that answered
+    lease_round_trips: int  # lease requests this replica timed
+    lease_round_trip_ms_p50: float | None
+    lease_round_trip_ms_p99: float | None
+
+
 class ClusterStatus(BaseModel):
     """Response of ``GET /v1/status``: live power, from the per-node telemetry agents."""
 
@@ -308,6 +323,7 @@ class ClusterStatus(BaseModel):
     budget: BudgetInfo
     nodes: list[NodeInfo]
     devices: list[DeviceInfo]
+    admission: AdmissionInfo | None = None  # None: the admission service did not answer
 
 
 class ReconciliationInfo(BaseModel):

@@ -1,12 +1,23 @@
-"""``AgentMeter``: a worker's ``BatchMeter`` over its node's telemetry agent actor."""
+"""A worker's Ray-side helpers: its node agent's meter, and lease start confirmation."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import ray
+
 from wattserve.telemetry.agent import AGENT_NAMESPACE, agent_actor_name
 from wattserve.telemetry.energy import EnergyMeasurement
+
+# The cluster's admission service (``cluster.admission``), found by name.
+ADMISSION_NAME = "wattserve-admission"
+CONFIRM_TIMEOUT_S = 5.0
+
+
+def confirm_lease(lease_id: str) -> bool:
+    """Confirm a batch start with the admission service (blocking); False: do not start."""
+    service = ray.get_actor(ADMISSION_NAME, namespace=AGENT_NAMESPACE)
+    return bool(ray.get(service.start.remote(lease_id), timeout=CONFIRM_TIMEOUT_S))
 
 
 def cuda_device_uuid(device: Any) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from wattserve.policies.catalog import BuiltinArch, VariantSpec
 
 log = structlog.get_logger(__name__)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+
+from wattserve import WattserveError
 from wattserve.policies.catalog import VariantSpec
 from wattserve.policies.plans import BatchOutput, BatchPlan
 from wattserve.telemetry.energy import BatchMeter, EnergyMeasurement, estimated_batch_energy
@@ -23,11 +26,25 @@ from wattserve.workers.pipelines import load_pipeline
 log = structlog.get_logger(__name__)
 
 
+def _confirm_lease(lease_id: str) -> bool:
+    from wattserve.workers.meter import confirm_lease  # imports ray: only in a deployment
+
+    return confirm_lease(lease_id)
+
+
+class LeaseVoid(WattserveError):
+    """The admission service no longer holds this batch's lease: it must not start."""
+
+
 class VariantWorker:
     """Runs batches for one variant. Not thread-safe: deploy with one request at a time."""
 
     def __init__(
-        self, variant: VariantSpec, models_dir: str, meter: BatchMeter | None = None
+        self,
+        variant: VariantSpec,
+        models_dir: str,
+        meter: BatchMeter | None = None,
+        confirm_start: Callable[[str], bool] | None = None,
     ) -> None:
         import torch
 
@@ -40,6 +57,9 @@ class VariantWorker:
         self._pipe = load_pipeline(variant, Path(models_dir))
         self._device = self._pipe.device
         self._meter = meter if meter is not None else self._node_agent_meter()
+        # In a Ray deployment every leased batch's start is confirmed with the admission
+        # service; an injected meter (tests, the GPU check) means no service to ask.
+        self._confirm_start = confirm_start or (None if meter is not None else _confirm_lease)
         log.info(
             "worker_ready",
             variant=variant.name,
@@ -53,6 +73,9 @@ class VariantWorker:
 
         if plan.variant != self.variant.name:
             raise ValueError(f"plan for {plan.variant!r} sent to worker {self.variant.name!r}")
+        if plan.lease_id is not None and self._confirm_start is not None:
+            if not self._confirm_start(plan.lease_id):
+                raise LeaseVoid(f"lease {plan.lease_id} is void (expired or of an older epoch)")
         generators = [torch.Generator(device="cpu").manual_seed(it.seed) for it in plan.items]
         negative = [it.negative_prompt or "" for it in plan.items]
         started_at_s = time.time()

@@ -1,0 +1,144 @@
+"""One cluster power budget across scheduler replicas: overshoot, lease latency, throughput.
+
+Starts a three-node local cluster (a CPU head, an H100 node, an H200 node; simulated
+power of each node's type), then for 1 and 2 scheduler replicas in turn: deploys
+wattserve into it (``LocalService(address=...)``, as ``wattserve serve --address``),
+sets a cluster cap below the offered load, sends ``--requests`` distinct mixed requests
+at once (saturating), and samples every node's power at ``--sample-s`` directly from the
+agents. Writes a JSON report:
+
+* ``max_overshoot_w`` / ``longest_over_cap_ms``: the largest sampled excess over the cap
+  and the longest stretch of consecutive samples above it;
+* ``lease_round_trip_ms_p50/p99``: lease requests timed inside a scheduler replica
+  (``GET /v1/status`` → ``admission``);
+* ``requests_per_min`` under the cap, per replica count, and their ratio.
+
+    python benchmarks/cluster_budget.py --cap-w 700 --requests 36
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from wattserve import AdminClient, AsyncClient, Client
+from wattserve.cluster.admission import node_agents
+from wattserve.cluster.local import TypedCluster
+from wattserve.cluster.runtime import LocalService, free_port
+from wattserve.cluster.settings import Settings
+
+TIERS = ("draft", "standard", "high")
+
+
+def power_w(agents: list[Any]) -> float:
+    return sum(w for _, w in ray.get([a.power_w.remote() for a in agents], timeout=10))
+
+
+async def load(url: str, requests: int, seed0: int) -> tuple[int, float, dict[str, int]]:
+    """All requests at once; (answered 200, seconds, status counts)."""
+    started = time.monotonic()
+    async with AsyncClient(url, timeout_s=900) as client:
+        results = await asyncio.gather(
+            *(client.generate(f"budget {seed0 + i}", seed=seed0 + i, quality=TIERS[i % 3],
+                              size="64x64") for i in range(requests)),
+            return_exceptions=True,
+        )  # fmt: skip
+    codes: dict[str, int] = {}
+    for r in results:
+        key = "200" if not isinstance(r, BaseException) else type(r).__name__
+        codes[key] = codes.get(key, 0) + 1
+    return codes.get("200", 0), time.monotonic() - started, codes
+
+
+def longest_over_s(samples: list[tuple[float, float]], cap_w: float) -> float:
+    longest, since = 0.0, None
+    for t, w in samples:
+        if w > cap_w + 1e-6:
+            since = t if since is None else since
+            longest = max(longest, t - since)
+        else:
+            since = None
+    return longest
+
+
+def phase(address: str, home: Path, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
+    settings = replace(Settings.from_env(home), scheduler_replicas=replicas)
+    service = LocalService(settings, port=free_port(), address=address)
+    service.start(ready_timeout_s=600)
+    try:
+        with AdminClient(service.url, token=service.admin_token) as admin:
+            admin.set_budget(watts=args.cap_w)
+        agents = node_agents()
+        samples: list[tuple[float, float]] = []
+
+        async def run() -> tuple[int, float, dict[str, int]]:
+            task = asyncio.create_task(load(service.url, args.requests, 10_000 * replicas))
+            while not task.done():
+                samples.append((time.monotonic(), await asyncio.to_thread(power_w, agents)))
+                await asyncio.sleep(args.sample_s)
+            return await task
+
+        ok, seconds, codes = asyncio.run(run())
+        with Client(service.url) as client:
+            admission = client.status().admission
+    finally:
+        service.stop()
+    watts = [w for _, w in samples]
+    return {
+        "scheduler_replicas": replicas,
+        "requests": args.requests,
+        "answered_200": ok,
+        "status_counts": codes,
+        "seconds": round(seconds, 2),
+        "requests_per_min": round(ok / seconds * 60, 2),
+        "samples": len(samples),
+        "max_power_w": round(max(watts), 1),
+        "max_overshoot_w": round(max(0.0, max(watts) - args.cap_w), 1),
+        "longest_over_cap_ms": round(longest_over_s(samples, args.cap_w) * 1000, 1),
+        "admission": admission.model_dump() if admission else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cap-w", type=float, default=700.0)
+    parser.add_argument("--requests", type=int, default=36)
+    parser.add_argument("--sample-s", type=float, default=0.05)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    args = parser.parse_args()
+    os.environ.setdefault("WATTSERVE_POWER_SOURCE", "simulated")
+    os.environ.setdefault("WATTSERVE_SIM_DEVICES", "1")
+    root = Path(os.environ.get("TMPDIR", "/tmp")) / f"wsb{os.getpid()}"
+    with TypedCluster(("H100", "H200")) as cluster:
+        ray.init(address=cluster.address, namespace="wattserve-bench", log_to_driver=False)
+        try:
+            phases = [phase(cluster.address, root / f"r{n}", n, args) for n in (1, 2)]
+        finally:
+            ray.shutdown()
+    one, two = phases
+    report = {
+        "benchmark": "cluster_budget",
+        "cap_w": args.cap_w,
+        "energy_source": "simulated",
+        "cluster": "local: CPU head + fake H100 node + fake H200 node, 1 simulated GPU each",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "phases": phases,
+        "requests_per_min_ratio_2_vs_1": round(
+            two["requests_per_min"] / one["requests_per_min"], 3
+        ),
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

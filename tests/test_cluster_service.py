@@ -1,0 +1,226 @@
+"""wattserve on a Ray cluster it does not own: attach, shared control actors, one budget.
+
+A three-node cluster (a CPU head, an H100 node, an H200 node; ``cluster.local``) is
+started once for the module. ``wattserve serve --address`` runs as a real subprocess;
+the budget test deploys in process (``LocalService(address=...)``) so it can sample every
+node's agent directly while two scheduler replicas share one power cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import ray
+
+from wattserve import AsyncClient, Client
+from wattserve.cluster.local import TypedCluster
+from wattserve.cluster.names import ADMISSION_NAME, CONTROL_NAME, CONTROL_NAMESPACE
+from wattserve.cluster.runtime import free_port
+from wattserve.telemetry.agent import agent_actor_name
+
+pytestmark = pytest.mark.multinode
+
+T = TypeVar("T")
+START_TIMEOUT_S = 300.0  # three variants load tiny pipelines on two cores
+SAMPLE_S = 0.05  # how often the test reads every agent's power
+
+
+def _poll(what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = probe()
+        if answer is not None:
+            return answer
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[TypedCluster]:
+    with TypedCluster(("H100", "H200"), head_cpus=2, node_cpus=1) as typed:
+        ray.init(address=typed.address, namespace="wattserve-tests", log_to_driver=False)
+        try:
+            yield typed
+        finally:
+            ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class Bystander:
+    """Something else living in the cluster: wattserve must leave it alone."""
+
+    def ping(self) -> str:
+        return "pong"
+
+
+def _serve(address: str, home: Path, port: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "WATTSERVE_HOME": str(home), "WATTSERVE_POWER_SOURCE": "simulated",
+           "WATTSERVE_SIM_DEVICES": "1", "WATTSERVE_SCHEDULER_REPLICAS": "2"}  # fmt: skip
+    command = [sys.executable, "-m", "wattserve.cli", "serve", "--address", address,
+               "--port", str(port)]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:
+    def healthy() -> bool | None:
+        assert proc.poll() is None, f"serve exited: {proc.stdout.read() if proc.stdout else ''}"
+        try:
+            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200 or None
+        except httpx.HTTPError:
+            return None
+
+    _poll("wattserve healthz", healthy, START_TIMEOUT_S)
+
+
+def _actor_id(name: str) -> str | None:
+    try:
+        return ray.get_actor(name, namespace=CONTROL_NAMESPACE)._actor_id.hex()
+    except ValueError:
+        return None
+
+
+def _control_ids() -> dict[str, str | None]:
+    names = [CONTROL_NAME, ADMISSION_NAME]
+    names += [agent_actor_name(n["NodeID"]) for n in ray.nodes() if n["Alive"]]
+    return {name: _actor_id(name) for name in names}
+
+
+def test_attach_serves_then_a_second_driver_finds_the_same_control_actors(cluster, tmp_path):
+    bystander = Bystander.options(name="bystander", lifetime="detached").remote()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    first = _serve(cluster.address, tmp_path, port)
+    try:
+        _wait_healthy(url, first)
+        with Client(url) as client:
+            image = client.generate("attached", seed=3, quality="draft", size="64x64").images[0]
+            assert image.receipt.energy_source == "simulated"
+            devices = client.status().devices
+        assert {d.node_id for d in devices} == set(cluster.nodes)  # an agent on every node
+        started = _control_ids()
+        assert all(started.values()), started
+        first.send_signal(signal.SIGKILL)  # the driver dies; the cluster's actors do not
+        first.wait(timeout=30)
+        second = _serve(cluster.address, tmp_path, port)
+        try:
+            _wait_healthy(url, second)
+            assert _control_ids() == started  # found again, none started twice
+            with Client(url) as client:
+                again = client.generate("attached", seed=3, quality="draft", size="64x64")
+            assert again.images[0].receipt.cache == "hit"
+        finally:
+            second.send_signal(signal.SIGTERM)
+            out, _ = second.communicate(timeout=120)
+        assert second.returncode == 0, out
+        assert _control_ids() == started  # it did not start them, so it leaves them
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert ray.get(bystander.ping.remote(), timeout=30) == "pong"
+    assert all(n["Alive"] for n in ray.nodes())
+    ray.kill(bystander)
+
+
+def test_a_run_that_started_the_control_actors_removes_them_and_its_apps(cluster, tmp_path):
+    from ray import serve
+
+    for name, actor_id in _control_ids().items():  # from the previous test, if it ran
+        if actor_id is not None:
+            ray.kill(ray.get_actor(name, namespace=CONTROL_NAMESPACE), no_restart=True)
+    _poll("old control actors gone", lambda: not any(_control_ids().values()) or None, 60)
+    port = free_port()
+    proc = _serve(cluster.address, tmp_path, port)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        assert all(_control_ids().values())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert not any(_control_ids().values())
+    assert [a for a in serve.status().applications if a.startswith("wattserve")] == []
+    assert all(n["Alive"] for n in ray.nodes())
+
+
+def _cluster_power_w(agents: list[Any]) -> float:
+    return sum(w for _, w in ray.get([a.power_w.remote() for a in agents], timeout=10))
+
+
+async def _saturate(url: str, requests: int, seed0: int) -> tuple[int, float]:
+    """Send ``requests`` distinct high-quality requests at once; (answered 200, seconds)."""
+    started = time.monotonic()
+    async with AsyncClient(url, timeout_s=600) as client:
+        results = await asyncio.gather(
+            *(client.generate(f"capped {seed0 + i}", seed=seed0 + i, quality="high",
+                              size="64x64") for i in range(requests)),
+            return_exceptions=True,
+        )  # fmt: skip
+    ok = sum(1 for r in results if not isinstance(r, BaseException))
+    return ok, time.monotonic() - started
+
+
+def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypatch):
+    from wattserve import AdminClient
+    from wattserve.cluster.admission import node_agents
+    from wattserve.cluster.runtime import LocalService
+    from wattserve.cluster.settings import Settings
+
+    monkeypatch.setenv("WATTSERVE_POWER_SOURCE", "simulated")
+    monkeypatch.setenv("WATTSERVE_SIM_DEVICES", "1")
+    cap_w = 700.0  # 3 idle devices (210 W) + one 450 W large batch; two would be 1,090 W
+    rates = {}
+    for replicas in (2, 1):
+        home = tmp_path / f"r{replicas}"
+        settings = replace(Settings.from_env(home), scheduler_replicas=replicas)
+        service = LocalService(settings, port=free_port(), address=cluster.address)
+        service.start(ready_timeout_s=START_TIMEOUT_S)  # on this process's connection
+        try:
+            with AdminClient(service.url, token=service.admin_token) as admin:
+                admin.set_budget(watts=cap_w)
+            samples: list[tuple[float, float]] = []
+            load = _saturate(service.url, 12, 1000 * replicas)
+            ok, seconds = asyncio.run(_sampled(load, node_agents(), samples))
+        finally:
+            service.stop()
+        assert ok == 12
+        over = [(t, w) for t, w in samples if w > cap_w + 1e-6]
+        longest = _longest_run_s(samples, cap_w)
+        assert longest <= 0.1 + SAMPLE_S, f"over the cap for {longest:.2f}s: {over[:5]}"
+        assert max(w for _, w in samples) > cap_w - 450  # the load really reached the cap
+        rates[replicas] = ok / seconds * 60
+    # Both are bound by the cap; two replicas must not serve fewer (noise: 15 % allowed).
+    assert rates[2] >= 0.85 * rates[1], rates
+
+
+async def _sampled(load: Any, agents: list[Any], samples: list[tuple[float, float]]) -> Any:
+    """Run ``load`` while reading every agent's power each ``SAMPLE_S`` into ``samples``."""
+    task = asyncio.ensure_future(load)
+    while not task.done():
+        samples.append((time.monotonic(), await asyncio.to_thread(_cluster_power_w, agents)))
+        await asyncio.sleep(SAMPLE_S)
+    return await task
+
+
+def _longest_run_s(samples: list[tuple[float, float]], cap_w: float) -> float:
+    """Longest stretch, in seconds, over which consecutive samples were above the cap."""
+    longest, since = 0.0, None
+    for t, w in samples:
+        if w > cap_w + 1e-6:
+            since = t if since is None else since
+            longest = max(longest, t - since)
+        else:
+            since = None
+    return longest
