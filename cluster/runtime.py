@@ -92,37 +92,46 @@ class LocalService:
 
         self._init_ray()
         serve.start(http_options={"host": self.host, "port": self.port})
+        self._adopt_running_http_port()
         _, self._created_control = ensure_control_plane(self.settings)
         serve.run(ingress_app(self.settings, self.admin_token), name=APP_NAME, route_prefix="/")
         self._wait_ready(ready_timeout_s)
         log.info("service_ready", url=self.url, address=self.address or "local")
         return self.url
 
+    def _adopt_running_http_port(self) -> None:
+        """Attached to a cluster whose Serve already listens: its port is the service's."""
+        from ray.serve.context import _get_global_client
+
+        port = int(_get_global_client().http_config.port)
+        if port != self.port:
+            log.warning("serve_http_port_in_use", asked=self.port, serving=port)
+            self.port = port
+
     def _init_ray(self) -> None:
         import ray
 
         self.settings.ray_tmpdir.mkdir(parents=True, exist_ok=True)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        sigterm_handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
         if self.address is not None:
             self._connected_here = not ray.is_initialized()  # else: this process's driver
             if self._connected_here:
                 ray.init(address=self.address, namespace=APP_NAME, log_to_driver=False,
                          configure_logging=False)  # fmt: skip
-            self._ray_started = True
-            return
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        sigterm_handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
-        ray.init(
-            num_cpus=max(2, os.cpu_count() or 2),
-            include_dashboard=False,
-            _temp_dir=str(self.settings.ray_tmpdir),
-            namespace=APP_NAME,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        else:
+            ray.init(
+                num_cpus=max(2, os.cpu_count() or 2),
+                include_dashboard=False,
+                _temp_dir=str(self.settings.ray_tmpdir),
+                namespace=APP_NAME,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         self._ray_started = True
         if in_main_thread:
             # ray.init replaces SIGTERM with a handler that aborts the driver; this process
-            # owns the cluster and must get the chance to stop it cleanly, so restore ours.
+            # must get the chance to remove what it deployed, so restore ours.
             signal.signal(signal.SIGTERM, sigterm_handler)
 
     def _wait_ready(self, timeout_s: float) -> None:

@@ -24,7 +24,7 @@ from wattserve.cluster.runtime import _PROCESS_ENV
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import VariantSpec, load_catalog
 from wattserve.policies.plans import BatchPlan, WorkItem
-from wattserve.scheduler.ingress import variant_app_name
+from wattserve.cluster.names import variant_app_name
 
 pytestmark = pytest.mark.multinode
 
