@@ -6,25 +6,21 @@ as Ray sets them on real GPU nodes); everything runs on CPU with simulated power
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import ray
 from ray import serve
-from ray.cluster_utils import Cluster
 
 from wattserve.cluster.agents import ACCELERATOR_TYPE_LABEL, start_agents
 from wattserve.cluster.app import worker_app
-from wattserve.cluster.runtime import _PROCESS_ENV
+from wattserve.cluster.local import TypedCluster
+from wattserve.cluster.names import variant_app_name
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import VariantSpec, load_catalog
 from wattserve.policies.plans import BatchPlan, WorkItem
-from wattserve.cluster.names import variant_app_name
 
 pytestmark = pytest.mark.multinode
 
@@ -53,45 +49,16 @@ def _poll(what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
 @pytest.fixture(scope="module")
 def node_types() -> Iterator[dict[str, str | None]]:
     """A head (2 CPUs) and two typed nodes (1 CPU each); node id -> device type."""
-    # Short: Ray's unix socket paths under it must stay below ~107 characters. Setting
-    # RAY_TMPDIR too keeps Ray's "current cluster" address file in it, not in the
-    # /tmp/ray that other clusters on this machine read.
-    root = Path(tempfile.mkdtemp(prefix="wsm", dir="/tmp"))
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {**_PROCESS_ENV, "RAY_TMPDIR": str(root)}.items():
-            env.setenv(key, value)
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 2,
-                "include_dashboard": False,
-                "temp_dir": str(root / "ray"),
-                "_system_config": {
-                    "health_check_initial_delay_ms": 0,
-                    "health_check_period_ms": 1000,
-                    "health_check_failure_threshold": 5,
-                },
-            },
-        )
+    with TypedCluster(("H100", "H200"), head_cpus=2, node_cpus=1) as cluster:
+        ray.init(address=cluster.address, log_to_driver=False)
         try:
-            typed = {
-                cluster.add_node(
-                    num_cpus=1,
-                    resources={f"accelerator_type:{kind}": 1},
-                    labels={ACCELERATOR_TYPE_LABEL: kind},
-                ).node_id: kind
-                for kind in ("H100", "H200")
-            }
-            ray.init(address=cluster.address, log_to_driver=False)
             serve.start(proxy_location="Disabled")  # handles only: no HTTP port to take
-            yield {cluster.head_node.node_id: None, **typed}
+            yield dict(cluster.nodes)
         finally:
             try:
                 serve.shutdown()
             finally:
                 ray.shutdown()
-                cluster.shutdown()
-                shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
