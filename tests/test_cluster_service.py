@@ -36,6 +36,7 @@ pytestmark = pytest.mark.multinode
 T = TypeVar("T")
 START_TIMEOUT_S = 300.0  # three variants load tiny pipelines on two cores
 SAMPLE_S = 0.05  # how often the test reads every agent's power
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _poll(what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
@@ -239,3 +240,38 @@ def _longest_run_s(samples: list[tuple[float, float]], cap_w: float) -> float:
         else:
             since = None
     return longest
+
+
+def test_the_checked_in_serve_config_brings_the_whole_service_up(cluster, tmp_path, port):
+    """``serve deploy``'s own path (the controller's apply_config), no driver of ours."""
+    import yaml
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve-config.yaml").read_text())
+    app = config["applications"][0]
+    app["args"] = {**app["args"], "home": str(tmp_path), "scheduler_replicas": 1,
+                   "power_source": "simulated", "sim_devices": 1}  # fmt: skip
+    config["http_options"]["port"] = port  # the cluster's proxy already listens there
+    serve.start(http_options={"port": port})
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool | None:
+            try:
+                answer = httpx.get(f"{url}/healthz", timeout=5)
+            except httpx.HTTPError:
+                return None
+            return answer.status_code == 200 and bool(answer.json()["variants"]) or None
+
+        _poll("serve-config app healthz", healthy, START_TIMEOUT_S)
+        assert _actor_id(CONTROL_NAME) is not None  # started by the scheduler replica
+        with Client(url) as client:
+            image = client.generate("deployed", seed=5, quality="draft", size="64x64").images[0]
+        assert image.receipt.energy_source == "simulated"
+    finally:
+        for name in list(serve.status().applications):
+            if name.startswith("wattserve"):
+                serve.delete(name)
