@@ -25,8 +25,11 @@ demo: install
 serve: install
 	$(BIN)/wattserve serve
 
+# Two pytest processes: the multi-node tests start clusters of their own and need a
+# process that is not already a driver of the shared local cluster the `ray` tests use.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not multinode"
+	$(BIN)/pytest -q -m multinode
 
 test-fast: install
 	$(BIN)/pytest -q -m "not ray and not multinode"

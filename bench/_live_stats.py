@@ -147,6 +147,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def longest_over_cap_s(samples: Sequence[tuple[float, float]], cap_w: float) -> float:
+    """Longest stretch, in s, over which consecutive (time s, W) samples exceeded ``cap_w``."""
+    longest, since = 0.0, None
+    for at_s, watts in samples:
+        if watts > cap_w + 1e-6:
+            since = at_s if since is None else since
+            longest = max(longest, at_s - since)
+        else:
+            since = None
+    return longest
+
+
 def receipts_of(outcomes: Sequence[Outcome]) -> list[Receipt]:
     """Every receipt of the outcomes, in trace order."""
     return [receipt for outcome in outcomes for receipt in outcome.receipts]

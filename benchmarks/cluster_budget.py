@@ -31,6 +31,7 @@ from typing import Any
 import ray
 
 from wattserve import AdminClient, AsyncClient, Client
+from wattserve.bench._live_stats import longest_over_cap_s
 from wattserve.cluster.admission import node_agents
 from wattserve.cluster.local import TypedCluster
 from wattserve.cluster.runtime import LocalService, free_port
@@ -57,17 +58,6 @@ async def load(url: str, requests: int, seed0: int) -> tuple[int, float, dict[st
         key = "200" if not isinstance(r, BaseException) else type(r).__name__
         codes[key] = codes.get(key, 0) + 1
     return codes.get("200", 0), time.monotonic() - started, codes
-
-
-def longest_over_s(samples: list[tuple[float, float]], cap_w: float) -> float:
-    longest, since = 0.0, None
-    for t, w in samples:
-        if w > cap_w + 1e-6:
-            since = t if since is None else since
-            longest = max(longest, t - since)
-        else:
-            since = None
-    return longest
 
 
 def phase(address: str, home: Path, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -103,7 +93,7 @@ def phase(address: str, home: Path, replicas: int, args: argparse.Namespace) -> 
         "samples": len(samples),
         "max_power_w": round(max(watts), 1),
         "max_overshoot_w": round(max(0.0, max(watts) - args.cap_w), 1),
-        "longest_over_cap_ms": round(longest_over_s(samples, args.cap_w) * 1000, 1),
+        "longest_over_cap_ms": round(longest_over_cap_s(samples, args.cap_w) * 1000, 1),
         "admission": admission.model_dump() if admission else None,
     }
 

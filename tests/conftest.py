@@ -19,6 +19,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Multi-node tests need a process that is not a driver of the shared local cluster."""
+    kinds = {m for item in items for m in ("ray", "multinode") if item.get_closest_marker(m)}
+    if kinds == {"ray", "multinode"}:
+        skip = pytest.mark.skip(reason="multinode tests start their own Ray cluster: run them "
+                                "in a pytest process of their own (make test does, or "
+                                "make test-multinode)")  # fmt: skip
+        for item in items:
+            if item.get_closest_marker("multinode"):
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
     return load_catalog()

@@ -16,16 +16,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 import ray
 
+from tests._wait import poll as _poll
 from wattserve import AdmissionRejected, AsyncClient, Client
+from wattserve.bench._live_stats import longest_over_cap_s
 from wattserve.cluster.local import TypedCluster
 from wattserve.cluster.names import ADMISSION_NAME, CONTROL_NAME, CONTROL_NAMESPACE
 from wattserve.cluster.runtime import free_port
@@ -33,21 +35,9 @@ from wattserve.telemetry.agent import agent_actor_name
 
 pytestmark = pytest.mark.multinode
 
-T = TypeVar("T")
 START_TIMEOUT_S = 300.0  # three variants load tiny pipelines on two cores
 SAMPLE_S = 0.05  # how often the test reads every agent's power
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _poll(what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = probe()
-        if answer is not None:
-            return answer
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout_s:.0f} s")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +203,7 @@ def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypa
         # every request answered: served, or refused with 429 after its hold under the cap
         assert ok + refused == 12 and ok >= 6, (ok, refused)
         over = [(t, w) for t, w in samples if w > cap_w + 1e-6]
-        longest = _longest_run_s(samples, cap_w)
+        longest = longest_over_cap_s(samples, cap_w)
         assert longest <= 0.1 + SAMPLE_S, f"over the cap for {longest:.2f}s: {over[:5]}"
         assert max(w for _, w in samples) > cap_w - 450  # the load really reached the cap
         rates[replicas] = ok / seconds * 60
@@ -228,50 +218,3 @@ async def _sampled(load: Any, agents: list[Any], samples: list[tuple[float, floa
         samples.append((time.monotonic(), await asyncio.to_thread(_cluster_power_w, agents)))
         await asyncio.sleep(SAMPLE_S)
     return await task
-
-
-def _longest_run_s(samples: list[tuple[float, float]], cap_w: float) -> float:
-    """Longest stretch, in seconds, over which consecutive samples were above the cap."""
-    longest, since = 0.0, None
-    for t, w in samples:
-        if w > cap_w + 1e-6:
-            since = t if since is None else since
-            longest = max(longest, t - since)
-        else:
-            since = None
-    return longest
-
-
-def test_the_checked_in_serve_config_brings_the_whole_service_up(cluster, tmp_path, port):
-    """``serve deploy``'s own path (the controller's apply_config), no driver of ours."""
-    import yaml
-    from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    config = yaml.safe_load((ROOT / "deploy" / "serve-config.yaml").read_text())
-    app = config["applications"][0]
-    app["args"] = {**app["args"], "home": str(tmp_path), "scheduler_replicas": 1,
-                   "power_source": "simulated", "sim_devices": 1}  # fmt: skip
-    config["http_options"]["port"] = port  # the cluster's proxy already listens there
-    serve.start(http_options={"port": port})
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def healthy() -> bool | None:
-            try:
-                answer = httpx.get(f"{url}/healthz", timeout=5)
-            except httpx.HTTPError:
-                return None
-            return answer.status_code == 200 and bool(answer.json()["variants"]) or None
-
-        _poll("serve-config app healthz", healthy, START_TIMEOUT_S)
-        assert _actor_id(CONTROL_NAME) is not None  # started by the scheduler replica
-        with Client(url) as client:
-            image = client.generate("deployed", seed=5, quality="draft", size="64x64").images[0]
-        assert image.receipt.energy_source == "simulated"
-    finally:
-        for name in list(serve.status().applications):
-            if name.startswith("wattserve"):
-                serve.delete(name)

@@ -6,14 +6,14 @@ as Ray sets them on real GPU nodes); everything runs on CPU with simulated power
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import ray
 from ray import serve
 
+from tests._wait import poll as _poll
 from wattserve.cluster.agents import ACCELERATOR_TYPE_LABEL, start_agents
 from wattserve.cluster.app import worker_app
 from wattserve.cluster.local import TypedCluster
@@ -24,7 +24,6 @@ from wattserve.policies.plans import BatchPlan, WorkItem
 
 pytestmark = pytest.mark.multinode
 
-T = TypeVar("T")
 DEPLOY_TIMEOUT_S = 150.0  # two replicas import torch and build a tiny pipeline on 2 cores
 CALL_TIMEOUT_S = 60.0
 # Variant -> (node types it may run on, replicas). Two turbo replicas fill the H200 node
@@ -32,18 +31,6 @@ CALL_TIMEOUT_S = 60.0
 # a set of which the cluster has only H100 (Ray's label selector "in(H100,A100)").
 PLACEMENT = {"tiny-sd-turbo": (("H200",), 2), "tiny-sd-medium": (("H100", "A100"), 1)}
 NODE_ID_CALLS = 16  # at once: Serve's router spreads them over the replicas
-
-
-def _poll(what: str, probe: Callable[[], T | None], timeout_s: float) -> T:
-    """``probe()``'s first non-None answer, polled until ``timeout_s``, else TimeoutError."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = probe()
-        if answer is not None:
-            return answer
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout_s:.0f} s")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
