@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
+from wattserve.cluster.ingress import SchedulerIngress, ServingConfig
+from wattserve.cluster.names import WORKER_DEPLOYMENT
 from wattserve.cluster.settings import Settings, ensure_admin_token
 from wattserve.policies.catalog import VariantSpec
 from wattserve.policies.tenancy import hash_key
-from wattserve.scheduler.ingress import WORKER_DEPLOYMENT, SchedulerIngress, ServingConfig
 from wattserve.workers.worker import VariantWorker
 
 

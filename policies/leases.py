@@ -40,14 +40,25 @@ host the same object; not thread-safe: the host serialises calls. Rules, and why
    backfill around a big young one.
 8. Bad timing never raises: a reading stamped in the future counts as taken now, one
    older than a reading already seen is ignored, garbage lease ids answer False.
+
+**Cost.** The fleet simulator calls the book at every dispatch step of ~1,000 live
+leases, so nothing scans them: each call is O(log n) amortised (plus its asks). Kept
+incrementally: a min-heap of deadlines (expiry, then ``max_run_s`` once started) with
+lazy deletion (an entry whose lease is gone or started is skipped; only deadlines
+before now are pruned), slots in use per variant, and running sums of draw: all live
+leases, unstarted ones, and started ones no reading has caught up with yet (a heap by
+start + ``visible_after_s``, emptied as readings advance: readings never go back, so a
+lease once seen stays seen). A sum is recomputed from its leases when the set empties
+and after as many removals as it has members, so rounding cannot drift. Per-node
+pending draw is summed over the pending leases only, and only under node caps.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -124,11 +135,65 @@ class LeaseBookState:
     warming_up: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     lease: Lease
     nodes: frozenset[str]
+    seq: int  # grant order
     started_s: float | None = None
+
+
+class _Drawing:
+    """Leases by id with the running sum of their declared draw (W)."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, _Live] = {}
+        self.draw_w, self._removed = 0.0, 0
+
+    def add(self, lease_id: str, live: _Live) -> None:
+        self.leases[lease_id] = live
+        self.draw_w += live.lease.draw_w
+
+    def discard(self, lease_id: str) -> _Live | None:
+        """Remove the lease if here; the sum restarts from its members now and then."""
+        live = self.leases.pop(lease_id, None)
+        if live is not None:
+            self._removed += 1
+            if self._removed > len(self.leases):
+                self.draw_w, self._removed = sum(x.lease.draw_w for x in self.leases.values()), 0
+            else:
+                self.draw_w -= live.lease.draw_w
+        return live
+
+
+class _Due:
+    """A min-heap of (time_s, lease_id) over a set of leases, with lazy deletion.
+
+    An entry is live while its lease is in the set and ``due(lease)`` still gives its
+    time; stale ones are skipped when popped, and the heap is rebuilt from the set when
+    they outnumber it, so it stays O(set) in size.
+    """
+
+    def __init__(self, due: Callable[[_Live], float]) -> None:
+        self._heap: list[tuple[float, str]] = []
+        self._due = due
+
+    def push(self, lease_id: str, live: _Live, members: Mapping[str, _Live]) -> None:
+        heapq.heappush(self._heap, (self._due(live), lease_id))
+        if len(self._heap) > 2 * len(members) + 64:
+            self._heap = [(self._due(x), i) for i, x in members.items()]
+            heapq.heapify(self._heap)
+
+    def pop(
+        self, members: Mapping[str, _Live], limit_s: float, *, inclusive: bool
+    ) -> Iterator[str]:
+        """Ids of members due before ``limit_s`` (or at it, if ``inclusive``), soonest first."""
+        heap = self._heap
+        while heap and (heap[0][0] <= limit_s if inclusive else heap[0][0] < limit_s):
+            time_s, lease_id = heapq.heappop(heap)
+            live = members.get(lease_id)
+            if live is not None and self._due(live) == time_s:
+                yield lease_id
 
 
 @dataclass(frozen=True)
@@ -228,7 +293,10 @@ class LeaseBook:
         self._replicas: dict[str, int] = {}
         self._reading: PowerReading | None = None
         self._newest_s, self._poll_failed = -math.inf, False  # newest reading time seen
-        self._live: dict[str, _Live] = {}  # by lease id
+        self._live, self._unstarted, self._unseen = _Drawing(), _Drawing(), _Drawing()
+        self._ends = _Due(self._end_s)  # over live leases: when each stops being live
+        self._seen_at = _Due(lambda x: (x.started_s or 0.0) + self._visible_after_s)  # started
+        self._in_use: dict[str, int] = {}  # live leases per variant
         self._memos: dict[str, _Memo] = {}  # by holder
         self._ids = itertools.count(1)
 
@@ -285,61 +353,90 @@ class LeaseBook:
     def start(self, lease_id: str) -> bool:
         """The worker is starting the lease's batch; False if the lease is not live here."""
         now = self._now()
-        live = self._live.get(lease_id) if isinstance(lease_id, str) else None
+        live = self._live.leases.get(lease_id) if isinstance(lease_id, str) else None
         if live is not None and live.started_s is None:
             live.started_s = now  # the first confirmation is when the draw began
+            self._unstarted.discard(lease_id)
+            self._unseen.add(lease_id, live)
+            self._seen_at.push(lease_id, live, self._unseen.leases)
+            self._ends.push(lease_id, live, self._live.leases)  # the expiry entry goes stale
         return live is not None
 
     def release(self, lease_id: str) -> bool:
         """The lease's batch ended (either way): True the first time, False after."""
         self._now()
-        return isinstance(lease_id, str) and self._live.pop(lease_id, None) is not None
+        return isinstance(lease_id, str) and self._drop(lease_id)
 
     def state(self) -> LeaseBookState:
         """A snapshot of the book now."""
         now = self._now()
         reading = self._fresh(now)
-        pending_w = sum(live.lease.draw_w for live in self._pending(reading))
+        pending_w = self._pending_w(reading)
         measured_w = None if reading is None else reading.cluster_w
         headroom_w = None
         if self._cap_w is not None and measured_w is not None:
             headroom_w = self._cap_w - measured_w - pending_w
         warming_up = self._capped() and not self._warmed
         return LeaseBookState(
-            self._epoch, self._cap_w, measured_w, pending_w, headroom_w, len(self._live),
-            self._slots_in_use(), warming_up,
+            self._epoch, self._cap_w, measured_w, pending_w, headroom_w, len(self._live.leases),
+            dict(self._in_use), warming_up,
         )  # fmt: skip
 
     def _capped(self) -> bool:
         return self._cap_w is not None or bool(self._node_caps_w)
 
+    def _end_s(self, live: _Live) -> float:
+        """When the lease stops being live: its expiry, or ``max_run_s`` after its start."""
+        started_s = live.started_s
+        return live.lease.expires_s if started_s is None else started_s + self._max_run_s
+
     def _now(self) -> float:
         """Read the clock; drop leases past expiry or ``max_run_s`` and idle holders' asks."""
         now = self._clock()
-
-        def live(x: _Live) -> bool:
-            end_s = x.lease.expires_s if x.started_s is None else x.started_s + self._max_run_s
-            return now <= end_s
-
-        self._live = {lease_id: x for lease_id, x in self._live.items() if live(x)}
+        for lease_id in self._ends.pop(self._live.leases, now, inclusive=False):
+            self._drop(lease_id)  # live while now <= its end
         memos = self._memos.items()
         self._memos = {h: m for h, m in memos if now - m.called_s <= self._remember_s}
         return now
+
+    def _grant(self, lease: Lease, nodes: frozenset[str], seq: int) -> None:
+        live = _Live(lease, nodes, seq)
+        self._live.add(lease.lease_id, live)
+        self._unstarted.add(lease.lease_id, live)
+        self._ends.push(lease.lease_id, live, self._live.leases)
+        self._in_use[lease.variant] = self._in_use.get(lease.variant, 0) + 1
+
+    def _drop(self, lease_id: str) -> bool:
+        """Forget a lease (released or past its end); False if it was not live."""
+        live = self._live.discard(lease_id)
+        if live is None:
+            return False
+        self._unstarted.discard(lease_id)
+        self._unseen.discard(lease_id)
+        variant = live.lease.variant
+        self._in_use[variant] -= 1
+        if not self._in_use[variant]:
+            del self._in_use[variant]
+        return True
 
     def _fresh(self, now: float) -> PowerReading | None:
         """The latest reading if it is recent enough to decide on."""
         reading = self._reading
         return None if reading is None or now - reading.at_s > self._expiry_s else reading
 
-    def _pending(self, reading: PowerReading | None) -> list[_Live]:
-        """Leases whose draw the reading may not include."""
-        seen_s, after_s = -math.inf if reading is None else reading.at_s, self._visible_after_s
-        return [
-            x for x in self._live.values() if x.started_s is None or seen_s < x.started_s + after_s
-        ]
+    def _pending_w(self, reading: PowerReading | None) -> float:
+        """Declared draw of leases the reading may not include (all, without one)."""
+        if reading is None:
+            return self._live.draw_w
+        for lease_id in self._seen_at.pop(self._unseen.leases, reading.at_s, inclusive=True):
+            self._unseen.discard(lease_id)  # the reading (and every later one) shows it
+        return self._unstarted.draw_w + self._unseen.draw_w
 
-    def _slots_in_use(self) -> dict[str, int]:
-        return dict(Counter(live.lease.variant for live in self._live.values()))
+    def _pending(self, reading: PowerReading) -> list[_Live]:
+        """Leases whose draw the reading may not include, in grant order."""
+        self._pending_w(reading)
+        pending = [*self._unstarted.leases.values(), *self._unseen.leases.values()]
+        return sorted(pending, key=lambda x: x.seq)
 
     def _gate(self, now: float) -> LeaseRefusal | None:
         """A refusal that holds for every ask now (warming up, no reading), if any."""
@@ -360,17 +457,18 @@ class LeaseBook:
     def _room(self, now: float) -> _Room:
         """Headroom and free slots at the start of a decision."""
         gate, reading = self._gate(now), self._fresh(now)
-        pending = self._pending(reading)
         cluster_w = None
         if self._cap_w is not None and reading is not None:
-            cluster_w = self._cap_w - reading.cluster_w - sum(p.lease.draw_w for p in pending)
+            cluster_w = self._cap_w - reading.cluster_w - self._pending_w(reading)
         node_w: dict[str, float] = {}
-        for node, measured_w in ({} if reading is None else reading.node_w).items():
-            cap_w = _node_cap_w(self._node_caps_w, node)
-            if cap_w is not None:
-                there = sum(p.lease.draw_w for p in pending if not p.nodes or node in p.nodes)
-                node_w[node] = cap_w - measured_w - there
-        in_use = self._slots_in_use()
+        if reading is not None and self._node_caps_w:
+            pending = self._pending(reading)  # few: summing them per node is cheap
+            for node, measured_w in reading.node_w.items():
+                cap_w = _node_cap_w(self._node_caps_w, node)
+                if cap_w is not None:
+                    there = sum(p.lease.draw_w for p in pending if not p.nodes or node in p.nodes)
+                    node_w[node] = cap_w - measured_w - there
+        in_use = self._in_use
         free = {name: n - in_use.get(name, 0) for name, n in self._replicas.items()}
         nodes = frozenset(() if reading is None else reading.node_w)
         return _Room(now, gate, self._cap_w, cluster_w, node_w, self._node_caps_w, nodes, free)
@@ -395,8 +493,8 @@ class LeaseBook:
                 room.reserve(ask)
             return no(*problem, self._period_s)
         room.take(ask, held=False)
-        now, lease_id = room.now_s, f"{self._epoch}-{next(self._ids)}"
-        expires_s = now + self._expiry_s
+        now, seq = room.now_s, next(self._ids)
+        lease_id, expires_s = f"{self._epoch}-{seq}", now + self._expiry_s
         lease = Lease(lease_id, self._epoch, holder, ask.variant, ask.draw_w, now, expires_s)
-        self._live[lease.lease_id] = _Live(lease, ask.nodes)
+        self._grant(lease, ask.nodes, seq)
         return LeaseDecision(ask.key, lease=lease)

@@ -41,7 +41,7 @@ from wattserve.telemetry.ledger import ANY_TENANT
 from wattserve.telemetry.reporting import window_report
 
 if TYPE_CHECKING:
-    from wattserve.scheduler.ingress import SchedulerIngress
+    from wattserve.cluster.ingress import SchedulerIngress
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +82,7 @@ class AdminRoutes:
         return snapshot.budget_info().model_dump(mode="json")
 
     async def _check_node(self: "SchedulerIngress", node: str) -> None:
-        from wattserve.scheduler.ingress import telemetry_agents
+        from wattserve.cluster.ingress import telemetry_agents  # the ingress imports this
 
         agents = await asyncio.to_thread(telemetry_agents)
         statuses = await asyncio.gather(*(a.status.remote() for a in agents))

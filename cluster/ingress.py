@@ -1,5 +1,10 @@
 """The Ray Serve ingress deployment: the HTTP API in front of the scheduler.
 
+A Serve adapter, so it lives with everything Ray-specific: the request path itself
+(``scheduler.service.Scheduler``) is plain asyncio, and this class gives it Serve handles
+for the workers (``ServeWorkerPool``), the cluster's lease book (``RemoteLeases``) and
+the coalescer actors.
+
 Each replica keeps a :class:`ControlSnapshot` (budget, policy, tenants, catalog) and
 polls the control plane's revision every ``REFRESH_S``; a change made through the admin
 API on any replica therefore applies on every replica within about that interval, and
@@ -38,6 +43,7 @@ from wattserve._schemas import (
     TargetInfo,
     VariantInfo,
 )
+from wattserve.cluster.admin_routes import AdminRoutes
 from wattserve.cluster.admission import RemoteLeases, node_agents
 from wattserve.cluster.names import WORKER_DEPLOYMENT, variant_app_name
 from wattserve.cluster.settings import Settings
@@ -54,7 +60,6 @@ from wattserve.policies.tenancy import (
     month_window,
 )
 from wattserve.scheduler._http import api, bearer_token, parse_body
-from wattserve.scheduler.admin import AdminRoutes
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import (
     COALESCER_NAMESPACE,
