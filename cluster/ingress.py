@@ -43,7 +43,7 @@ from wattserve._schemas import (
     TargetInfo,
     VariantInfo,
 )
-from wattserve.cluster.admin_routes import AdminRoutes
+from wattserve.cluster.admin_routes import AdminRoutes, AdminService
 from wattserve.cluster.admission import RemoteLeases, node_agents
 from wattserve.cluster.names import WORKER_DEPLOYMENT, variant_app_name
 from wattserve.cluster.settings import Settings
@@ -142,6 +142,13 @@ class ServingConfig:
 REFRESH_S = 0.5
 
 
+async def agent_node_ids() -> list[str]:
+    """Ids of the nodes whose telemetry agent answers (what a node cap may name)."""
+    agents = await asyncio.to_thread(telemetry_agents)
+    statuses = await asyncio.gather(*(a.status.remote() for a in agents))
+    return [node.node_id for node, _ in statuses]
+
+
 def telemetry_agents() -> list:
     """Handles of the telemetry agents of all alive nodes."""
     handles = node_agents()
@@ -205,6 +212,12 @@ class SchedulerIngress(AdminRoutes):
             # every replica's batches get their power and replica slot from one lease book
             leases=self._leases,
         )
+        self.admin = AdminService(
+            control=self._control, ledger=self._ledger, scheduler=self._scheduler,
+            replica_id=self.replica_id, admin_token_sha256=config.admin_token_sha256,
+            snapshot=lambda: self._snapshot, apply_now=lambda: self.refresh(force=True),
+            caller=self.caller, tenant_usage=self.tenant_usage, node_ids=agent_node_ids,
+        )  # fmt: skip
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
         log.info("scheduler_ready", variants=catalog.names, revision=self._snapshot.revision)
 
