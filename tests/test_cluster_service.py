@@ -210,8 +210,9 @@ def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypa
         rates[replicas] = ok / seconds * 60
     # Both are bound by the cap (one batch at a time). Two replicas split the queue into
     # smaller batches, each turnover waiting up to a sampling interval for the next reading
-    # and lease; measured here 0.76-0.88x over short 12-request runs, 1.27x in the longer
-    # benchmark (benchmarks/cluster_budget.py). What must not happen is a collapse.
+    # and lease; measured here 0.76-0.88x over short 12-request runs; the benchmark
+    # (benchmarks/cluster_budget.py, 36 requests) gave 0.96x at 1,000 W and 1.27x at 700 W.
+    # What must not happen is a collapse.
     assert rates[2] >= 0.7 * rates[1], rates
 
 
