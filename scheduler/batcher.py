@@ -41,6 +41,8 @@ from wattserve.telemetry.energy import estimated_batch_energy
 
 log = structlog.get_logger(__name__)
 
+DISPATCH_RETRY_S = 0.1  # after a failed dispatch step, try again this much later
+
 
 class WorkerPool(Protocol):
     """What the scheduler needs from the workers."""
@@ -185,17 +187,26 @@ class Batcher:
     async def _dispatch(self) -> None:
         while True:
             self._wakeup.clear()
-            proposal = self.core.propose(self._clock())
-            step = Step((), (), (), proposal.wake_at_s)
-            if proposal.asks:  # one lease request per step, for every candidate batch
-                step = self.core.settle(proposal, await self.leases.request(proposal.asks))
-            self._carry_out(step)
+            try:
+                step = await self._step()
+            except Exception as exc:  # a dead dispatcher would leave every output waiting
+                log.error("dispatch_step_failed", error=f"{type(exc).__name__}: {exc}")
+                step = Step((), (), (), self._clock() + DISPATCH_RETRY_S)
             wake_at = step.wake_at_s
             timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
                 pass
+
+    async def _step(self) -> Step:
+        """Propose, ask for every candidate's lease at once, settle, carry it out."""
+        proposal = self.core.propose(self._clock())
+        step = Step((), (), (), proposal.wake_at_s)
+        if proposal.asks:  # one lease request per step, for every candidate batch
+            step = self.core.settle(proposal, await self.leases.request(proposal.asks))
+        self._carry_out(step)
+        return step
 
     def _carry_out(self, step: Step) -> None:
         for lease in step.unused:
