@@ -223,3 +223,76 @@ async def _sampled(load: Any, agents: list[Any], samples: list[tuple[float, floa
         samples.append((time.monotonic(), await asyncio.to_thread(_cluster_power_w, agents)))
         await asyncio.sleep(SAMPLE_S)
     return await task
+
+
+def test_the_checked_in_serve_config_brings_the_whole_service_up(cluster, tmp_path, port):
+    """``serve deploy``'s own path (the controller's apply_config), no driver of ours."""
+    import yaml
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve-config.yaml").read_text())
+    app = config["applications"][0]
+    app["args"] = {**app["args"], "home": str(tmp_path), "scheduler_replicas": 1,
+                   "power_source": "simulated", "sim_devices": 1}  # fmt: skip
+    config["http_options"]["port"] = port  # the cluster's proxy already listens there
+    serve.start(http_options={"port": port})
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool | None:
+            try:
+                answer = httpx.get(f"{url}/healthz", timeout=5)
+            except httpx.HTTPError:
+                return None
+            return answer.status_code == 200 and bool(answer.json()["variants"]) or None
+
+        _poll("serve-config app healthz", healthy, START_TIMEOUT_S)
+        assert _actor_id(CONTROL_NAME) is not None  # started by the scheduler replica
+        with Client(url) as client:
+            image = client.generate("deployed", seed=5, quality="draft", size="64x64").images[0]
+        assert image.receipt.energy_source == "simulated"
+        _a_node_that_joins_gets_an_agent_and_serves_its_variant(cluster, url, tmp_path)
+    finally:
+        for name in list(serve.status().applications):
+            if name.startswith("wattserve"):
+                serve.delete(name)
+
+
+B200_VARIANT = """
+[[variant]]
+name = "tiny-sd-b200"
+source = "builtin:tiny-sd-b200"
+steps = 2
+guidance_scale = 1.0
+max_size_px = 128
+quality_score = 0.3
+quality_provenance = "declared: test variant"
+power_w = 300.0
+resources = { num_cpus = 0.5, accelerator_types = ["B200"] }
+builtin = { unet_block_out_channels = [32, 64], unet_layers_per_block = 1, init_seed = 7 }
+
+[variant.energy_prior]
+joules_per_image = { 1 = 10.0 }
+provenance = "declared for a test"
+"""
+
+
+def _a_node_that_joins_gets_an_agent_and_serves_its_variant(
+    cluster: TypedCluster, url: str, home: Path
+) -> None:
+    """A B200 node added to the running service: its agent appears, its variant serves."""
+    from wattserve import AdminClient
+
+    node_id = cluster.add_node("B200")
+    _poll("an agent on the new node", lambda: _actor_id(agent_actor_name(node_id)), 60)
+    with AdminClient(url, home=home) as admin:
+        admin.add_variant(B200_VARIANT)
+        admin.wait_variant("tiny-sd-b200", ["active"], timeout_s=START_TIMEOUT_S)
+    with Client(url) as client:
+        made = client.generate("on b200", seed=2, model="tiny-sd-b200", size="64x64")
+        devices = client.status().devices
+    assert made.images[0].receipt.variant == "tiny-sd-b200"
+    assert any(d.node_id == node_id and d.name == "simulated B200" for d in devices)
