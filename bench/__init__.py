@@ -7,6 +7,8 @@
 * ``bench.fleet``, ``bench.simulate``, ``bench.sim_report``, ``bench.plots``:
   ``wattserve simulate`` — the live decision code over a simulated fleet, against the
   baseline and the offline oracle.
+* ``bench.cap_watch``: a burst of requests while the cluster's power is sampled, for the
+  power-cap test and ``benchmarks/cluster_budget.py``.
 
 Depends on ``policies``, ``scheduler`` (pure parts), ``telemetry`` and the SDK; the CLI
 depends on it. Nothing here imports Ray.

@@ -23,41 +23,20 @@ import asyncio
 import json
 import os
 import platform
-import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from wattserve import AdminClient, AsyncClient, Client
+from wattserve import AdminClient, Client
 from wattserve.bench._live_stats import longest_over_cap_s
-from wattserve.cluster.admission import node_agents
+from wattserve.bench.cap_watch import burst, sampled, status_counts
+from wattserve.cluster.admission import cluster_power_w, node_agents
 from wattserve.cluster.local import TypedCluster
 from wattserve.cluster.runtime import LocalService, free_port
 from wattserve.cluster.settings import Settings
-
-TIERS = ("draft", "standard", "high")
-
-
-def power_w(agents: list[Any]) -> float:
-    return sum(w for _, w in ray.get([a.power_w.remote() for a in agents], timeout=10))
-
-
-async def load(url: str, requests: int, seed0: int) -> tuple[int, float, dict[str, int]]:
-    """All requests at once; (answered 200, seconds, status counts)."""
-    started = time.monotonic()
-    async with AsyncClient(url, timeout_s=900) as client:
-        results = await asyncio.gather(
-            *(client.generate(f"budget {seed0 + i}", seed=seed0 + i, quality=TIERS[i % 3],
-                              size="64x64") for i in range(requests)),
-            return_exceptions=True,
-        )  # fmt: skip
-    codes: dict[str, int] = {}
-    for r in results:
-        key = "200" if not isinstance(r, BaseException) else type(r).__name__
-        codes[key] = codes.get(key, 0) + 1
-    return codes.get("200", 0), time.monotonic() - started, codes
 
 
 def phase(address: str, home: Path, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -67,17 +46,13 @@ def phase(address: str, home: Path, replicas: int, args: argparse.Namespace) -> 
     try:
         with AdminClient(service.url, token=service.admin_token) as admin:
             admin.set_budget(watts=args.cap_w)
-        agents = node_agents()
         samples: list[tuple[float, float]] = []
-
-        async def run() -> tuple[int, float, dict[str, int]]:
-            task = asyncio.create_task(load(service.url, args.requests, 10_000 * replicas))
-            while not task.done():
-                samples.append((time.monotonic(), await asyncio.to_thread(power_w, agents)))
-                await asyncio.sleep(args.sample_s)
-            return await task
-
-        ok, seconds, codes = asyncio.run(run())
+        load = burst(service.url, args.requests, 10_000 * replicas)
+        results, seconds = asyncio.run(
+            sampled(load, partial(cluster_power_w, node_agents()), samples, args.sample_s)
+        )
+        codes = status_counts(results)
+        ok = codes.get("200", 0)
         with Client(service.url) as client:
             admission = client.status().admission
     finally:

@@ -178,6 +178,11 @@ def node_agents() -> list[Any]:
     return handles
 
 
+def cluster_power_w(agents: list[Any]) -> float:
+    """Every node's power now, W, read from its telemetry agent (blocking)."""
+    return sum(w for _, w in ray.get([a.power_w.remote() for a in agents], timeout=10))
+
+
 def start_admission(db_url: str, sample_period_s: float = 0.1) -> Any:
     """Start (or find) the cluster's admission service; returns its handle once polling."""
     handle = AdmissionService.options(

@@ -15,19 +15,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import ray
 
 from tests._wait import poll as _poll
-from wattserve import AdmissionRejected, AsyncClient, Client
+from wattserve import AdmissionRejected, Client
 from wattserve.bench._live_stats import longest_over_cap_s
+from wattserve.bench.cap_watch import burst, sampled
 from wattserve.cluster.local import TypedCluster
 from wattserve.cluster.names import ADMISSION_NAME, CONTROL_NAME, CONTROL_NAMESPACE
 from wattserve.cluster.runtime import free_port
@@ -158,28 +158,9 @@ def test_a_run_that_started_the_control_actors_removes_them_and_its_apps(cluster
     assert all(n["Alive"] for n in ray.nodes())
 
 
-def _cluster_power_w(agents: list[Any]) -> float:
-    return sum(w for _, w in ray.get([a.power_w.remote() for a in agents], timeout=10))
-
-
-async def _saturate(url: str, requests: int, seed0: int) -> tuple[int, int, float]:
-    """``requests`` distinct mixed-tier requests at once; (200s, 429s, seconds)."""
-    tiers = ("draft", "standard", "high")
-    started = time.monotonic()
-    async with AsyncClient(url, timeout_s=600) as client:
-        results = await asyncio.gather(
-            *(client.generate(f"capped {seed0 + i}", seed=seed0 + i, quality=tiers[i % 3],
-                              size="64x64") for i in range(requests)),
-            return_exceptions=True,
-        )  # fmt: skip
-    ok = sum(1 for r in results if not isinstance(r, BaseException))
-    refused = sum(1 for r in results if isinstance(r, AdmissionRejected))
-    return ok, refused, time.monotonic() - started
-
-
 def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypatch, port):
     from wattserve import AdminClient
-    from wattserve.cluster.admission import node_agents
+    from wattserve.cluster.admission import cluster_power_w, node_agents
     from wattserve.cluster.runtime import LocalService
     from wattserve.cluster.settings import Settings
 
@@ -195,13 +176,17 @@ def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypa
         try:
             with AdminClient(service.url, token=service.admin_token) as admin:
                 admin.set_budget(watts=cap_w)
-            asyncio.run(_saturate(service.url, 3, 100 * replicas))  # warm: first batches
+            asyncio.run(burst(service.url, 3, 100 * replicas))  # warm: first batches
             samples: list[tuple[float, float]] = []
-            load = _saturate(service.url, 12, 1000 * replicas)
-            ok, refused, seconds = asyncio.run(_sampled(load, node_agents(), samples))
+            load = burst(service.url, 12, 1000 * replicas)
+            results, seconds = asyncio.run(
+                sampled(load, partial(cluster_power_w, node_agents()), samples, SAMPLE_S)
+            )
         finally:
             service.stop()
         # every request answered: served, or refused with 429 after its hold under the cap
+        ok = sum(1 for r in results if not isinstance(r, BaseException))
+        refused = sum(1 for r in results if isinstance(r, AdmissionRejected))
         assert ok + refused == 12 and ok >= 6, (ok, refused)
         over = [(t, w) for t, w in samples if w > cap_w + 1e-6]
         longest = longest_over_cap_s(samples, cap_w)
@@ -214,15 +199,6 @@ def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypa
     # (benchmarks/cluster_budget.py, 36 requests) gave 0.96x at 1,000 W and 1.27x at 700 W.
     # What must not happen is a collapse.
     assert rates[2] >= 0.7 * rates[1], rates
-
-
-async def _sampled(load: Any, agents: list[Any], samples: list[tuple[float, float]]) -> Any:
-    """Run ``load`` while reading every agent's power each ``SAMPLE_S`` into ``samples``."""
-    task = asyncio.ensure_future(load)
-    while not task.done():
-        samples.append((time.monotonic(), await asyncio.to_thread(_cluster_power_w, agents)))
-        await asyncio.sleep(SAMPLE_S)
-    return await task
 
 
 def test_the_checked_in_serve_config_brings_the_whole_service_up(cluster, tmp_path, port):
