@@ -11,7 +11,8 @@ agents. Writes a JSON report:
   and the longest stretch of consecutive samples above it;
 * ``lease_round_trip_ms_p50/p99``: lease requests timed inside a scheduler replica
   (``GET /v1/status`` → ``admission``);
-* ``requests_per_min`` under the cap, per replica count, and their ratio.
+* ``requests_per_min`` under the cap, per replica count (phases alternate 1, 2, 1, 2, ...
+  ``--rounds`` times; the medians are compared), and their ratio.
 
     python benchmarks/cluster_budget.py --cap-w 700 --requests 36
 """
@@ -23,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--cap-w", type=float, default=700.0)
     parser.add_argument("--requests", type=int, default=36)
     parser.add_argument("--sample-s", type=float, default=0.05)
+    parser.add_argument("--rounds", type=int, default=2, help="1- and 2-replica phases each")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
     os.environ.setdefault("WATTSERVE_POWER_SOURCE", "simulated")
@@ -86,10 +89,12 @@ def main() -> None:
     with TypedCluster(("H100", "H200")) as cluster:
         ray.init(address=cluster.address, namespace="wattserve-bench", log_to_driver=False)
         try:
-            phases = [phase(cluster.address, root / f"r{n}", n, args) for n in (1, 2)]
+            order = [n for _ in range(args.rounds) for n in (1, 2)]  # alternate: drift cancels
+            phases = [phase(cluster.address, root / f"r{i}", n, args) for i, n in enumerate(order)]
         finally:
             ray.shutdown()
-    one, two = phases
+    rates = {n: statistics.median(p["requests_per_min"] for p in phases
+                                  if p["scheduler_replicas"] == n) for n in (1, 2)}  # fmt: skip
     report = {
         "benchmark": "cluster_budget",
         "cap_w": args.cap_w,
@@ -97,9 +102,9 @@ def main() -> None:
         "cluster": "local: CPU head + fake H100 node + fake H200 node, 1 simulated GPU each",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "phases": phases,
-        "requests_per_min_ratio_2_vs_1": round(
-            two["requests_per_min"] / one["requests_per_min"], 3
-        ),
+        "rounds": args.rounds,
+        "requests_per_min_median": {str(n): round(r, 2) for n, r in rates.items()},
+        "requests_per_min_ratio_2_vs_1": round(rates[2] / rates[1], 3),
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -438,6 +438,21 @@ class LeaseBook:
         pending = [*self._unstarted.leases.values(), *self._unseen.leases.values()]
         return sorted(pending, key=lambda x: x.seq)
 
+    def _next_reading_in_s(self, now: float) -> float:
+        """How long until a reading newer than today's should have landed, s.
+
+        A refusal for power can only turn into a grant with a new reading, so the refused
+        ask comes back just after the next one (its poll started one period after this
+        one's; a fifth of a period covers the poll itself) instead of a whole period after
+        the refusal, which would add up to one period to every turnover under a cap.
+        """
+        period = self._period_s
+        reading = self._reading
+        if reading is None:
+            return period
+        due = reading.at_s + 1.2 * period - now
+        return min(1.2 * period, max(0.1 * period, due))
+
     def _gate(self, now: float) -> LeaseRefusal | None:
         """A refusal that holds for every ask now (warming up, no reading), if any."""
         if not self._capped():
@@ -491,7 +506,7 @@ class LeaseBook:
         if problem is not None:
             if aged and problem[0] == "power_cap":
                 room.reserve(ask)
-            return no(*problem, self._period_s)
+            return no(*problem, self._next_reading_in_s(room.now_s))
         room.take(ask, held=False)
         now, seq = room.now_s, next(self._ids)
         lease_id, expires_s = f"{self._epoch}-{seq}", now + self._expiry_s

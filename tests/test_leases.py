@@ -39,9 +39,21 @@ def test_power_cap_refusal_says_cap_headroom_and_draw(clock):
     assert one(book, "s1", ask(0, 400.0)).lease is not None
     refusal = one(book, "s1", ask(1, 120.0 + 1, waited_s=0.0)).refusal
     assert refusal == LeaseRefusal(
-        "power_cap", "power cap 700 W: 120 W of headroom, batch draws 121 W", 0.1
+        "power_cap", "power cap 700 W: 120 W of headroom, batch draws 121 W", pytest.approx(0.12)
     )
     assert one(book, "s2", ask(2, 120.0)).lease is not None  # exactly the headroom fits
+
+
+def test_a_power_refusal_comes_back_just_after_the_next_reading(clock):
+    """Not a whole period after the refusal: that would idle the budget at every turnover."""
+    book = make_book(clock, cap_w=700.0)  # sample period 0.1 s
+    read(book, clock, 600.0)
+    clock.advance(0.07)  # the next poll starts 0.03 s from now and lands soon after
+    refusal = one(book, "s1", ask(0, 400.0)).refusal
+    assert refusal.reason == "power_cap"
+    assert refusal.retry_after_s == pytest.approx(0.05)  # 0.03 + a fifth of a period
+    clock.advance(0.2)  # a poll is late: come back soon, not never
+    assert one(book, "s1", ask(1, 400.0)).refusal.retry_after_s == pytest.approx(0.01)
 
 
 def test_started_lease_counts_in_full_until_a_reading_shows_it(clock):
