@@ -3,12 +3,21 @@
 Shared logic (building requests, decoding responses, mapping errors) lives in
 ``_BaseClient``; the sync and async clients only add I/O. Both accept an httpx
 ``transport`` so tests and embedders can route calls without a socket.
+
+Only ``generate`` retries (the policy is in ``_retries``): it sends an
+``Idempotency-Key`` header, the same on every retry of one call, and the service answers
+a repeated key with the first request's outcome instead of generating and charging
+again, so a retry after a lost answer is safe. Every other call is one attempt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
@@ -18,6 +27,15 @@ from pydantic import BaseModel, ValidationError
 
 from wattserve._admin import TenantInfo
 from wattserve._exceptions import TransportError, WattserveError, error_from_response
+from wattserve._retries import (
+    DEFAULT_BACKOFF_S,
+    DEFAULT_MAX_RETRIES,
+    Outcome,
+    check_retry_settings,
+    idempotency_headers,
+    is_retryable,
+    retry_delay,
+)
 from wattserve._schemas import (
     AUTO_MODEL,
     DEFAULT_SIZE,
@@ -37,6 +55,7 @@ from wattserve._schemas import (
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 300.0
+GENERATIONS_PATH = "/v1/images/generations"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -61,6 +80,7 @@ class GenerationResult:
     request_id: str
     images: list[GeneratedImage]
     route: RouteInfo  # the variant chosen, why, and every alternative considered
+    attempts: int = 1  # HTTP attempts the call took; above 1 when a retry was needed
 
     @property
     def receipts(self) -> list[Receipt]:
@@ -74,10 +94,36 @@ class GenerationResult:
 
 
 class _BaseClient:
-    def __init__(self, base_url: str, api_key: str | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout_s: float,
+        *,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+    ) -> None:
+        check_retry_settings(max_retries, backoff_s)
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout_s = timeout_s
+        self._max_retries = max_retries
+        self._backoff_s = backoff_s
+        self._rng = random.Random()  # a seam: tests replace it to fix the jitter
+
+    def _should_retry(self, outcome: Outcome, attempts: int) -> bool:
+        """Whether ``generate`` tries again after its ``attempts``-th attempt."""
+        return attempts <= self._max_retries and is_retryable(outcome)
+
+    def _retry_delay(self, attempts: int, outcome: Outcome) -> float:
+        """Seconds to wait after the ``attempts``-th attempt (jittered, see ``_retries``)."""
+        return retry_delay(attempts - 1, outcome, backoff_s=self._backoff_s, rng=self._rng)
+
+    def _generation_outcome(self, outcome: Outcome, attempts: int) -> GenerationResult:
+        """The result of a call's last attempt, or the error it ended with, as today."""
+        if isinstance(outcome, httpx.TransportError):
+            raise self._transport_error(outcome) from outcome
+        return self._generation_result(self._decode(outcome), attempts=attempts)
 
     @staticmethod
     def _generation_body(
@@ -123,14 +169,17 @@ class _BaseClient:
         return body
 
     @staticmethod
-    def _generation_result(body: Any) -> GenerationResult:
+    def _generation_result(body: Any, attempts: int = 1) -> GenerationResult:
         parsed = _BaseClient._parse(ImageGenerationResponse, body)
         images = [
             GeneratedImage(png_bytes=base64.b64decode(datum.b64_json), receipt=receipt)
             for datum, receipt in zip(parsed.data, parsed.wattserve.receipts, strict=True)
         ]
         return GenerationResult(
-            request_id=parsed.wattserve.request_id, images=images, route=parsed.wattserve.route
+            request_id=parsed.wattserve.request_id,
+            images=images,
+            route=parsed.wattserve.route,
+            attempts=attempts,
         )
 
     @staticmethod
@@ -164,11 +213,16 @@ class _SyncClient(_BaseClient):
         *,
         timeout_s: float,
         transport: httpx.BaseTransport | None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
     ) -> None:
-        super().__init__(base_url, credential, timeout_s)
+        super().__init__(
+            base_url, credential, timeout_s, max_retries=max_retries, backoff_s=backoff_s
+        )
         self._http = httpx.Client(
             base_url=self.base_url, headers=self._headers, timeout=timeout_s, transport=transport
         )
+        self._sleep: Callable[[float], None] = time.sleep  # a seam: tests skip the wait
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -189,7 +243,13 @@ class _SyncClient(_BaseClient):
 
 
 class Client(_SyncClient):
-    """Synchronous client. Use as a context manager or call ``close()``."""
+    """Synchronous client. Use as a context manager or call ``close()``.
+
+    ``generate`` retries up to ``max_retries`` times (0: never) after a broken
+    connection or a 500/502/503/504 from a proxy or a replica that is gone, waiting a
+    jittered backoff from ``backoff_s`` up; its idempotency key makes that safe.
+    ``timeout_s`` bounds each attempt, not the whole call.
+    """
 
     def __init__(
         self,
@@ -198,8 +258,13 @@ class Client(_SyncClient):
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
     ) -> None:
-        super().__init__(base_url, api_key, timeout_s=timeout_s, transport=transport)
+        super().__init__(
+            base_url, api_key, timeout_s=timeout_s, transport=transport,
+            max_retries=max_retries, backoff_s=backoff_s,
+        )  # fmt: skip
 
     def generate(
         self,
@@ -214,17 +279,34 @@ class Client(_SyncClient):
         model: str | None = None,
         user: str | None = None,
         policy: RequestPolicy = "default",
+        idempotency_key: str | None = None,
     ) -> GenerationResult:
         """Generate ``n`` images; each comes with its energy receipt.
 
         ``policy="baseline"`` asks for serving without wattserve's savings (highest-quality
         variant, batch of one, no cache, no coalescing), to measure what they save.
+        ``idempotency_key`` (None: a fresh one per call) goes with every attempt; give
+        your own to make a call you repeat yourself, e.g. after a crash, safe too.
         """
         body = self._generation_body(
             prompt, n=n, size=size, seed=seed, quality=quality, negative_prompt=negative_prompt,
             deadline_s=deadline_s, model=model, user=user, policy=policy,
         )  # fmt: skip
-        return self._generation_result(self._request("POST", "/v1/images/generations", json=body))
+        headers = idempotency_headers(idempotency_key)
+        attempts = 1
+        while True:
+            outcome = self._send_generation(body, headers)
+            if not self._should_retry(outcome, attempts):
+                return self._generation_outcome(outcome, attempts)
+            self._sleep(self._retry_delay(attempts, outcome))
+            attempts += 1
+
+    def _send_generation(self, body: dict[str, Any], headers: dict[str, str]) -> Outcome:
+        """One attempt; a transport failure is returned, not raised, for the retry loop."""
+        try:
+            return self._http.post(GENERATIONS_PATH, json=body, headers=headers)
+        except httpx.TransportError as exc:
+            return exc
 
     def variants(self) -> list[VariantInfo]:
         """The variants the service can route to."""
@@ -253,7 +335,10 @@ class Client(_SyncClient):
 
 
 class AsyncClient(_BaseClient):
-    """Asynchronous client, for many concurrent requests from one event loop."""
+    """Asynchronous client, for many concurrent requests from one event loop.
+
+    Retries ``generate`` exactly as ``Client`` does (``max_retries``, ``backoff_s``).
+    """
 
     def __init__(
         self,
@@ -262,11 +347,14 @@ class AsyncClient(_BaseClient):
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
     ) -> None:
-        super().__init__(base_url, api_key, timeout_s)
+        super().__init__(base_url, api_key, timeout_s, max_retries=max_retries, backoff_s=backoff_s)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=self._headers, timeout=timeout_s, transport=transport
         )
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # a seam for tests
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -288,18 +376,34 @@ class AsyncClient(_BaseClient):
         model: str | None = None,
         user: str | None = None,
         policy: RequestPolicy = "default",
+        idempotency_key: str | None = None,
     ) -> GenerationResult:
         """Generate ``n`` images; each comes with its energy receipt.
 
         ``policy="baseline"`` asks for serving without wattserve's savings (highest-quality
         variant, batch of one, no cache, no coalescing), to measure what they save.
+        ``idempotency_key`` (None: a fresh one per call) goes with every attempt; give
+        your own to make a call you repeat yourself, e.g. after a crash, safe too.
         """
         body = self._generation_body(
             prompt, n=n, size=size, seed=seed, quality=quality, negative_prompt=negative_prompt,
             deadline_s=deadline_s, model=model, user=user, policy=policy,
         )  # fmt: skip
-        body = await self._request("POST", "/v1/images/generations", json=body)
-        return self._generation_result(body)
+        headers = idempotency_headers(idempotency_key)
+        attempts = 1
+        while True:
+            outcome = await self._send_generation(body, headers)
+            if not self._should_retry(outcome, attempts):
+                return self._generation_outcome(outcome, attempts)
+            await self._sleep(self._retry_delay(attempts, outcome))
+            attempts += 1
+
+    async def _send_generation(self, body: dict[str, Any], headers: dict[str, str]) -> Outcome:
+        """One attempt; a transport failure is returned, not raised, for the retry loop."""
+        try:
+            return await self._http.post(GENERATIONS_PATH, json=body, headers=headers)
+        except httpx.TransportError as exc:
+            return exc
 
     async def variants(self) -> list[VariantInfo]:
         """The variants the service can route to."""

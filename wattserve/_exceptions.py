@@ -134,6 +134,17 @@ _BY_STATUS: dict[int, type[WattserveError]] = {
 }
 
 
+def is_wattserve_error_body(body: Any) -> bool:
+    """Whether ``body`` is the JSON error a wattserve handler wrote (see ``to_body``).
+
+    It tells the service's own answer apart from a proxy's: Ray Serve's proxy answers
+    plain-text ``Internal Server Error`` when the replica holding a request died, which
+    is worth a retry, while a wattserve 500 is a deliberate answer that a retry repeats.
+    """
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and isinstance(error.get("type"), str)
+
+
 def error_from_response(status_code: int, body: Any, headers: dict[str, str]) -> WattserveError:
     """Rebuild the server's exception from an HTTP error response."""
     message = f"HTTP {status_code}"
