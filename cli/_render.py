@@ -132,6 +132,7 @@ def policy(info: PolicyInfo) -> None:
         ("cache max bytes", f"{info.cache_max_bytes:,}"),
         ("default deadline s", info.default_deadline_s or "none"),
         ("allow anonymous", info.allow_anonymous),
+        ("idempotency key TTL s", info.idempotency_ttl_s),
         ("last changed", f"{when(info.updated_at)} (revision {info.revision})"),
     ])  # fmt: skip
 
@@ -200,12 +201,13 @@ def window_report(found: WindowReport) -> None:
         when(found.until) if found.until else "now"
     )
     scope = f"tenant {found.tenant}" if found.tenant else "all tenants"
-    columns = ["requests", "outputs", "failed", "joules", "J/output", "joules by source"]
+    columns = ["requests", "outputs", "failed", "pending", "joules", "J/output", "joules by source"]
     for title, rows in (("variant", found.by_variant), ("tenant", found.by_tenant)):
         table(
             f"per {title} ({scope}, {span})",
             [title, *columns],
-            [[r.key, r.requests, r.outputs, r.failed_outputs, r.joules, r.joules_per_output,
+            [[r.key, r.requests, r.outputs, r.failed_outputs, r.pending_outputs, r.joules,
+              r.joules_per_output,
               ", ".join(f"{s} {j:,.1f}" for s, j in sorted(r.joules_by_source.items()))]
              for r in rows],
         )  # fmt: skip
@@ -240,9 +242,9 @@ def books(found: EnergyReport) -> None:
     )  # fmt: skip
     table(
         "per variant (ledger)",
-        ["variant", "requests", "outputs", "failed", "joules", "J/output", "source"],
-        [[v.variant, v.requests, v.outputs, v.failed_outputs, v.joules, v.joules_per_output,
-          v.energy_source] for v in found.variants],
+        ["variant", "requests", "outputs", "failed", "pending", "joules", "J/output", "source"],
+        [[v.variant, v.requests, v.outputs, v.failed_outputs, v.pending_outputs, v.joules,
+          v.joules_per_output, v.energy_source] for v in found.variants],
     )  # fmt: skip
 
 

@@ -172,6 +172,9 @@ def policy_set(
             help="Serve requests without an API key once tenants exist.",
         ),
     ] = None,  # fmt: skip
+    idempotency_ttl_s: Annotated[
+        float | None, typer.Option(help="How long an Idempotency-Key replays its request, s.")
+    ] = None,
     url: UrlOption = DEFAULT_BASE_URL,
     token: TokenOption = None,
     home: HomeOption = None,
@@ -188,6 +191,7 @@ def policy_set(
         **pick(default_deadline_s, no_default_deadline, "--default-deadline-s",
                "--no-default-deadline"),
         **pick(allow_anonymous, False, "--allow-anonymous", ""),
+        **pick(idempotency_ttl_s, False, "--idempotency-ttl-s", ""),
     }  # fmt: skip
     if not change:
         fail("nothing to change: give at least one option (see --help)", code=2)

@@ -10,7 +10,9 @@ Starting it is idempotent and does what used to happen in the CLI process:
   — all named and detached, so they survive the driver that asked for them;
 * deploy the active variants' Serve applications, then run the variant reconciler;
 * watch for nodes that join later and start their agents (a worker replica placed there
-  needs its node's agent before it can meter a batch).
+  needs its node's agent before it can meter a batch);
+* be the ledger's janitor: fail the pending rows of scheduler replicas that stopped
+  heartbeating (``LedgerStore.fail_orphans``) and drop expired idempotency keys.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from wattserve.cluster.settings import Settings
 from wattserve.cluster.variants import VariantReconciler, deploy_variants
 from wattserve.policies.catalog import load_catalog
 from wattserve.scheduler.control_store import ControlStore
-from wattserve.telemetry.ledger import LedgerStore
+from wattserve.scheduler.idempotency import IdempotencyStore
+from wattserve.telemetry.ledger import HOLDER_STALE_AFTER_S, LedgerStore
 from wattserve.telemetry.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -63,6 +66,9 @@ class ControlPlane:
         configure_logging(json=True)
         self._settings = settings
         self._control = prepare_database(settings)
+        self._ledger = LedgerStore(settings.db_url)
+        self._keys = IdempotencyStore(self._ledger.engine, CONTROL_NAME,
+                                      stale_after_s=HOLDER_STALE_AFTER_S)  # fmt: skip
         self._admission = start_admission(settings.db_url, 1.0 / settings.sample_hz)
         self._coalescers = start_coalescers(settings.coalescers)
         self._agents = self._start_agents()
@@ -86,9 +92,13 @@ class ControlPlane:
         return start_agents(s.power_source, s.sample_hz, s.sim_devices)
 
     def _watch_nodes(self) -> None:
-        """Start an agent on every node that joins (``start_agents`` finds existing ones)."""
+        """Start an agent on every node that joins; sweep the ledger's orphans too.
+
+        ``start_agents`` finds the agents that exist already.
+        """
         known = len(self._agents)
         while not self._stop.wait(NODE_WATCH_S):
+            self._sweep()
             try:
                 alive = sum(1 for n in ray.nodes() if n.get("Alive"))
                 if alive != known:
@@ -97,6 +107,15 @@ class ControlPlane:
                     log.info("agents_reconciled", agents=known)
             except Exception as exc:  # keep watching; the next pass retries
                 log.warning("node_watch_failed", error=repr(exc))
+
+    def _sweep(self) -> None:
+        try:
+            failed = self._ledger.fail_orphans(HOLDER_STALE_AFTER_S)
+            purged = self._keys.purge_expired()
+            if failed or purged:
+                log.info("ledger_janitor", orphans_failed=failed, keys_expired=purged)
+        except Exception as exc:  # the database may blip: the next pass retries
+            log.warning("ledger_janitor_failed", error=repr(exc))
 
     def ready(self) -> dict[str, int]:
         """What is running: agents, coalescers (the constructor has finished by now)."""

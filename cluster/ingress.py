@@ -21,11 +21,12 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import ray
 import structlog
 from fastapi import Query, Request
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -63,15 +64,17 @@ from wattserve.scheduler._http import api, bearer_token, parse_body
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import (
     COALESCER_NAMESPACE,
+    LEAD_BEAT_S,
     Flights,
     LocalFlights,
     RemoteFlights,
     coalescer_actor_name,
 )
 from wattserve.scheduler.control_store import ControlSnapshot, ControlStore
+from wattserve.scheduler.idempotency import IdempotencyStore, check_key, run_once
 from wattserve.scheduler.service import Scheduler
 from wattserve.telemetry.attribution import Reconciliation
-from wattserve.telemetry.ledger import ANY_TENANT, LedgerStore
+from wattserve.telemetry.ledger import ANY_TENANT, HEARTBEAT_S, HOLDER_STALE_AFTER_S, LedgerStore
 from wattserve.telemetry.logs import configure_logging
 from wattserve.telemetry.metrics import SchedulerMetrics
 
@@ -140,6 +143,7 @@ class ServingConfig:
 
 
 REFRESH_S = 0.5
+JOIN_WAIT_S = 600.0  # a repeated Idempotency-Key waits this long for its running twin
 
 
 async def agent_node_ids() -> list[str]:
@@ -195,7 +199,8 @@ class SchedulerIngress(AdminRoutes):
         if config.coalescers:
             names = [coalescer_actor_name(i) for i in range(config.coalescers)]
             handles = [ray.get_actor(n, namespace=COALESCER_NAMESPACE) for n in names]
-            flights = RemoteFlights(names, handles)
+            flights = RemoteFlights(names, handles, self.replica_id)
+        self._flights = flights
         self._pool = ServeWorkerPool()
         catalog = self._snapshot.catalog()
         self._leases = RemoteLeases(self.replica_id, catalog, self._capped)
@@ -211,6 +216,11 @@ class SchedulerIngress(AdminRoutes):
             budget=lambda: self._snapshot.budget,
             # every replica's batches get their power and replica slot from one lease book
             leases=self._leases,
+            holder=self.replica_id,
+        )
+        await asyncio.to_thread(self._ledger.heartbeat, self.replica_id)  # before any row
+        self._keys = IdempotencyStore(
+            self._ledger.engine, self.replica_id, stale_after_s=HOLDER_STALE_AFTER_S
         )
         self.admin = AdminService(
             control=self._control, ledger=self._ledger, scheduler=self._scheduler,
@@ -218,10 +228,25 @@ class SchedulerIngress(AdminRoutes):
             snapshot=lambda: self._snapshot, apply_now=lambda: self.refresh(force=True),
             caller=self.caller, tenant_usage=self.tenant_usage, node_ids=agent_node_ids,
         )  # fmt: skip
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        loop = asyncio.get_running_loop()
+        self._refresher = loop.create_task(self._refresh_forever())
+        self._beater = loop.create_task(self._beat_forever())
         log.info("scheduler_ready", variants=catalog.names, revision=self._snapshot.revision)
 
     # --- control plane ------------------------------------------------------------------
+
+    async def _beat_forever(self) -> None:
+        """Say this replica lives: the flights it leads and its pending ledger rows."""
+        beat_at = time.monotonic()
+        while True:
+            await asyncio.sleep(LEAD_BEAT_S)
+            try:
+                await self._flights.beat()
+                if time.monotonic() - beat_at >= HEARTBEAT_S:
+                    await asyncio.to_thread(self._ledger.heartbeat, self.replica_id)
+                    beat_at = time.monotonic()
+            except Exception as exc:  # a blip: the next beat is well inside the stale time
+                log.warning("heartbeat_failed", error=repr(exc))
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -313,8 +338,12 @@ class SchedulerIngress(AdminRoutes):
     # --- public API ---------------------------------------------------------------------
 
     @api.post("/v1/images/generations")
-    async def generate(self, request: Request) -> dict:
-        """OpenAI Images API ``generations`` with wattserve receipts."""
+    async def generate(self, request: Request) -> Any:
+        """OpenAI Images API ``generations`` with wattserve receipts.
+
+        With an ``Idempotency-Key`` header a repeat returns the first answer instead of
+        generating again (``scheduler.idempotency``).
+        """
         caller = self.caller(request)
         body = await parse_body(request, ImageGenerationBody)
         policy = self._snapshot.policy
@@ -323,10 +352,22 @@ class SchedulerIngress(AdminRoutes):
             default_deadline_s=policy.default_deadline_s,
             tenant=caller.name,
         )
-        if caller.tenant is not None:
-            await self._admit_tenant(caller.tenant, generation.quality)
-        response = await self._scheduler.generate(generation)
-        return response.model_dump(mode="json")
+
+        async def produce() -> dict:
+            if caller.tenant is not None:
+                await self._admit_tenant(caller.tenant, generation.quality)
+            response = await self._scheduler.generate(generation)
+            return response.model_dump(mode="json")
+
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return await produce()
+        status, answer = await run_once(
+            self._keys, caller.name or f"({caller.kind})", check_key(key),
+            body.model_dump(mode="json"), policy.idempotency_ttl_s, produce,
+            wait_s=JOIN_WAIT_S,
+        )  # fmt: skip
+        return answer if status == 200 else JSONResponse(answer, status_code=status)
 
     @api.get("/v1/models")
     async def models(self) -> dict:

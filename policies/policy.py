@@ -38,6 +38,8 @@ class Policy:
     default_deadline_s: float | None = None
     # Once any tenant exists, whether requests without an API key are still served.
     allow_anonymous: bool = False
+    # How long a finished request's Idempotency-Key replays its response, s.
+    idempotency_ttl_s: float = 86_400.0
 
     def quality_floor(self, tier: Quality) -> float:
         """Minimum catalog quality score a variant needs to serve ``tier``."""

@@ -48,6 +48,7 @@ from wattserve.telemetry.database import write_transaction
 CLUSTER_SCOPE = "cluster"
 NODE_SCOPE_PREFIX = "node:"
 DEFAULT_POLICY = "default"
+DEFAULT_IDEMPOTENCY_TTL_S = Policy().idempotency_ttl_s
 ROUTABLE_STATES = ("active",)
 
 
@@ -264,7 +265,7 @@ class ControlStore:
         if not fields:
             raise InvalidRequest("nothing to change: give at least one policy field")
         non_nullable = {"default_quality", "max_wait_ms", "share_unseeded", "cache_max_bytes",
-                        "allow_anonymous"}  # fmt: skip
+                        "allow_anonymous", "idempotency_ttl_s"}  # fmt: skip
         for name in fields & non_nullable:
             if getattr(update, name) is None:
                 raise InvalidRequest(f"{name}: may not be null", param=name)
@@ -425,6 +426,9 @@ def _policy_from_row(row: PolicyRow) -> Policy:
         cache_max_bytes=row.cache_max_bytes,
         default_deadline_s=row.default_deadline_s,
         allow_anonymous=row.allow_anonymous,
+        idempotency_ttl_s=(
+            DEFAULT_IDEMPOTENCY_TTL_S if row.idempotency_ttl_s is None else row.idempotency_ttl_s
+        ),
     )
 
 
@@ -439,6 +443,7 @@ def policy_values(policy: Policy) -> dict:
         "cache_max_bytes": policy.cache_max_bytes,
         "default_deadline_s": policy.default_deadline_s,
         "allow_anonymous": policy.allow_anonymous,
+        "idempotency_ttl_s": policy.idempotency_ttl_s,
     }
 
 

@@ -48,6 +48,7 @@ class PolicyRow(SQLModel, table=True):
     cache_max_bytes: int = Field(sa_type=sa.BigInteger)
     default_deadline_s: float | None = None
     allow_anonymous: bool
+    idempotency_ttl_s: float | None = None  # None (rows before schema 4): the default
     updated_at: datetime
     revision: int
 

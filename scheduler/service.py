@@ -42,7 +42,13 @@ from wattserve.policies.profile import EnergyProfile
 from wattserve.policies.routing import RouteDecision, RouteRefusal, RoutingState, route
 from wattserve.policies.target import JoulesTarget
 from wattserve.scheduler._refusals import refusal_error
-from wattserve.scheduler.batcher import BatchedOutput, Batcher, BatchFailed, WorkerPool
+from wattserve.scheduler.batcher import (
+    WORKER_DEADLINE_FLOOR_S,
+    BatchedOutput,
+    Batcher,
+    BatchFailed,
+    WorkerPool,
+)
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
 from wattserve.scheduler.identity import flight_key, output_key
@@ -141,8 +147,11 @@ class Scheduler:
         budget: Callable[[], Budget] = Budget,
         leases: LeaseGate | None = None,
         max_hold_s: float = 5.0,
+        holder: str | None = None,
+        worker_deadline_floor_s: float = WORKER_DEADLINE_FLOOR_S,
     ) -> None:
         self.catalog = catalog
+        self.holder = holder  # the replica id its pending ledger rows carry
         self.policy = policy
         self.pool = pool
         self.ledger = ledger
@@ -161,6 +170,8 @@ class Scheduler:
                                                                  clock=clock),
             max_hold_s=max_hold_s,
             joules_bounds=self.profile.joules_bounds,
+            expected_batch_s=self.profile.batch_latency_s,
+            worker_deadline_floor_s=worker_deadline_floor_s,
         )  # fmt: skip
 
     def apply(self, catalog: Catalog, policy: Policy) -> None:
@@ -239,6 +250,8 @@ class Scheduler:
         """Serve ``request``; raise a ``WattserveError`` if any output could not be made."""
         ctx = self._context(request, arrived=self._clock())
         outcomes: dict[int, _Outcome] = {}
+        # on record from acceptance: a pending row per output, settled once below
+        await asyncio.shield(asyncio.to_thread(self.ledger.record, self._accepted_rows(ctx)))
         try:
             if self.cache is not None and any(ctx.keys):  # no thread hop when nothing to look up
                 outcomes.update(await asyncio.to_thread(self._cache_hits, ctx))
@@ -248,11 +261,16 @@ class Scheduler:
             for index in range(request.n):
                 outcomes.setdefault(index, self._unproduced(ctx, CANCELLED))
             rows = self._rows(ctx, outcomes)
-            await asyncio.shield(asyncio.to_thread(self.ledger.record, rows))
+            await asyncio.shield(asyncio.to_thread(self.ledger.settle, rows))
+            raise
+        except BaseException as exc:  # a bug: the outputs still get their final rows
+            for index in range(request.n):
+                outcomes.setdefault(index, self._unproduced(ctx, f"{type(exc).__name__}: {exc}"))
+            await asyncio.shield(asyncio.to_thread(self.ledger.settle, self._rows(ctx, outcomes)))
             raise
         rows = self._rows(ctx, outcomes)
         self._observe_overhead(ctx, outcomes, rows)
-        await asyncio.to_thread(self.ledger.record, rows)
+        await asyncio.to_thread(self.ledger.settle, rows)
         refused = [o for o in outcomes.values() if o.retry_after_s is not None]
         if refused:
             error = ServiceUnavailable if refused[0].unavailable else AdmissionRejected
@@ -440,6 +458,15 @@ class Scheduler:
         return _Outcome(None, ctx.variant.name, "none", 0, 0.0, "estimated", "miss",
                         ctx.decision.reason, error)  # fmt: skip
 
+    def _accepted_rows(self, ctx: _Context) -> list[LedgerRow]:
+        """A ``pending`` row per output: nothing made or charged yet."""
+        pending = _Outcome(None, ctx.variant.name, "none", 0, 0.0, "estimated", "miss",
+                           ctx.decision.reason)  # fmt: skip
+        rows = self._rows(ctx, dict.fromkeys(range(ctx.request.n), pending))
+        for row in rows:
+            row.status, row.latency_ms = "pending", 0.0
+        return rows
+
     def _rows(self, ctx: _Context, outcomes: dict[int, _Outcome]) -> list[LedgerRow]:
         latency_ms = (self._clock() - ctx.arrived) * 1000
         request = ctx.request
@@ -457,12 +484,19 @@ class Scheduler:
                 joules=outcome.joules,
                 energy_source=outcome.energy_source,
                 cache=outcome.cache,
-                status="failed" if outcome.error else "ok",
+                status=_status(outcome),
                 error=outcome.error,
                 latency_ms=latency_ms,
                 seed=ctx.seeds[index],
                 width_px=request.width_px,
                 height_px=request.height_px,
+                holder=self.holder,
             )
             for index, outcome in sorted(outcomes.items())
         ]
+
+
+def _status(outcome: _Outcome) -> str:
+    if outcome.error is None:
+        return "ok"
+    return "cancelled" if outcome.error == CANCELLED else "failed"

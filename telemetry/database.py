@@ -18,6 +18,8 @@ version    change
 2          control plane: ``control_meta``, ``budgets``, ``policies``, ``tenants``,
            ``variants``, ``variant_drains``
 3          ``ledger.tenant`` (+ index): per-tenant ledgers, usage and quotas
+4          ``ledger.holder``, ``ledger_holders``, ``idempotency_keys``: rows from
+           acceptance, the janitor, idempotent requests
 =========  ===================================================================
 
 **Writers never see "database is locked".** On SQLite every write transaction starts
@@ -225,8 +227,35 @@ def _v3_ledger_tenant(conn: sa.Connection) -> None:
     conn.execute(sa.text("CREATE INDEX ix_ledger_tenant ON ledger (tenant, created_at)"))
 
 
+def _v4_pending_rows_and_idempotency(conn: sa.Connection) -> None:
+    """Rows from acceptance (``holder``, heartbeats) and idempotency keys (issue 12)."""
+    conn.execute(sa.text("ALTER TABLE ledger ADD COLUMN holder VARCHAR(64)"))
+    conn.execute(sa.text("ALTER TABLE policies ADD COLUMN idempotency_ttl_s FLOAT"))
+    md = sa.MetaData()
+    sa.Table(
+        "ledger_holders", md,
+        sa.Column("holder", sa.String(64), primary_key=True),
+        sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    )  # fmt: skip
+    sa.Table(
+        "idempotency_keys", md,
+        sa.Column("scope", sa.String(64), primary_key=True),
+        sa.Column("key", sa.String(255), primary_key=True),
+        sa.Column("body_sha256", sa.String(64), nullable=False),
+        sa.Column("request_id", sa.String(64)),
+        sa.Column("holder", sa.String(64), nullable=False),
+        sa.Column("status_code", sa.Integer),
+        sa.Column("response_json", sa.Text),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    )  # fmt: skip
+    md.create_all(conn)
+
+
 Migration = Callable[[sa.Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_v1_ledger_and_cache, _v2_control_plane, _v3_ledger_tenant)
+MIGRATIONS: tuple[Migration, ...] = (
+    _v1_ledger_and_cache, _v2_control_plane, _v3_ledger_tenant, _v4_pending_rows_and_idempotency,
+)  # fmt: skip
 HEAD = len(MIGRATIONS)
 
 

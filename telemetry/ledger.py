@@ -1,9 +1,15 @@
-"""The energy ledger: one row per output, written once, kept forever.
+"""The energy ledger: one row per output, from acceptance, settled once, kept forever.
 
 Every output a request asks for gets exactly one row keyed by ``(request_id,
 image_index)``: what variant made it, in which batch, the joules charged to it and the
-method that measured them, its cache status and outcome. Writes are idempotent (a
-replayed write of the same key is ignored), so a retry can never double-count.
+method that measured them, its cache status and outcome. The row is written ``pending``
+when the request is accepted, with the scheduler replica that holds it (``holder``), and
+settled (``ok``, ``failed``, ``cancelled``) by one conditional update, so an output is
+on record even if its replica dies mid-request, and can never get two final rows: a
+settle that finds its row already final changes nothing.
+
+Replicas heartbeat (``heartbeat``); ``fail_orphans`` (run by the cluster's janitor)
+fails the pending rows of replicas that stopped.
 
 The schema is created and upgraded by ``telemetry.database.migrate``; opening a store
 migrates its database first, so an old database upgrades rather than breaks.
@@ -11,8 +17,8 @@ migrates its database first, so an old database upgrades rather than breaks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -22,6 +28,10 @@ from sqlmodel import Field, Session, SQLModel, col, select
 from wattserve._schemas import LedgerEntry, VariantUsage
 from wattserve.telemetry.database import make_engine, migrate, write_transaction
 
+HEARTBEAT_S = 2.0  # how often a scheduler replica says its pending rows are live
+HOLDER_STALE_AFTER_S = 10.0  # no heartbeat for this long: the replica is gone
+SETTLED = ("ok", "failed", "cancelled")
+ORPHANED = "its scheduler replica stopped before the output was settled"
 ANY_TENANT = "*"  # ``recent(tenant=ANY_TENANT)``: every row; ``tenant=None``: anonymous rows
 
 
@@ -59,10 +69,26 @@ class LedgerRow(SQLModel, table=True):
     seed: int = Field(sa_type=sa.BigInteger)
     width_px: int
     height_px: int
+    holder: str | None = Field(default=None, max_length=64)  # replica that settles it
 
     def to_entry(self) -> LedgerEntry:
         """The wire form of this row."""
         return LedgerEntry.model_validate(self, from_attributes=True)
+
+
+class LedgerHolder(SQLModel, table=True):
+    """A scheduler replica's last heartbeat: its pending rows are live while it beats."""
+
+    __tablename__ = "ledger_holders"
+
+    holder: str = Field(primary_key=True, max_length=64)
+    seen_at: datetime = Field(default_factory=_utcnow, index=True)
+
+
+_SETTLE_FIELDS = (
+    "finished_at", "variant", "route_reason", "batch_id", "batch_size", "joules",
+    "energy_source", "cache", "status", "error", "latency_ms",
+)  # fmt: skip
 
 
 class LedgerStore:
@@ -90,6 +116,65 @@ class LedgerStore:
             # SQLAlchemy keeps an INSERT's rowcount only when asked (psycopg reports -1 else)
             result = conn.execute(stmt, values, execution_options={"preserve_rowcount": True})
         return max(result.rowcount, 0)
+
+    def settle(self, rows: Sequence[LedgerRow]) -> int:
+        """Finalise outputs: update each pending row, write rows never accepted.
+
+        Returns how many rows this call settled; a row settled first by someone else
+        (the janitor) is left as it is, so no output ever gets two final rows.
+        """
+        if not rows:
+            return 0
+        table = LedgerRow.__table__  # type: ignore[attr-defined]
+        stmt = (
+            table.update()
+            .where(table.c.request_id == sa.bindparam("k_request_id"),
+                   table.c.image_index == sa.bindparam("k_image_index"),
+                   table.c.status == "pending")
+            .values({name: sa.bindparam(name) for name in _SETTLE_FIELDS})
+        )  # fmt: skip
+        values = [
+            {"k_request_id": r.request_id, "k_image_index": r.image_index,
+             **{name: getattr(r, name) for name in _SETTLE_FIELDS}}
+            for r in rows
+        ]  # fmt: skip
+        with write_transaction(self.engine) as conn:
+            updated = conn.execute(stmt, values, execution_options={"preserve_rowcount": True})
+        settled = max(updated.rowcount, 0)
+        if settled < len(rows):  # not accepted first (or settled already: then a no-op)
+            settled += self.record(rows)
+        return settled
+
+    def heartbeat(self, holder: str) -> None:
+        """``holder`` is alive now: its pending rows are not orphans."""
+        table = LedgerHolder.__table__  # type: ignore[attr-defined]
+        now = _utcnow()
+        with write_transaction(self.engine) as conn:
+            found = conn.execute(table.update().where(table.c.holder == holder).values(seen_at=now))
+            if found.rowcount == 0:
+                conn.execute(table.insert().values(holder=holder, seen_at=now))
+
+    def fail_orphans(self, stale_after_s: float) -> int:
+        """Fail pending rows whose holder has not beaten for ``stale_after_s``; how many.
+
+        Their joules stay 0 (``estimated``): what a batch of theirs drew, if one ran, is
+        on the device's books as unattributed energy, not guessed onto the output.
+        """
+        rows, holders = LedgerRow.__table__, LedgerHolder.__table__  # type: ignore[attr-defined]
+        now = _utcnow()
+        alive = sa.select(holders.c.holder).where(
+            holders.c.seen_at >= now - timedelta(seconds=stale_after_s)
+        )
+        stmt = (
+            rows.update()
+            .where(rows.c.status == "pending", rows.c.holder.is_not(None),
+                   rows.c.holder.not_in(alive))
+            .values(status="failed", error=ORPHANED, finished_at=now)
+        )  # fmt: skip
+        with write_transaction(self.engine) as conn:
+            failed = conn.execute(stmt, execution_options={"preserve_rowcount": True})
+            conn.execute(holders.delete().where(holders.c.seen_at < now - timedelta(days=1)))
+        return max(failed.rowcount, 0)
 
     def recent(
         self,
@@ -153,6 +238,7 @@ class LedgerStore:
     def usage_by_variant(self) -> list[VariantUsage]:
         """Requests, outputs and joules per variant, split by energy source."""
         ok = sa.case((LedgerRow.status == "ok", 1), else_=0)
+        pending = sa.case((LedgerRow.status == "pending", 1), else_=0)
         query = (
             sa.select(
                 LedgerRow.variant,
@@ -161,6 +247,7 @@ class LedgerStore:
                 sa.func.sum(ok),
                 sa.func.count(),
                 sa.func.sum(LedgerRow.joules),
+                sa.func.sum(pending),
             )
             .group_by(LedgerRow.variant, LedgerRow.energy_source)
             .order_by(LedgerRow.variant)
@@ -168,13 +255,14 @@ class LedgerStore:
         with self.engine.connect() as conn:
             groups = conn.execute(query).all()
         usage: dict[str, dict] = {}
-        for variant, source, requests, outputs, rows, joules in groups:
+        for variant, source, requests, outputs, rows, joules, waiting in groups:
             entry = usage.setdefault(
-                variant, {"requests": 0, "outputs": 0, "rows": 0, "by_source": {}}
+                variant, {"requests": 0, "outputs": 0, "rows": 0, "pending": 0, "by_source": {}}
             )
             entry["requests"] += requests  # a request has one variant, so no double count
             entry["outputs"] += outputs or 0
             entry["rows"] += rows
+            entry["pending"] += waiting or 0
             entry["by_source"][source] = float(joules or 0.0)
         result = []
         for variant, entry in usage.items():
@@ -185,7 +273,8 @@ class LedgerStore:
                     variant=variant,
                     requests=entry["requests"],
                     outputs=entry["outputs"],
-                    failed_outputs=entry["rows"] - entry["outputs"],
+                    failed_outputs=entry["rows"] - entry["outputs"] - entry["pending"],
+                    pending_outputs=entry["pending"],
                     joules=joules,
                     joules_per_output=joules / entry["outputs"] if entry["outputs"] else None,
                     energy_source=sources[0] if len(sources) == 1 else "mixed",

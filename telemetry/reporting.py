@@ -25,6 +25,7 @@ def _usage(rows: Sequence[LedgerRow], key: Callable[[LedgerRow], str]) -> list[U
     result = []
     for name, members in sorted(groups.items()):
         outputs = sum(r.status == "ok" for r in members)
+        pending = sum(r.status == "pending" for r in members)
         joules = sum(r.joules for r in members)
         by_source: dict[str, float] = defaultdict(float)
         for r in members:
@@ -34,7 +35,8 @@ def _usage(rows: Sequence[LedgerRow], key: Callable[[LedgerRow], str]) -> list[U
                 key=name,
                 requests=len({r.request_id for r in members}),
                 outputs=outputs,
-                failed_outputs=len(members) - outputs,
+                failed_outputs=len(members) - outputs - pending,
+                pending_outputs=pending,
                 joules=joules,
                 joules_per_output=joules / outputs if outputs else None,
                 joules_by_source=dict(by_source),

@@ -31,7 +31,8 @@ BUDGET = {"cluster_cap_w": 300.0, "joules_per_output_target": None, "node_caps_w
           "updated_at": NOW, "revision": 3}  # fmt: skip
 POLICY = {"default_quality": "standard", "max_batch_size": None, "max_wait_ms": 20.0,
           "share_unseeded": False, "cache_ttl_s": None, "cache_max_bytes": 1 << 30,
-          "default_deadline_s": None, "allow_anonymous": True, "updated_at": None,
+          "default_deadline_s": None, "allow_anonymous": True, "idempotency_ttl_s": 86400.0,
+          "updated_at": None,
           "revision": 3}  # fmt: skip
 TENANT = {"name": "acme", "key_prefix": "ws_abcd", "daily_kj": 5.0, "monthly_kj": None,
           "qualities": ["draft"], "rate_limit_per_min": None, "state": "active",

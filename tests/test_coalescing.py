@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+from dataclasses import replace
 
 import pytest
 
@@ -132,9 +133,11 @@ async def test_a_crashed_batch_is_retried_once_and_charged_once(catalog, inproce
     pool.gate.set()
     scheduler = Scheduler(catalog, Policy(), pool, ledger, cache=cache)
     response = await scheduler.generate(request(seed=51, n=2))
-    assert len(pool.plans) == 2 and pool.plans[0] == pool.plans[1]  # same batch, run again
+    first, retry = pool.plans  # the same batch, run again as a new attempt with its own id
+    assert replace(first, batch_id=retry.batch_id) == retry and first.batch_id != retry.batch_id
     rows = ledger.for_request(response.wattserve.request_id)
     assert [r.status for r in rows] == ["ok", "ok"]
+    assert {r.batch_id for r in rows} == {retry.batch_id}  # the attempt that made them
     assert sum(r.joules for r in rows) == pytest.approx(pool.outputs[0].joules)
 
 
@@ -176,7 +179,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_others(catalog, inprocess_
     assert sha(done[0]) == sha(done[1])
     rows = ledger.recent(10)
     assert len(rows) == 3
-    cancelled = [r for r in rows if r.status == "failed"]
+    cancelled = [r for r in rows if r.status == "cancelled"]
     assert len(cancelled) == 1 and cancelled[0].error == "cancelled by client"
     assert cancelled[0].joules == 0  # it left before the output existed: no share
     assert sum(r.joules for r in rows) == pytest.approx(pool.outputs[0].joules)

@@ -26,6 +26,7 @@ from sqlmodel import SQLModel
 
 import wattserve.scheduler.cache  # noqa: F401  (registers the result_cache model)
 import wattserve.scheduler.control_tables  # noqa: F401  (registers the control-plane models)
+import wattserve.scheduler.idempotency  # noqa: F401  (registers the idempotency_keys model)
 from tests.test_migrations import V1_LEDGER_ROW
 from wattserve import Conflict
 from wattserve._admin import BudgetUpdate, PolicyUpdate, TenantCreate
@@ -239,7 +240,7 @@ def test_fresh_migration_on_postgres_builds_exactly_the_tables_the_models_declar
     got, want = schema(migrated), schema(declared)
     assert set(got) == set(want) == {
         "ledger", "result_cache", "control_meta", "budgets", "policies", "tenants", "variants",
-        "variant_drains",
+        "variant_drains", "ledger_holders", "idempotency_keys",
     }  # fmt: skip
     for table in want:
         assert got[table] == want[table], table

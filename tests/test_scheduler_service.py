@@ -97,5 +97,5 @@ async def test_cancelled_request_is_recorded_once_and_not_as_success(catalog, le
         await task
     rows = ledger.recent(10)
     assert [(r.status, r.error, r.energy_source) for r in rows] == [
-        ("failed", "cancelled by client", "estimated")
+        ("cancelled", "cancelled by client", "estimated")
     ] * 2

@@ -79,6 +79,7 @@ class PolicyInfo(BaseModel):
     cache_max_bytes: int
     default_deadline_s: float | None
     allow_anonymous: bool  # whether requests without an API key are served once tenants exist
+    idempotency_ttl_s: float  # how long an Idempotency-Key replays its finished request
     updated_at: datetime | None
     revision: int
 
@@ -100,6 +101,9 @@ class PolicyUpdate(_Body):
         Annotated[float, Field(strict=True, gt=0, le=3600, allow_inf_nan=False)] | None
     ) = None
     allow_anonymous: StrictBool | None = None
+    idempotency_ttl_s: (
+        Annotated[float, Field(strict=True, gt=0, le=30 * 86400, allow_inf_nan=False)] | None
+    ) = None
 
 
 # --- tenants -------------------------------------------------------------------------
@@ -204,7 +208,8 @@ class UsageRow(BaseModel):
     key: str
     requests: int
     outputs: int
-    failed_outputs: int
+    failed_outputs: int  # failed or cancelled
+    pending_outputs: int = 0  # accepted, not settled yet
     joules: float
     joules_per_output: float | None
     joules_by_source: dict[str, float]

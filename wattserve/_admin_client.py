@@ -76,7 +76,7 @@ HOME_ENV = "WATTSERVE_HOME"
 DEFAULT_HOME = "~/.wattserve"
 DEFAULT_ADMIN_TIMEOUT_S = 30.0  # admin calls read or write a few rows; none generates
 MAX_LEDGER_LIMIT = 10_000
-LEDGER_STATUSES: tuple[LedgerStatus, ...] = ("ok", "failed")
+LEDGER_STATUSES: tuple[LedgerStatus, ...] = ("pending", "ok", "failed", "cancelled")
 
 
 class _Unset(enum.Enum):

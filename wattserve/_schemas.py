@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 Quality = Literal["draft", "standard", "high"]
 CacheStatus = Literal["miss", "hit", "coalesced"]
 EnergySource = Literal["nvml-counter", "nvml-power", "simulated", "estimated"]
-LedgerStatus = Literal["ok", "failed"]
+# "pending" from the moment a request is accepted until its output is settled, once
+LedgerStatus = Literal["pending", "ok", "failed", "cancelled"]
 RequestPolicy = Literal["default", "baseline"]
 
 MAX_PROMPT_CHARS = 2000
@@ -335,6 +336,7 @@ class ReconciliationInfo(BaseModel):
     unattributed_j: float
     pending_j: float
     gap_s: float
+    failed_attempt_j: float = 0.0  # batch attempts that died or failed: charged to no output
     error_pct: float
 
 
@@ -344,7 +346,8 @@ class VariantUsage(BaseModel):
     variant: str
     requests: int
     outputs: int
-    failed_outputs: int
+    failed_outputs: int  # failed or cancelled
+    pending_outputs: int  # accepted, not settled yet: counted apart, never as served
     joules: float
     joules_per_output: float | None
     energy_source: str  # the one source of all its joules, or "mixed"
