@@ -2,10 +2,17 @@
 
 Each agent learns its node's device type (``H100``, ...) from Ray's node table, so a
 node without NVML simulates devices of that type (see ``telemetry.devices``).
+
+Each agent also watches the workers that have a batch open on it: a worker that dies
+mid-batch (SIGKILL, OOM, its node's Serve replica torn down) never reports the end, so
+its draw would stay on the device's books, and on a simulated device in its power, for
+good. Workers are named Serve replica actors; once the name no longer resolves the
+worker is gone, and its batches are closed as failed attempts.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +34,17 @@ log = structlog.get_logger(__name__)
 # RAY_NODE_ACCELERATOR_TYPE_KEY); test clusters set it with Cluster.add_node(labels=...).
 ACCELERATOR_TYPE_LABEL = "ray.io/accelerator-type"
 _ACCELERATOR_RESOURCE_PREFIX = "accelerator_type:"
+OWNER_WATCH_S = 1.0  # how often an agent checks that the workers of open batches live
+
+
+def worker_alive(owner: str) -> bool:
+    """Whether the named actor ``namespace/name`` still exists (blocking GCS lookup)."""
+    namespace, _, name = owner.partition("/")
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
 
 
 def node_device_type(node: Mapping[str, Any]) -> str | None:
@@ -65,6 +83,9 @@ class TelemetryAgentActor:
         self._device_type = device_type
         self._metrics = AgentMetrics(node_id)
         self._agent.start()
+        self._watcher = threading.Thread(target=self._watch_owners, daemon=True,
+                                         name="wattserve-owners")  # fmt: skip
+        self._watcher.start()
         log.info(
             "telemetry_agent_ready",
             node_id=node_id,
@@ -77,9 +98,28 @@ class TelemetryAgentActor:
         """See ``TelemetryAgent.assign_device``."""
         return self._agent.assign_device(worker_key)
 
-    def batch_started(self, batch_id: str, power_w: float, device_uuid: str | None) -> None:
+    def _watch_owners(self) -> None:
+        while True:
+            threading.Event().wait(OWNER_WATCH_S)
+            for owner in self._agent.open_owners():
+                try:
+                    alive = worker_alive(owner)
+                except Exception as exc:  # GCS blip: ask again next pass
+                    log.warning("owner_check_failed", owner=owner, error=repr(exc))
+                    continue
+                if not alive:
+                    closed = self._agent.abandon_owner(owner)
+                    log.warning("worker_gone_batches_closed", owner=owner, batches=closed)
+
+    def batch_started(
+        self, batch_id: str, power_w: float, device_uuid: str | None, owner: str | None = None
+    ) -> None:
         """See ``TelemetryAgent.batch_started``."""
-        self._agent.batch_started(batch_id, power_w, device_uuid)
+        self._agent.batch_started(batch_id, power_w, device_uuid, owner)
+
+    def batch_abandoned(self, batch_id: str) -> bool:
+        """See ``TelemetryAgent.batch_abandoned``."""
+        return self._agent.batch_abandoned(batch_id)
 
     def batch_finished(self, batch_id: str) -> EnergyMeasurement:
         """See ``TelemetryAgent.batch_finished``."""

@@ -154,6 +154,10 @@ class EnergyProfile:
             at -= 1
         return table[sizes[at]]
 
+    def batch_latency_s(self, variant: str, size: int) -> float | None:
+        """The measured round trip of a batch of ``size`` (nearest size), None until seen."""
+        return self._at(self._latency_s, variant, size)
+
     def estimate(self, variant: str, queued: int) -> VariantEstimate:
         """Expected cost and latency of one more output, given ``queued`` ahead of it."""
         spec = self._catalog.get(variant)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
@@ -42,6 +42,9 @@ from wattserve.telemetry.energy import estimated_batch_energy
 log = structlog.get_logger(__name__)
 
 DISPATCH_RETRY_S = 0.1  # after a failed dispatch step, try again this much later
+# The least time a worker call may take before its outputs fail with 503: Serve replacing
+# a dead replica (process start and a pipeline load) takes 20-35 s on a loaded machine.
+WORKER_DEADLINE_FLOOR_S = 60.0
 
 
 class WorkerPool(Protocol):
@@ -67,6 +70,10 @@ class BatchedOutput:
     batch_size: int
     joules: float
     energy_source: EnergySource
+
+
+class WorkerTimeout(ServiceUnavailable):
+    """No replica finished the batch within its deadline (none could be placed, or hung)."""
 
 
 class BatchFailed(WattserveError):
@@ -106,8 +113,12 @@ class Batcher:
         max_hold_s: float = 5.0,
         max_queued: int = 4096,
         joules_bounds: Mapping[str, Mapping[int, tuple[float, float]]] | None = None,
+        expected_batch_s: Callable[[str, int], float | None] = lambda _v, _n: None,
+        worker_deadline_floor_s: float = WORKER_DEADLINE_FLOOR_S,
     ) -> None:
         self._pool = pool
+        self._expected_batch_s = expected_batch_s
+        self._deadline_floor_s = worker_deadline_floor_s
         self.core = DispatchCore(
             catalog, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
             max_hold_s=max_hold_s, joules_bounds=joules_bounds,
@@ -237,18 +248,42 @@ class Batcher:
             retry_after_s=max(1.0, refusal.retry_after_s),
         )
 
-    async def _run_with_retry(self, plan: BatchPlan) -> BatchOutput:
-        """Run a batch; if its replica fails, run it once more (Serve picks a healthy one).
+    def _deadline_s(self, plan: BatchPlan) -> float:
+        """How long one attempt may take: a few expected batch times, at least the floor.
 
-        The failed attempt is not charged to anyone: whatever it drew stays on the device's
-        books (``wattserve report``), and the outputs are charged once, by the attempt that
-        made them.
+        The floor covers Serve replacing a dead replica (a pipeline load); without any
+        deadline a batch whose variant no node can host would wait forever.
+        """
+        expected_s = self._expected_batch_s(plan.variant, len(plan.items))
+        return max(self._deadline_floor_s, 4 * expected_s if expected_s else 0.0)
+
+    async def _attempt(self, plan: BatchPlan) -> BatchOutput:
+        try:
+            return await asyncio.wait_for(self._pool.run(plan), self._deadline_s(plan))
+        except TimeoutError:
+            raise WorkerTimeout(
+                f"no replica of {plan.variant} finished batch {plan.batch_id} within "
+                f"{self._deadline_s(plan):.0f}s", retry_after_s=self._deadline_floor_s / 4,
+            ) from None  # fmt: skip
+
+    async def _run_with_retry(self, plan: BatchPlan) -> tuple[BatchPlan, BatchOutput]:
+        """Run a batch; if its replica fails, run it once more as a new attempt.
+
+        The retry has its own ``batch_id`` (Serve picks a healthy replica; it may be on the
+        same device, whose books must not see one id start twice). The failed attempt is
+        not charged to anyone: what it drew stays on the device's books as a failed
+        attempt, and the outputs are charged once, by the attempt that made them. A
+        timed-out attempt is not retried: the deadline already covers a replica restart.
         """
         try:
-            return await self._pool.run(plan)
+            return plan, await self._attempt(plan)
+        except WorkerTimeout:
+            raise
         except Exception as exc:
-            log.warning("batch_retry", batch_id=plan.batch_id, error=f"{type(exc).__name__}: {exc}")
-            return await self._pool.run(plan)
+            retry = replace(plan, batch_id=self._new_batch_id())
+            log.warning("batch_retry", batch_id=plan.batch_id, retry_batch_id=retry.batch_id,
+                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return retry, await self._attempt(retry)
 
     async def _run(self, launch: Launch, members: list[_Pending]) -> None:
         lease_id = launch.lease.lease_id if launch.lease is not None else None
@@ -259,7 +294,12 @@ class Batcher:
         size = len(members)
         started = self._clock()
         try:
-            output = await self._run_with_retry(plan)
+            plan, output = await self._run_with_retry(plan)
+        except WorkerTimeout as exc:
+            log.warning("batch_timed_out", batch_id=plan.batch_id, error=exc.message)
+            for member in members:
+                if not member.future.done():
+                    member.future.set_exception(exc)
         except Exception as exc:
             variant = self._catalog.get(plan.variant)
             power_w = variant.power_w if variant else 0.0

@@ -82,6 +82,7 @@ class TelemetryAgent:
             maxlen=max(1, int(window_s * sample_hz))
         )
         self._batch_device: dict[str, int] = {}
+        self._batch_owner: dict[str, str] = {}  # batch -> the worker running it, if known
         self._assigned: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,8 +169,18 @@ class TelemetryAgent:
             raise TelemetryError(f"device {device_uuid} is not on node {self.node_id}")
         return 0
 
-    def batch_started(self, batch_id: str, power_w: float, device_uuid: str | None = None) -> None:
-        """A batch begins on a device; ``power_w`` is its declared draw (the split weight)."""
+    def batch_started(
+        self,
+        batch_id: str,
+        power_w: float,
+        device_uuid: str | None = None,
+        owner: str | None = None,
+    ) -> None:
+        """A batch begins on a device; ``power_w`` is its declared draw (the split weight).
+
+        ``owner`` names the worker running it, so the batch can be closed if that worker
+        dies before reporting its end (``abandon_owner``).
+        """
         index = self.device_index(device_uuid)
         device = self.devices[index]
         with self._lock:
@@ -177,11 +188,42 @@ class TelemetryAgent:
                 device.begin(batch_id, power_w)
             self._attributors[index].begin(batch_id, self._read(device, self._clock()), power_w)
             self._batch_device[batch_id] = index
+            if owner is not None:
+                self._batch_owner[batch_id] = owner
+
+    def batch_abandoned(self, batch_id: str) -> bool:
+        """The batch's attempt failed: end its draw, book its joules as a failed attempt.
+
+        False if the batch is not open here (ended, or abandoned already).
+        """
+        with self._lock:
+            index = self._batch_device.pop(batch_id, None)
+            if index is None:
+                return False
+            self._batch_owner.pop(batch_id, None)
+            device = self.devices[index]
+            if isinstance(device, SimulatedDevice):
+                device.end(batch_id)
+            joules = self._attributors[index].abandon(batch_id, self._read(device, self._clock()))
+        log.warning("batch_abandoned", batch_id=batch_id, failed_attempt_j=round(joules, 3))
+        return True
+
+    def open_owners(self) -> set[str]:
+        """Workers that have a batch open here."""
+        with self._lock:
+            return set(self._batch_owner.values())
+
+    def abandon_owner(self, owner: str) -> list[str]:
+        """``owner`` died: abandon every batch it left open; their ids."""
+        with self._lock:
+            batches = [b for b, o in self._batch_owner.items() if o == owner]
+        return [b for b in batches if self.batch_abandoned(b)]
 
     def batch_finished(self, batch_id: str) -> EnergyMeasurement:
         """The batch ended: its joules on the device, with the method that measured them."""
         with self._lock:
             index = self._batch_device.pop(batch_id)
+            self._batch_owner.pop(batch_id, None)
             device = self.devices[index]
             if isinstance(device, SimulatedDevice):
                 device.end(batch_id)
@@ -254,3 +296,7 @@ class LocalMeter:
     def end(self, batch_id: str) -> EnergyMeasurement:
         """Report a batch end and get its energy."""
         return self.agent.batch_finished(batch_id)
+
+    def abandon(self, batch_id: str) -> None:
+        """Report a failed batch."""
+        self.agent.batch_abandoned(batch_id)

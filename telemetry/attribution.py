@@ -61,18 +61,20 @@ class Reconciliation:
     unattributed_j: float
     pending_j: float
     gap_s: float
+    failed_attempt_j: float = 0.0  # drawn by batch attempts that produced no outputs
 
     @classmethod
     def zero(cls) -> Reconciliation:
         """Empty books, the start of a sum."""
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
     @property
     def error_pct(self) -> float:
-        """|measured - (attributed + idle + unattributed + pending)| as % of measured."""
+        """|measured - (attributed + idle + unattributed + failed + pending)| as % of it."""
         if self.device_j <= 0:
             return 0.0
-        accounted = self.attributed_j + self.idle_j + self.unattributed_j + self.pending_j
+        accounted = (self.attributed_j + self.idle_j + self.unattributed_j
+                     + self.failed_attempt_j + self.pending_j)  # fmt: skip
         return abs(self.device_j - accounted) / self.device_j * 100
 
     def __add__(self, other: Reconciliation) -> Reconciliation:
@@ -83,6 +85,7 @@ class Reconciliation:
             self.unattributed_j + other.unattributed_j,
             self.pending_j + other.pending_j,
             self.gap_s + other.gap_s,
+            self.failed_attempt_j + other.failed_attempt_j,
         )
 
 
@@ -117,6 +120,7 @@ class DeviceAttributor:
         self._attributed_j = 0.0
         self._idle_j = 0.0
         self._unattributed_j = 0.0
+        self._failed_attempt_j = 0.0
         self._gap_s = 0.0
 
     @property
@@ -193,6 +197,16 @@ class DeviceAttributor:
         self._attributed_j += joules
         return BatchEnergy(batch_id, joules, source, window_s)
 
+    def abandon(self, batch_id: str, sample: Sample) -> float:
+        """The batch's attempt died or failed at ``sample.t_s``; returns its joules.
+
+        They are a failed attempt's: in the books, charged to no output.
+        """
+        self.add_sample(sample)
+        joules = self._open.pop(batch_id).joules
+        self._failed_attempt_j += joules
+        return joules
+
     def expire(self, older_than_s: float) -> list[str]:
         """Give up on batches started before ``older_than_s``: their energy is unattributed."""
         lost = [b for b, batch in self._open.items() if batch.start_s < older_than_s]
@@ -209,4 +223,5 @@ class DeviceAttributor:
             unattributed_j=self._unattributed_j,
             pending_j=sum(b.joules for b in self._open.values()),
             gap_s=self._gap_s,
+            failed_attempt_j=self._failed_attempt_j,
         )

@@ -39,6 +39,10 @@ class BatchMeter(Protocol):
         """The batch ended now; return its energy."""
         ...
 
+    def abandon(self, batch_id: str) -> None:
+        """The batch failed now: its energy is a failed attempt's, charged to no output."""
+        ...
+
 
 def estimated_batch_energy(power_w: float, wall_s: float) -> EnergyMeasurement:
     """Declared power x wall time, for batches no device reading covers."""

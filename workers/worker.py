@@ -21,6 +21,7 @@ from wattserve.policies.catalog import VariantSpec
 from wattserve.policies.plans import BatchOutput, BatchPlan
 from wattserve.telemetry.energy import BatchMeter, EnergyMeasurement, estimated_batch_energy
 from wattserve.telemetry.logs import configure_logging
+from wattserve.workers.faults import fault_point
 from wattserve.workers.pipelines import load_pipeline
 
 log = structlog.get_logger(__name__)
@@ -30,6 +31,12 @@ def _confirm_lease(lease_id: str) -> bool:
     from wattserve.workers.meter import confirm_lease  # imports ray: only in a deployment
 
     return confirm_lease(lease_id)
+
+
+def _release_lease(lease_id: str) -> None:
+    from wattserve.workers.meter import release_lease
+
+    release_lease(lease_id)
 
 
 class LeaseVoid(WattserveError):
@@ -60,6 +67,7 @@ class VariantWorker:
         # In a Ray deployment every leased batch's start is confirmed with the admission
         # service; an injected meter (tests, the GPU check) means no service to ask.
         self._confirm_start = confirm_start or (None if meter is not None else _confirm_lease)
+        self._release = None if self._confirm_start is None or meter is not None else _release_lease
         log.info(
             "worker_ready",
             variant=variant.name,
@@ -68,32 +76,48 @@ class VariantWorker:
         )
 
     def run(self, plan: BatchPlan) -> BatchOutput:
-        """Generate every item of ``plan`` in one pipeline call."""
-        import torch
+        """Generate every item of ``plan`` in one pipeline call.
 
+        The batch's lease (if any) is confirmed before it starts and given back once its
+        draw has ended, whatever happened.
+        """
         if plan.variant != self.variant.name:
             raise ValueError(f"plan for {plan.variant!r} sent to worker {self.variant.name!r}")
         if plan.lease_id is not None and self._confirm_start is not None:
             if not self._confirm_start(plan.lease_id):
                 raise LeaseVoid(f"lease {plan.lease_id} is void (expired or of an older epoch)")
+        try:
+            return self._run_metered(plan)
+        finally:
+            if plan.lease_id is not None and self._release is not None:
+                self._release(plan.lease_id)
+
+    def _run_metered(self, plan: BatchPlan) -> BatchOutput:
+        import torch
+
         generators = [torch.Generator(device="cpu").manual_seed(it.seed) for it in plan.items]
         negative = [it.negative_prompt or "" for it in plan.items]
         started_at_s = time.time()
         started = time.monotonic()
         self._meter.begin(plan.batch_id, self.variant.power_w)
-        with torch.inference_mode():
-            result = self._pipe(
-                prompt=[it.prompt for it in plan.items],
-                negative_prompt=negative if self.variant.guidance_scale > 1 else None,
-                height=plan.height_px,
-                width=plan.width_px,
-                num_inference_steps=self.variant.steps,
-                guidance_scale=self.variant.guidance_scale,
-                generator=generators,
-                output_type="pil",
-            )
-        if self._device.type == "cuda":
-            torch.cuda.synchronize()
+        fault_point("worker_batch", self.variant.name, len(plan.items))
+        try:
+            with torch.inference_mode():
+                result = self._pipe(
+                    prompt=[it.prompt for it in plan.items],
+                    negative_prompt=negative if self.variant.guidance_scale > 1 else None,
+                    height=plan.height_px,
+                    width=plan.width_px,
+                    num_inference_steps=self.variant.steps,
+                    guidance_scale=self.variant.guidance_scale,
+                    generator=generators,
+                    output_type="pil",
+                )
+            if self._device.type == "cuda":
+                torch.cuda.synchronize()
+        except BaseException:  # its draw so far is a failed attempt's, not left open
+            self._abandon(plan.batch_id)
+            raise
         busy_s = time.monotonic() - started
         energy = self._batch_energy(plan.batch_id, busy_s)
         pngs = []
@@ -113,6 +137,12 @@ class VariantWorker:
         return BatchOutput(
             plan.batch_id, tuple(pngs), started_at_s, busy_s, energy.joules, energy.source
         )
+
+    def _abandon(self, batch_id: str) -> None:
+        try:
+            self._meter.abandon(batch_id)
+        except Exception as exc:  # the agent's watcher closes it if this worker dies
+            log.warning("meter_abandon_failed", batch_id=batch_id, error=repr(exc))
 
     def _batch_energy(self, batch_id: str, busy_s: float) -> EnergyMeasurement:
         """The agent's measurement; a declared-power estimate if the agent cannot answer."""
