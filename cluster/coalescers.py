@@ -22,9 +22,13 @@ class CoalescerActor:
     def __init__(self, lease_s: float) -> None:
         self._flights = LocalFlights(lease_s)
 
-    async def claim(self, key: str) -> bool:
+    async def claim(self, key: str, holder: str | None = None) -> bool:
         """See ``Flights.claim``."""
-        return await self._flights.claim(key)
+        return await self._flights.claim(key, holder)
+
+    async def beat(self, holder: str) -> None:
+        """See ``Flights.beat``."""
+        await self._flights.beat(holder)
 
     async def wait(self, key: str) -> tuple[str, Any]:
         """``("ok", SharedOutput)`` or ``("failed", reason)``: plain data across Ray."""

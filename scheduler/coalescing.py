@@ -9,7 +9,9 @@ request arriving after completion finds the output in the result cache instead.
 A cancelled waiter leaves the flight (or keeps its share if the output was already
 shared out) and cancels nobody. If the leader fails, is cancelled or is not heard from
 within the lease, the flight fails and each waiter retries once: one of them becomes
-the new leader, nobody hangs, nobody is charged twice.
+the new leader, nobody hangs, nobody is charged twice. Across replicas a leader's
+replica also heartbeats (``beat``, every ``LEAD_BEAT_S``); a flight whose leader's
+replica has been silent for ``LEAD_STALE_S`` fails within seconds, not at the lease.
 
 Two registries implement ``Flights``: ``LocalFlights`` for one event loop (one
 scheduler replica), and ``RemoteFlights``, which routes each key to its owner among a
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +32,8 @@ from typing import Any, Protocol
 from wattserve import WattserveError
 
 DEFAULT_LEASE_S = 300.0
+LEAD_BEAT_S = 1.0  # how often a scheduler replica says its flights' leader is alive
+LEAD_STALE_S = 5.0  # a leader's replica silent this long is gone: its waiters take over
 _FINISHED_KEPT = 4096
 
 
@@ -60,6 +65,10 @@ class Flights(Protocol):
         """True when the caller leads ``key`` (generates it), False when it joined."""
         ...
 
+    async def beat(self) -> None:
+        """This replica is alive: the flights it leads are not orphans."""
+        ...
+
     async def wait(self, key: str) -> SharedOutput:
         """The output of a joined flight; raises ``LeaderGone`` if it failed."""
         ...
@@ -80,42 +89,77 @@ class Flights(Protocol):
 @dataclass
 class _Flight:
     future: asyncio.Future[SharedOutput]
+    holder: str | None  # the leader's replica (None: this event loop's own)
     waiters: int = 0
 
 
 class LocalFlights:
-    """Flights of one event loop."""
+    """Flights of one event loop (a replica's own, or a coalescer actor's for many)."""
 
-    def __init__(self, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(
+        self,
+        lease_s: float = DEFAULT_LEASE_S,
+        *,
+        stale_s: float = LEAD_STALE_S,
+        clock: Any = time.monotonic,
+    ) -> None:
         self._flights: dict[str, _Flight] = {}
         self._finished: OrderedDict[str, SharedOutput] = OrderedDict()
         self._lease_s = lease_s
+        self._stale_s = stale_s
+        self._clock = clock
+        self._beats: dict[str, float] = {}  # leader replica -> last heard
 
     def __len__(self) -> int:
         return len(self._flights)
 
-    async def claim(self, key: str) -> bool:
-        """See ``Flights.claim``."""
+    async def claim(self, key: str, holder: str | None = None) -> bool:
+        """See ``Flights.claim``; ``holder`` is the claiming replica (it must beat)."""
         flight = self._flights.get(key)
         if flight is not None:
             flight.waiters += 1
             return False
-        self._flights[key] = _Flight(asyncio.get_running_loop().create_future())
+        self._flights[key] = _Flight(asyncio.get_running_loop().create_future(), holder)
+        if holder is not None:
+            self._beats[holder] = self._clock()
         return True
 
+    async def beat(self, holder: str | None = None) -> None:
+        """See ``Flights.beat``."""
+        if holder is not None:
+            self._beats[holder] = self._clock()
+
+    def _silent_s(self, flight: _Flight) -> float:
+        if flight.holder is None:
+            return 0.0
+        return self._clock() - self._beats.get(flight.holder, float("-inf"))
+
     async def wait(self, key: str) -> SharedOutput:
-        """See ``Flights.wait``; a leader silent for the lease is presumed gone."""
+        """See ``Flights.wait``.
+
+        A leader silent for the lease, or whose replica stopped beating, is presumed gone.
+        """
         flight = self._flights.get(key)
         if flight is None:
             shared = self._finished.get(key)
             if shared is None:
                 raise LeaderGone("flight vanished")
             return shared
-        try:
-            return await asyncio.wait_for(asyncio.shield(flight.future), self._lease_s)
-        except TimeoutError:
-            await self.fail(key, f"leader silent for {self._lease_s:.0f}s")
-            raise LeaderGone("leader lost") from None
+        deadline = self._clock() + self._lease_s
+        while True:
+            left_s = deadline - self._clock()
+            try:
+                step_s = min(left_s, self._stale_s / 2) if flight.holder else left_s
+                return await asyncio.wait_for(asyncio.shield(flight.future), max(step_s, 0))
+            except TimeoutError:
+                if self._silent_s(flight) > self._stale_s:
+                    why = f"leader's replica {flight.holder} silent for {self._stale_s:.0f}s"
+                elif self._clock() >= deadline:
+                    why = f"leader silent for {self._lease_s:.0f}s"
+                else:
+                    continue
+            await self.fail(key, why)
+            raise LeaderGone("leader lost")
 
     async def finish(self, key: str, output: SharedOutput) -> SharedOutput:
         """See ``Flights.finish``."""
@@ -154,16 +198,21 @@ def owner_index(key: str, owners: Sequence[str]) -> int:
 class RemoteFlights:
     """``Flights`` spread over coalescer actors; each key lives on exactly one of them."""
 
-    def __init__(self, names: Sequence[str], handles: Sequence[Any]) -> None:
+    def __init__(self, names: Sequence[str], handles: Sequence[Any], holder: str) -> None:
         self._names = list(names)
         self._handles = list(handles)
+        self._holder = holder
 
     def _owner(self, key: str) -> Any:
         return self._handles[owner_index(key, self._names)]
 
     async def claim(self, key: str) -> bool:
         """See ``Flights.claim``."""
-        return await self._owner(key).claim.remote(key)
+        return await self._owner(key).claim.remote(key, self._holder)
+
+    async def beat(self) -> None:
+        """See ``Flights.beat``: tell every coalescer (few) that this replica lives."""
+        await asyncio.gather(*(h.beat.remote(self._holder) for h in self._handles))
 
     async def wait(self, key: str) -> SharedOutput:
         """See ``Flights.wait``."""

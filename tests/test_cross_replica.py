@@ -40,6 +40,31 @@ async def test_a_silent_leader_loses_its_lease_and_waiters_hear_of_it():
     assert await flights.claim("k") is True  # the next claimant leads afresh
 
 
+async def test_waiters_of_a_replica_that_stopped_beating_take_over_within_seconds():
+    """The lease is 300 s; a dead leader's replica is noticed after ``stale_s`` instead."""
+    flights = LocalFlights(stale_s=0.2)
+    assert await flights.claim("dead", holder="rep_dead") is True
+    assert await flights.claim("live", holder="rep_live") is True
+    await flights.claim("dead", holder="rep_b")
+    await flights.claim("live", holder="rep_b")
+
+    async def keep_beating() -> None:
+        while True:
+            await flights.beat("rep_live")
+            await asyncio.sleep(0.05)
+
+    beater = asyncio.create_task(keep_beating())
+    live_waiter = asyncio.create_task(flights.wait("live"))
+    with pytest.raises(LeaderGone, match="leader lost"):
+        await asyncio.wait_for(flights.wait("dead"), timeout=5)
+    assert await flights.claim("dead", holder="rep_b") is True  # a waiter leads now
+    assert not live_waiter.done()  # a beating leader keeps its waiters
+    out = SharedOutput(b"png", "v", "b", 1, joules=10.0, energy_source="simulated")
+    await flights.finish("live", out)
+    assert (await asyncio.wait_for(live_waiter, timeout=5)).sharers == 2
+    beater.cancel()
+
+
 async def test_leaving_before_and_after_the_output_is_shared():
     flights = LocalFlights()
     await flights.claim("k")
@@ -64,8 +89,8 @@ async def test_two_scheduler_replicas_generate_an_output_once(
     replicas = [
         Scheduler(catalog, Policy(), inprocess_pool, ledger,
                   cache=ResultCache(ledger.engine, tmp_path / "c"),
-                  flights=RemoteFlights(names, handles))
-        for _ in range(2)
+                  flights=RemoteFlights(names, handles, holder=f"rep_{i}"))
+        for i in range(2)
     ]  # fmt: skip
     plans_before = len(inprocess_pool.plans)
     request = GenerationRequest(prompt="across replicas", width_px=64, height_px=64, seed=9)
