@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # present the [serve] extra's torch range is satisfied, so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo serve test test-fast test-multinode lint bench-priors gpu-check cli-docs clean
+.PHONY: install demo serve test test-fast test-multinode test-faults lint bench-priors gpu-check cli-docs clean
 
 install: $(STAMP)
 
@@ -25,18 +25,22 @@ demo: install
 serve: install
 	$(BIN)/wattserve serve
 
-# Two pytest processes: the multi-node tests start clusters of their own and need a
-# process that is not already a driver of the shared local cluster the `ray` tests use.
+# Two pytest processes: the multi-node and fault tests start clusters of their own and
+# need a process that is not already a driver of the shared local cluster the `ray` tests use.
 test: install
-	$(BIN)/pytest -q -m "not multinode"
-	$(BIN)/pytest -q -m multinode
+	$(BIN)/pytest -q -m "not multinode and not fault"
+	$(BIN)/pytest -q -m "multinode or fault"
 
 test-fast: install
-	$(BIN)/pytest -q -m "not ray and not multinode"
+	$(BIN)/pytest -q -m "not ray and not multinode and not fault"
 
 # Multi-node tests: each module starts its own head + typed nodes (also part of make test).
 test-multinode: install
 	$(BIN)/pytest -q -m multinode
+
+# The fault suite: real kills under load, then the shared invariants (also part of make test).
+test-faults: install
+	$(BIN)/pytest -q -m fault
 
 lint: install
 	$(BIN)/ruff check .

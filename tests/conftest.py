@@ -21,14 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.hookimpl(trylast=True)  # after -m has deselected what will not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Multi-node tests need a process that is not a driver of the shared local cluster."""
-    kinds = {m for item in items for m in ("ray", "multinode") if item.get_closest_marker(m)}
-    if kinds == {"ray", "multinode"}:
-        skip = pytest.mark.skip(reason="multinode tests start their own Ray cluster: run them "
-                                "in a pytest process of their own (make test does, or "
-                                "make test-multinode)")  # fmt: skip
+    """Multi-node and fault tests need a process that is not a driver of the shared cluster."""
+    own = ("multinode", "fault")  # each starts a cluster of its own
+    kinds = {m for item in items for m in ("ray", *own) if item.get_closest_marker(m)}
+    if "ray" in kinds and kinds & set(own):
+        skip = pytest.mark.skip(reason="multinode and fault tests start their own Ray cluster: "
+                                "run them in a pytest process of their own (make test does, "
+                                "or make test-multinode / test-faults)")  # fmt: skip
         for item in items:
-            if item.get_closest_marker("multinode"):
+            if any(item.get_closest_marker(m) for m in own):
                 item.add_marker(skip)
 
 
