@@ -28,6 +28,7 @@ import structlog
 from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 import wattserve
@@ -61,6 +62,7 @@ from wattserve.policies.tenancy import (
     month_window,
 )
 from wattserve.scheduler._http import api, bearer_token, parse_body
+from wattserve.scheduler.batcher import WorkerDied
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import (
     COALESCER_NAMESPACE,
@@ -107,7 +109,10 @@ class ServeWorkerPool:
         A retiring variant is no longer available but keeps its handle, so work already
         queued for it still runs: that is the drain.
         """
-        return await self._handles[plan.variant].run.remote(plan)
+        try:
+            return await self._handles[plan.variant].run.remote(plan)
+        except RayActorError as exc:  # the replica's process is gone (killed, OOM, node lost)
+            raise WorkerDied(f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
 def variant_info(catalog: Catalog) -> list[VariantInfo]:

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import structlog
 
-from wattserve import AdmissionRejected, ServiceUnavailable, WattserveError
+from wattserve import AdmissionRejected, ServiceUnavailable, WattserveError, WorkerFailed
 from wattserve._schemas import EnergySource
 from wattserve.policies.catalog import Catalog
 from wattserve.policies.dispatch import DispatchCore, Launch, Step
@@ -45,6 +45,7 @@ DISPATCH_RETRY_S = 0.1  # after a failed dispatch step, try again this much late
 # The least time a worker call may take before its outputs fail with 503: Serve replacing
 # a dead replica (process start and a pipeline load) takes 20-35 s on a loaded machine.
 WORKER_DEADLINE_FLOOR_S = 60.0
+WORKER_RETRY_AFTER_S = 10.0  # after a worker died twice: about a replica's restart
 
 
 class WorkerPool(Protocol):
@@ -55,8 +56,12 @@ class WorkerPool(Protocol):
         ...
 
     async def run(self, plan: BatchPlan) -> BatchOutput:
-        """Run ``plan`` on a replica of ``plan.variant``."""
+        """Run ``plan`` on a replica of ``plan.variant``; ``WorkerDied`` if it died."""
         ...
+
+
+class WorkerDied(WattserveError):
+    """The replica running a batch died under it (its process is gone)."""
 
 
 @dataclass(frozen=True)
@@ -295,11 +300,14 @@ class Batcher:
         started = self._clock()
         try:
             plan, output = await self._run_with_retry(plan)
-        except WorkerTimeout as exc:
-            log.warning("batch_timed_out", batch_id=plan.batch_id, error=exc.message)
+        except (WorkerTimeout, WorkerDied) as exc:  # a retry later may well succeed: 503
+            log.warning("batch_failed", batch_id=plan.batch_id, error=exc.message)
+            failure = exc if isinstance(exc, WorkerTimeout) else WorkerFailed(
+                f"the replicas running batch {plan.batch_id} of {plan.variant} died twice: "
+                f"{exc.message}", retry_after_s=WORKER_RETRY_AFTER_S)  # fmt: skip
             for member in members:
                 if not member.future.done():
-                    member.future.set_exception(exc)
+                    member.future.set_exception(failure)
         except Exception as exc:
             variant = self._catalog.get(plan.variant)
             power_w = variant.power_w if variant else 0.0

@@ -29,7 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import structlog
+
 from wattserve import WattserveError
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_LEASE_S = 300.0
 LEAD_BEAT_S = 1.0  # how often a scheduler replica says its flights' leader is alive
@@ -196,7 +200,11 @@ def owner_index(key: str, owners: Sequence[str]) -> int:
 
 
 class RemoteFlights:
-    """``Flights`` spread over coalescer actors; each key lives on exactly one of them."""
+    """``Flights`` spread over coalescer actors; each key lives on exactly one of them.
+
+    A coalescer that cannot be reached (dead, restarting with empty flights) costs only
+    sharing: the caller leads on its own, a waiter retries as if its leader were gone.
+    """
 
     def __init__(self, names: Sequence[str], handles: Sequence[Any], holder: str) -> None:
         self._names = list(names)
@@ -207,31 +215,51 @@ class RemoteFlights:
         return self._handles[owner_index(key, self._names)]
 
     async def claim(self, key: str) -> bool:
-        """See ``Flights.claim``."""
-        return await self._owner(key).claim.remote(key, self._holder)
+        """See ``Flights.claim``; True (lead alone) when the owner is unreachable."""
+        try:
+            return await self._owner(key).claim.remote(key, self._holder)
+        except Exception as exc:
+            log.warning("coalescer_unreachable", call="claim", error=repr(exc))
+            return True
 
     async def beat(self) -> None:
         """See ``Flights.beat``: tell every coalescer (few) that this replica lives."""
-        await asyncio.gather(*(h.beat.remote(self._holder) for h in self._handles))
+        await asyncio.gather(
+            *(h.beat.remote(self._holder) for h in self._handles), return_exceptions=True
+        )
 
     async def wait(self, key: str) -> SharedOutput:
         """See ``Flights.wait``."""
-        status, value = await self._owner(key).wait.remote(key)
+        try:
+            status, value = await self._owner(key).wait.remote(key)
+        except Exception as exc:
+            raise LeaderGone(f"coalescer unreachable: {type(exc).__name__}") from None
         if status != "ok":
             raise LeaderGone(value)
         return value
 
     async def finish(self, key: str, output: SharedOutput) -> SharedOutput:
-        """See ``Flights.finish``."""
-        return await self._owner(key).finish.remote(key, output)
+        """See ``Flights.finish``; the leader keeps the whole output if nobody can share."""
+        try:
+            return await self._owner(key).finish.remote(key, output)
+        except Exception as exc:
+            log.warning("coalescer_unreachable", call="finish", error=repr(exc))
+            return output
 
     async def fail(self, key: str, error: str) -> None:
         """See ``Flights.fail``."""
-        await self._owner(key).fail.remote(key, error)
+        try:
+            await self._owner(key).fail.remote(key, error)
+        except Exception as exc:  # its waiters learn it from their own failed wait
+            log.warning("coalescer_unreachable", call="fail", error=repr(exc))
 
     async def leave(self, key: str) -> SharedOutput | None:
         """See ``Flights.leave``."""
-        return await self._owner(key).leave.remote(key)
+        try:
+            return await self._owner(key).leave.remote(key)
+        except Exception as exc:
+            log.warning("coalescer_unreachable", call="leave", error=repr(exc))
+            return None
 
 
 COALESCER_NAMESPACE = "wattserve"

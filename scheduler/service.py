@@ -101,8 +101,8 @@ class _Outcome:
     cache: CacheStatus
     route_reason: str
     error: str | None = None
-    retry_after_s: float | None = None  # set when refused to protect the power budget
-    unavailable: bool = False  # refused because the budget could not be checked (503)
+    retry_after_s: float | None = None  # set when a retry later may succeed (429, 503)
+    refused_as: type[AdmissionRejected | ServiceUnavailable] = AdmissionRejected
 
 
 def route_info(decision: RouteDecision) -> RouteInfo:
@@ -273,8 +273,7 @@ class Scheduler:
         await asyncio.to_thread(self.ledger.settle, rows)
         refused = [o for o in outcomes.values() if o.retry_after_s is not None]
         if refused:
-            error = ServiceUnavailable if refused[0].unavailable else AdmissionRejected
-            raise error(
+            raise refused[0].refused_as(
                 refused[0].error or "refused", retry_after_s=refused[0].retry_after_s or 1.0
             )
         failed = [o.error for o in outcomes.values() if o.error]
@@ -387,7 +386,7 @@ class Scheduler:
                 outcomes[index] = replace(
                     self._unproduced(ctx, result.message),
                     retry_after_s=result.retry_after_s or 1.0,
-                    unavailable=isinstance(result, ServiceUnavailable),
+                    refused_as=type(result),
                 )
                 await self._fail_flights(ctx, [index], result.message)
                 continue

@@ -193,11 +193,11 @@ def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypa
         assert longest <= 0.1 + SAMPLE_S, f"over the cap for {longest:.2f}s: {over[:5]}"
         assert max(w for _, w in samples) > cap_w - 450  # the load really reached the cap
         rates[replicas] = ok / seconds * 60
-    # Both are bound by the cap (one batch at a time). Two replicas split the queue into
-    # smaller batches, each turnover waiting up to a sampling interval for the next reading
-    # and lease; measured here 0.76-0.88x over short 12-request runs; the benchmark
-    # (benchmarks/cluster_budget.py, 36 requests) gave 0.96x at 1,000 W and 1.27x at 700 W.
-    # What must not happen is a collapse.
+    # Both are bound by the cap (one batch at a time), so the rates are equal up to noise:
+    # the benchmark (benchmarks/cluster_budget.py, 2 alternating rounds of 36 requests at
+    # 1,000 W) measures 1.00x with two replicas answering more requests 200. A 12-request
+    # burst on two shared cores measured 0.76-0.88x, which is noise and tail, not sharing;
+    # what this test must catch is a collapse (one replica starving the other).
     assert rates[2] >= 0.7 * rates[1], rates
 
 

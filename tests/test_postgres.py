@@ -344,6 +344,28 @@ def test_concurrent_replays_of_the_same_ledger_rows_on_postgres_add_them_once(pg
             store.close()
 
 
+def test_rows_from_acceptance_settle_once_and_orphans_fail_on_postgres(pg_url):
+    """Concurrent settles of one output (its replica and the janitor's view) land once."""
+    stores = [LedgerStore(pg_url) for _ in range(THREADS)]
+    try:
+        store = stores[0]
+        store.heartbeat("rep_live")
+        pending = [ledger_row("req_p", i, status="pending", holder="rep_live", joules=0.0)
+                   for i in range(5)]  # fmt: skip
+        store.record([*pending, ledger_row("req_o", status="pending", holder="rep_gone")])
+        final = [ledger_row("req_p", i, joules=float(i)) for i in range(5)]
+        settled = run_threads(THREADS, lambda i: stores[i].settle(final))
+        assert sum(settled) == 5  # type: ignore[arg-type]
+        assert [r.status for r in store.for_request("req_p")] == ["ok"] * 5
+        assert store.fail_orphans(stale_after_s=10.0) == 1
+        assert store.for_request("req_o")[0].status == "failed"
+        (usage,) = store.usage_by_variant()
+        assert (usage.outputs, usage.failed_outputs, usage.pending_outputs) == (5, 1, 0)
+    finally:
+        for each in stores:
+            each.close()
+
+
 # --- the control plane ----------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from wattserve._exceptions import (
     TransportError,
     Unauthorized,
     WattserveError,
+    WorkerFailed,
 )
 from wattserve._schemas import (
     GenerationRequest,
@@ -52,6 +53,7 @@ __all__ = [
     "Receipt",
     "ServiceUnavailable",
     "TransportError",
+    "WorkerFailed",
     "Unauthorized",
     "VariantInfo",
     "WattserveError",

@@ -113,6 +113,12 @@ class ServiceUnavailable(WattserveError):
         self.retry_after_s = retry_after_s
 
 
+class WorkerFailed(ServiceUnavailable):
+    """The worker running the output died, and so did its retry: try again later."""
+
+    error_type = "worker_failed"
+
+
 class TransportError(WattserveError):
     """The SDK could not reach the service (connection refused, timeout)."""
 
@@ -148,16 +154,21 @@ def is_wattserve_error_body(body: Any) -> bool:
 def error_from_response(status_code: int, body: Any, headers: dict[str, str]) -> WattserveError:
     """Rebuild the server's exception from an HTTP error response."""
     message = f"HTTP {status_code}"
-    param = None
+    param = error_type = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         message = str(body["error"].get("message") or message)
         param = body["error"].get("param")
+        error_type = body["error"].get("type")
     elif isinstance(body, str) and body:
         message = f"HTTP {status_code}: {body[:200]}"
     cls = _BY_STATUS.get(status_code)
     if cls is None:
         cls = InvalidRequest if 400 <= status_code < 500 else WattserveError
-    if cls is AdmissionRejected or (cls is ServiceUnavailable and "retry-after" in headers):
+    if cls is ServiceUnavailable and error_type == WorkerFailed.error_type:
+        cls = WorkerFailed
+    if cls is AdmissionRejected or (
+        issubclass(cls, ServiceUnavailable) and "retry-after" in headers
+    ):
         try:
             retry_after_s = float(headers.get("retry-after", "1"))
         except ValueError:
