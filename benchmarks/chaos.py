@@ -38,11 +38,10 @@ import ray
 
 from wattserve import AdmissionRejected, AsyncClient, GenerationResult, ServiceUnavailable
 from wattserve.bench.trace import make_trace, preset_spec
-from wattserve.cluster.admission import cluster_power_w, node_agents
+from wattserve.cluster.admission import cluster_books, cluster_power_w, node_agents
 from wattserve.cluster.local import TypedCluster
 from wattserve.cluster.runtime import LocalService, free_port
 from wattserve.cluster.settings import Settings
-from wattserve.telemetry.attribution import Reconciliation
 from wattserve.telemetry.ledger import LedgerStore
 
 ON_PURPOSE = (AdmissionRejected, ServiceUnavailable)
@@ -129,11 +128,6 @@ def ledger_check(db_url: str, answers: list[tuple[object, float]]) -> dict[str, 
         ledger.close()
 
 
-def books() -> Reconciliation:
-    agents = node_agents()
-    return sum(ray.get([a.reconciliation.remote() for a in agents]), Reconciliation.zero())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -168,7 +162,7 @@ def main() -> None:
             deadline = time.monotonic() + 10
             while cluster_power_w(node_agents()) > idle_w + 1e-6 and time.monotonic() < deadline:
                 time.sleep(0.2)
-            total = books()
+            total = cluster_books(node_agents())
             report = {
                 "benchmark": "chaos", "requests_per_phase": args.requests,
                 "kill_every_s": args.kill_every_s, "energy_source": "simulated",

@@ -38,6 +38,7 @@ from wattserve.policies.leases import (
 )
 from wattserve.scheduler.leases import LocalLeases, replica_slots
 from wattserve.telemetry.agent import AGENT_NAMESPACE, agent_actor_name
+from wattserve.telemetry.attribution import Reconciliation
 from wattserve.telemetry.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -181,6 +182,12 @@ def node_agents() -> list[Any]:
 def cluster_power_w(agents: list[Any]) -> float:
     """Every node's power now, W, read from its telemetry agent (blocking)."""
     return sum(w for _, w in ray.get([a.power_w.remote() for a in agents], timeout=10))
+
+
+def cluster_books(agents: list[Any]) -> Reconciliation:
+    """Every node's energy books, summed (blocking)."""
+    books = ray.get([a.reconciliation.remote() for a in agents], timeout=30)
+    return sum(books, Reconciliation.zero())
 
 
 def start_admission(db_url: str, sample_period_s: float = 0.1) -> Any:

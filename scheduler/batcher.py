@@ -263,12 +263,13 @@ class Batcher:
         return max(self._deadline_floor_s, 4 * expected_s if expected_s else 0.0)
 
     async def _attempt(self, plan: BatchPlan) -> BatchOutput:
+        deadline_s = self._deadline_s(plan)
         try:
-            return await asyncio.wait_for(self._pool.run(plan), self._deadline_s(plan))
+            return await asyncio.wait_for(self._pool.run(plan), deadline_s)
         except TimeoutError:
             raise WorkerTimeout(
                 f"no replica of {plan.variant} finished batch {plan.batch_id} within "
-                f"{self._deadline_s(plan):.0f}s", retry_after_s=self._deadline_floor_s / 4,
+                f"{deadline_s:.0f}s", retry_after_s=self._deadline_floor_s / 4,
             ) from None  # fmt: skip
 
     async def _run_with_retry(self, plan: BatchPlan) -> tuple[BatchPlan, BatchOutput]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from tests._wait import poll
 from wattserve import AdmissionRejected, GenerationResult, InvalidRequest, ServiceUnavailable
-from wattserve.cluster.admission import cluster_power_w, node_agents
+from wattserve.cluster.admission import cluster_books, cluster_power_w, node_agents
 from wattserve.telemetry.attribution import Reconciliation
 from wattserve.telemetry.ledger import LedgerStore
 
@@ -30,10 +30,7 @@ IDLE_WITHIN_S = 5.0  # an agent notices a dead worker within about a second
 
 def books() -> Reconciliation:
     """The energy books of every node's agent, summed."""
-    import ray
-
-    agents = node_agents()
-    return sum(ray.get([a.reconciliation.remote() for a in agents]), Reconciliation.zero())
+    return cluster_books(node_agents())
 
 
 def idle_power_w() -> float:
