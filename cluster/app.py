@@ -63,6 +63,7 @@ def ingress_app(settings: Settings, admin_token: str | None) -> Application:
         admin_token_sha256=hash_key(admin_token) if admin_token else None,
         replicas=settings.scheduler_replicas,
         coalescers=settings.coalescers,
+        power_hold_s=settings.power_hold_s,
         settings=settings,
     )
     ingress = SchedulerIngress.options(num_replicas=settings.scheduler_replicas)

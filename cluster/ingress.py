@@ -142,6 +142,7 @@ class ServingConfig:
     admin_token_sha256: str | None  # None: the admin API refuses everyone
     replicas: int = 1
     coalescers: int = 0  # 0: this replica coalesces by itself
+    power_hold_s: float = 5.0  # a batch waits this long for a lease, then 429
     # Where the in-cluster control plane gets its settings if no one has started it yet
     # (``serve deploy``, a RayService: no ``wattserve serve`` driver ran first).
     settings: Settings | None = None
@@ -222,6 +223,7 @@ class SchedulerIngress(AdminRoutes):
             # every replica's batches get their power and replica slot from one lease book
             leases=self._leases,
             holder=self.replica_id,
+            max_hold_s=config.power_hold_s,
         )
         await asyncio.to_thread(self._ledger.heartbeat, self.replica_id)  # before any row
         self._keys = IdempotencyStore(

@@ -16,6 +16,8 @@ WATTSERVE_CACHE_TTL_S  result cache entry lifetime            none (no expiry)
 WATTSERVE_POWER_CAP_W  cluster power budget in watts (seed)   none (uncapped)
 WATTSERVE_JOULES_PER_OUTPUT_TARGET  J/output target (seed)     none
 WATTSERVE_SCHEDULER_REPLICAS  scheduler (ingress) replicas    ``1``
+WATTSERVE_POWER_HOLD_S  how long a request waits for power   ``5``
+                       under the cap before its 429
 WATTSERVE_ADMIN_TOKEN  admin API token                        generated into the state dir
 =====================  =====================================  ==========================
 
@@ -58,6 +60,7 @@ class Settings:
     power_cap_w: float | None = None
     joules_per_output_target: float | None = None
     scheduler_replicas: int = 1
+    power_hold_s: float = 5.0
 
     @property
     def coalescers(self) -> int:
@@ -98,6 +101,7 @@ class Settings:
             power_cap_w=float(cap) if cap else None,
             joules_per_output_target=float(target) if target else None,
             scheduler_replicas=int(os.environ.get("WATTSERVE_SCHEDULER_REPLICAS") or 1),
+            power_hold_s=float(os.environ.get("WATTSERVE_POWER_HOLD_S") or 5.0),
         )
 
 

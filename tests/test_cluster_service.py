@@ -25,7 +25,7 @@ import pytest
 import ray
 
 from tests._wait import poll as _poll
-from wattserve import AdmissionRejected, Client
+from wattserve import Client
 from wattserve.bench._live_stats import longest_over_cap_s
 from wattserve.bench.cap_watch import burst, sampled
 from wattserve.cluster.local import TypedCluster
@@ -167,10 +167,13 @@ def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypa
     monkeypatch.setenv("WATTSERVE_POWER_SOURCE", "simulated")
     monkeypatch.setenv("WATTSERVE_SIM_DEVICES", "1")
     cap_w = 700.0  # 3 idle devices (210 W) + one 450 W large batch; two would be 1,090 W
-    rates = {}
     for replicas in (2, 1):
         home = tmp_path / f"r{replicas}"
-        settings = replace(Settings.from_env(home), scheduler_replicas=replicas)
+        # a hold long enough for every batch to get its turn: the test asserts who is
+        # served and that the cap holds; how fast is benchmarks/cluster_budget.py's question
+        settings = replace(
+            Settings.from_env(home), scheduler_replicas=replicas, power_hold_s=HOLD_ALL_S
+        )
         service = LocalService(settings, port=port, address=cluster.address)
         service.start(ready_timeout_s=START_TIMEOUT_S)  # on this process's connection
         try:
@@ -179,26 +182,41 @@ def test_two_scheduler_replicas_hold_one_cluster_cap(cluster, tmp_path, monkeypa
             asyncio.run(burst(service.url, 3, 100 * replicas))  # warm: first batches
             samples: list[tuple[float, float]] = []
             load = burst(service.url, 12, 1000 * replicas)
-            results, seconds = asyncio.run(
+            results, _ = asyncio.run(
                 sampled(load, partial(cluster_power_w, node_agents()), samples, SAMPLE_S)
             )
         finally:
             service.stop()
-        # every request answered: served, or refused with 429 after its hold under the cap
-        ok = sum(1 for r in results if not isinstance(r, BaseException))
-        refused = sum(1 for r in results if isinstance(r, AdmissionRejected))
-        assert ok + refused == 12 and ok >= 6, (ok, refused)
+        assert [r for r in results if isinstance(r, BaseException)] == []
         over = [(t, w) for t, w in samples if w > cap_w + 1e-6]
         longest = longest_over_cap_s(samples, cap_w)
         assert longest <= 0.1 + SAMPLE_S, f"over the cap for {longest:.2f}s: {over[:5]}"
         assert max(w for _, w in samples) > cap_w - 450  # the load really reached the cap
-        rates[replicas] = ok / seconds * 60
-    # Both are bound by the cap (one batch at a time), so the rates are equal up to noise:
-    # the benchmark (benchmarks/cluster_budget.py, 2 alternating rounds of 36 requests at
-    # 1,000 W) measures 1.00x with two replicas answering more requests 200. A 12-request
-    # burst on two shared cores measured 0.76-0.88x, which is noise and tail, not sharing;
-    # what this test must catch is a collapse (one replica starving the other).
-    assert rates[2] >= 0.7 * rates[1], rates
+        # no replica starved: each one's rows include outputs it served
+        served_by = _served_by_holder(settings.db_url, {r.request_id for r in results})
+        assert len(served_by) == replicas and min(served_by.values()) >= 1, served_by
+
+
+HOLD_ALL_S = 600.0
+
+
+def _served_by_holder(db_url: str, request_ids: set[str]) -> dict[str, int]:
+    """Outputs settled ``ok`` per scheduler replica (the ledger row's holder)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT holder, request_id FROM ledger WHERE status = 'ok'")
+            ).all()
+    finally:
+        engine.dispose()
+    counts: dict[str, int] = {}
+    for holder, request_id in rows:
+        if request_id in request_ids:
+            counts[holder] = counts.get(holder, 0) + 1
+    return counts
 
 
 def test_the_checked_in_serve_config_brings_the_whole_service_up(cluster, tmp_path, port):
