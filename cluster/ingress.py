@@ -28,8 +28,6 @@ import structlog
 from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.handle import DeploymentHandle
 
 import wattserve
 from wattserve import AdmissionRejected, Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
@@ -47,10 +45,9 @@ from wattserve._schemas import (
 )
 from wattserve.cluster.admin_routes import AdminRoutes, AdminService
 from wattserve.cluster.admission import RemoteLeases, node_agents
-from wattserve.cluster.names import WORKER_DEPLOYMENT, variant_app_name
+from wattserve.cluster.pool import ServeWorkerPool
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import Catalog
-from wattserve.policies.plans import BatchOutput, BatchPlan
 from wattserve.policies.tenancy import (
     AuthError,
     Caller,
@@ -62,7 +59,6 @@ from wattserve.policies.tenancy import (
     month_window,
 )
 from wattserve.scheduler._http import api, bearer_token, parse_body
-from wattserve.scheduler.batcher import WorkerDied
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import (
     COALESCER_NAMESPACE,
@@ -81,38 +77,6 @@ from wattserve.telemetry.logs import configure_logging
 from wattserve.telemetry.metrics import SchedulerMetrics
 
 log = structlog.get_logger(__name__)
-
-
-class ServeWorkerPool:
-    """``WorkerPool`` over the Serve application of each routable variant."""
-
-    def __init__(self) -> None:
-        self._handles: dict[str, DeploymentHandle] = {}
-        self._available: frozenset[str] = frozenset()
-
-    def set_variants(self, names: list[str]) -> None:
-        """Route to exactly ``names`` from now on (blocking: it may look up handles)."""
-        for name in names:
-            if name not in self._handles:
-                self._handles[name] = serve.get_deployment_handle(
-                    WORKER_DEPLOYMENT, app_name=variant_app_name(name)
-                )
-        self._available = frozenset(names)
-
-    def available(self) -> frozenset[str]:
-        """Variants routing may choose; Serve itself routes around unhealthy replicas."""
-        return self._available
-
-    async def run(self, plan: BatchPlan) -> BatchOutput:
-        """Run ``plan`` on a replica of its variant, waiting in Serve's queue if all are busy.
-
-        A retiring variant is no longer available but keeps its handle, so work already
-        queued for it still runs: that is the drain.
-        """
-        try:
-            return await self._handles[plan.variant].run.remote(plan)
-        except RayActorError as exc:  # the replica's process is gone (killed, OOM, node lost)
-            raise WorkerDied(f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
 def variant_info(catalog: Catalog) -> list[VariantInfo]:
@@ -149,6 +113,7 @@ class ServingConfig:
 
 
 REFRESH_S = 0.5
+NODES_WATCH_S = 1.0  # which variants an alive node can host (cluster/pool.py)
 JOIN_WAIT_S = 600.0  # a repeated Idempotency-Key waits this long for its running twin
 
 
@@ -210,7 +175,7 @@ class SchedulerIngress(AdminRoutes):
         self._pool = ServeWorkerPool()
         catalog = self._snapshot.catalog()
         self._leases = RemoteLeases(self.replica_id, catalog, self._capped)
-        await asyncio.to_thread(self._pool.set_variants, catalog.names)
+        await asyncio.to_thread(self._pool.set_variants, catalog)
         self._scheduler = Scheduler(
             catalog,
             policy,
@@ -256,10 +221,14 @@ class SchedulerIngress(AdminRoutes):
                 log.warning("heartbeat_failed", error=repr(exc))
 
     async def _refresh_forever(self) -> None:
+        watched_at = time.monotonic()
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
                 await self.refresh()
+                if time.monotonic() - watched_at >= NODES_WATCH_S:  # nodes come and go
+                    await asyncio.to_thread(self._pool.watch_nodes)
+                    watched_at = time.monotonic()
             except Exception as exc:  # the database may blip; keep the last snapshot
                 log.warning("control_refresh_failed", error=repr(exc))
 
@@ -269,7 +238,7 @@ class SchedulerIngress(AdminRoutes):
         if force or revision != self._snapshot.revision:
             snapshot = await asyncio.to_thread(self._control.snapshot)
             catalog = snapshot.catalog()
-            await asyncio.to_thread(self._pool.set_variants, catalog.names)
+            await asyncio.to_thread(self._pool.set_variants, catalog)
             self._snapshot = snapshot
             self._scheduler.apply(catalog, snapshot.policy)
             if force:  # this replica made the change: the admission service takes it now

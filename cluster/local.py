@@ -86,6 +86,12 @@ class TypedCluster:
         self.nodes[node.node_id] = kind
         return str(node.node_id)
 
+    def remove_node(self, node_id: str) -> None:
+        """Kill one typed node's processes at once, as a lost machine (not the head)."""
+        (node,) = [n for n in self._cluster.worker_nodes if n.node_id == node_id]
+        self._cluster.remove_node(node, allow_graceful=False)
+        del self.nodes[node_id]
+
     def shutdown(self) -> None:
         """Stop every process of this cluster and remove its files."""
         if self._cluster is not None:

@@ -56,7 +56,11 @@ class WorkerPool(Protocol):
         ...
 
     async def run(self, plan: BatchPlan) -> BatchOutput:
-        """Run ``plan`` on a replica of ``plan.variant``; ``WorkerDied`` if it died."""
+        """Run ``plan`` on a replica of ``plan.variant``.
+
+        ``WorkerDied`` if the replica died under it (retried once), ``NoPlacement`` if
+        no node can host the variant (not retried).
+        """
         ...
 
 
@@ -79,6 +83,10 @@ class BatchedOutput:
 
 class WorkerTimeout(ServiceUnavailable):
     """No replica finished the batch within its deadline (none could be placed, or hung)."""
+
+
+class NoPlacement(ServiceUnavailable):
+    """No alive node can host the batch's variant: failing now beats waiting the deadline."""
 
 
 class BatchFailed(WattserveError):
@@ -279,11 +287,12 @@ class Batcher:
         same device, whose books must not see one id start twice). The failed attempt is
         not charged to anyone: what it drew stays on the device's books as a failed
         attempt, and the outputs are charged once, by the attempt that made them. A
-        timed-out attempt is not retried: the deadline already covers a replica restart.
+        timed-out attempt is not retried (the deadline already covers a replica restart), nor
+        one whose variant no node can host.
         """
         try:
             return plan, await self._attempt(plan)
-        except WorkerTimeout:
+        except ServiceUnavailable:  # past the deadline, or nowhere to run: a retry won't help
             raise
         except Exception as exc:
             retry = replace(plan, batch_id=self._new_batch_id())
@@ -301,9 +310,9 @@ class Batcher:
         started = self._clock()
         try:
             plan, output = await self._run_with_retry(plan)
-        except (WorkerTimeout, WorkerDied) as exc:  # a retry later may well succeed: 503
+        except (ServiceUnavailable, WorkerDied) as exc:  # a retry later may well succeed: 503
             log.warning("batch_failed", batch_id=plan.batch_id, error=exc.message)
-            failure = exc if isinstance(exc, WorkerTimeout) else WorkerFailed(
+            failure = exc if isinstance(exc, ServiceUnavailable) else WorkerFailed(
                 f"the replicas running batch {plan.batch_id} of {plan.variant} died twice: "
                 f"{exc.message}", retry_after_s=WORKER_RETRY_AFTER_S)  # fmt: skip
             for member in members:

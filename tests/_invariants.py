@@ -21,7 +21,7 @@ from tests._wait import poll
 from wattserve import AdmissionRejected, GenerationResult, InvalidRequest, ServiceUnavailable
 from wattserve.cluster.admission import cluster_books, cluster_power_w, node_agents
 from wattserve.telemetry.attribution import Reconciliation
-from wattserve.telemetry.ledger import LedgerStore
+from wattserve.telemetry.ledger import LedgerRow, LedgerStore
 
 ON_PURPOSE = (AdmissionRejected, ServiceUnavailable, InvalidRequest)
 JANITOR_S = 30.0  # a stopped replica's rows: 10 s without heartbeat + a sweep, with margin
@@ -38,8 +38,8 @@ def idle_power_w() -> float:
     return cluster_power_w(node_agents())
 
 
-def check(db_url: str, results: Sequence[Any], idle_w: float) -> dict[str, Any]:
-    """Assert the invariants; return the figures a closing note reports."""
+def check_ledger(db_url: str, results: Sequence[Any]) -> list[LedgerRow]:
+    """Answers and ledger rows: every request answered, every output one final row."""
     served = [r for r in results if isinstance(r, GenerationResult)]
     refused = [r for r in results if isinstance(r, ON_PURPOSE)]
     other = [r for r in results if r not in served and r not in refused]
@@ -57,6 +57,14 @@ def check(db_url: str, results: Sequence[Any], idle_w: float) -> dict[str, Any]:
             assert [r.joules for r in mine] == [x.joules for x in result.receipts]
     finally:
         ledger.close()
+    return rows
+
+
+def check(db_url: str, results: Sequence[Any], idle_w: float) -> dict[str, Any]:
+    """Assert the invariants; return the figures a closing note reports."""
+    served = [r for r in results if isinstance(r, GenerationResult)]
+    refused = [r for r in results if isinstance(r, ON_PURPOSE)]
+    rows = check_ledger(db_url, results)
     power = poll("power back to idle", lambda: (w := idle_power_w()) <= idle_w + 1e-6 and w or
                  None, IDLE_WITHIN_S, every_s=0.2)  # fmt: skip
     total = books()

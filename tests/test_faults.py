@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import pytest
@@ -23,11 +24,20 @@ import ray
 
 from tests import _invariants
 from tests._wait import poll
-from wattserve import AsyncClient, GenerationResult, WorkerFailed
+from wattserve import AdminClient, AsyncClient, GenerationResult, ServiceUnavailable, WorkerFailed
+from wattserve.bench._live_stats import longest_over_cap_s
+from wattserve.bench.cap_watch import sampled
+from wattserve.cluster.admission import cluster_power_w, node_agents
 from wattserve.cluster.local import TypedCluster
-from wattserve.cluster.names import WORKER_DEPLOYMENT, variant_app_name
+from wattserve.cluster.names import (
+    ADMISSION_NAME,
+    CONTROL_NAMESPACE,
+    WORKER_DEPLOYMENT,
+    variant_app_name,
+)
 from wattserve.cluster.runtime import LocalService, free_port
 from wattserve.cluster.settings import Settings
+from wattserve.scheduler.batcher import WORKER_DEADLINE_FLOOR_S
 from wattserve.telemetry.agent import AGENT_NAMESPACE, agent_actor_name
 from wattserve.telemetry.ledger import LedgerStore
 from wattserve.workers.faults import CRASH_AFTER_ENV
@@ -37,34 +47,46 @@ pytestmark = pytest.mark.fault
 START_TIMEOUT_S = 300.0
 LARGE = "tiny-sd-large"  # what quality="high" routes to
 MEDIUM = "tiny-sd-medium"  # quality="standard"; its workers crash at every batch here
+HOLD_S = 30.0
+SAMPLE_S = 0.1  # power sampling period under a cap
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
-    home = tmp_path_factory.mktemp("faults")
+def cluster() -> Iterator[TypedCluster]:
     # Every process of this cluster inherits its raylet's environment, taken at start: the
     # medium variant's workers crash at every batch (workers/faults.py), nobody else's.
     fault_env = {"WATTSERVE_POWER_SOURCE": "simulated", "WATTSERVE_SIM_DEVICES": "1",
                  CRASH_AFTER_ENV: f"{MEDIUM}:0"}  # fmt: skip
     saved = {k: os.environ.get(k) for k in fault_env}
     os.environ.update(fault_env)
-    cluster = TypedCluster((), head_cpus=3)
+    typed = TypedCluster((), head_cpus=3)
     try:
-        cluster.start()
+        typed.start()
     finally:  # what this process's own code reads stays as it was
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    settings = replace(Settings.from_env(home), scheduler_replicas=2, power_source="simulated",
-                       sim_devices=1)  # fmt: skip
     try:
-        ray.init(address=cluster.address, namespace="wattserve-faults", log_to_driver=False)
+        yield typed
+    finally:
+        typed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(
+    cluster: TypedCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalService]:
+    home = tmp_path_factory.mktemp("faults")
+    # a batch held for power waits long enough to outlive an admission service restart
+    settings = replace(Settings.from_env(home), scheduler_replicas=2, power_source="simulated",
+                       sim_devices=1, power_hold_s=HOLD_S)  # fmt: skip
+    ray.init(address=cluster.address, namespace="wattserve-faults", log_to_driver=False)
+    try:
         running = LocalService(settings, port=free_port(), address=cluster.address)
         running.start(ready_timeout_s=START_TIMEOUT_S)
         yield running
         running.stop()
     finally:
         ray.shutdown()
-        cluster.shutdown()
 
 
 def actor_pid(name: str, namespace: str) -> int:
@@ -106,13 +128,20 @@ def report(name: str, killer: Killer, figures: dict[str, Any]) -> None:
 
 
 async def load(
-    url: str, requests: int, quality: str, seed0: int, *, same: bool = False, retries: int = 3
+    url: str,
+    requests: int,
+    quality: str,
+    seed0: int,
+    *,
+    same: bool = False,
+    retries: int = 3,
+    model: str | None = None,
 ) -> list[object]:
     """``requests`` SDK calls at once (``same``: all for one output, to coalesce)."""
     async with AsyncClient(url, timeout_s=600, max_retries=retries) as client:
         seeds = [seed0 if same else seed0 + i for i in range(requests)]
         calls = [client.generate(f"fault {seed}", seed=seed, quality=quality, size="64x64",
-                                 n=2) for seed in seeds]  # fmt: skip
+                                 n=2, model=model) for seed in seeds]  # fmt: skip
         return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
@@ -206,3 +235,96 @@ def test_a_telemetry_agent_killed_mid_batch(service: LocalService) -> None:
     sources = {x.energy_source for r in results if isinstance(r, GenerationResult)
                for x in r.receipts}  # fmt: skip
     assert "estimated" in sources, sources  # the lost batch, labelled as such
+
+
+def test_the_admission_service_killed_under_a_cap(service: LocalService) -> None:
+    """Ray restarts it in a new epoch; the cap holds across the restart; all are answered."""
+    cap_w = 600.0  # idle 70 W + one 450 W large batch; a 350 W turbo batch beside it won't fit
+    idle_w = _invariants.idle_power_w()
+    admission = ray.get_actor(ADMISSION_NAME, namespace=CONTROL_NAMESPACE)
+    epoch = ray.get(admission.ready.remote(), timeout=30)
+    with AdminClient(service.url, token=service.admin_token) as admin:
+        admin.set_budget(watts=cap_w)
+    samples: list[tuple[float, float]] = []
+    try:
+        killer = Killer(
+            lambda: _invariants.idle_power_w() > idle_w + 1,  # a leased batch draws
+            lambda: actor_pid(ADMISSION_NAME, CONTROL_NAMESPACE),
+        )
+
+        async def mixed() -> list[object]:
+            high, draft = load(service.url, 3, "high", 600), load(service.url, 3, "draft", 610)
+            return [r for part in await asyncio.gather(high, draft) for r in part]
+
+        power = partial(cluster_power_w, node_agents())
+        results = asyncio.run(sampled(mixed(), power, samples, SAMPLE_S))
+        killer.join(timeout=5)
+    finally:
+        with AdminClient(service.url, token=service.admin_token) as admin:
+            admin.set_budget(watts=None)
+    assert ray.get(admission.ready.remote(), timeout=60) > epoch  # restarted: a new epoch
+    longest = longest_over_cap_s(samples, cap_w)
+    assert longest <= 0.1 + SAMPLE_S, f"over the {cap_w:.0f} W cap for {longest:.2f}s"
+    figures = _invariants.check(service.settings.db_url, results, idle_w)
+    figures["peak_w"] = round(max(w for _, w in samples), 1)
+    report("admission_killed_under_cap", killer, figures)
+    assert figures["served"] >= 1, figures  # the new epoch grants again
+
+
+def test_the_only_node_of_a_variants_type_removed(
+    cluster: TypedCluster, service: LocalService
+) -> None:
+    """503 at once (not at the deadline) while no node can host it; served once one joins."""
+    with AdminClient(service.url, token=service.admin_token) as admin:
+        admin.add_variant(B200_VARIANT)
+    node_id = _join_b200(cluster, service)
+    idle_w = _invariants.idle_power_w()
+    cluster.remove_node(node_id)
+    removed_at = time.monotonic()
+    results = asyncio.run(load(service.url, 1, "draft", 700, retries=0, model=B200))
+    (answer,) = results
+    answered_s = time.monotonic() - removed_at
+    assert isinstance(answer, ServiceUnavailable), answer
+    assert answer.retry_after_s is not None and answer.retry_after_s > 0
+    assert answered_s < WORKER_DEADLINE_FLOOR_S, answered_s  # placement, not the deadline
+    figures = _invariants.check(service.settings.db_url, results, idle_w)
+    joined_at = time.monotonic()
+    _join_b200(cluster, service)
+    figures.update(answered_s=round(answered_s, 1),
+                   served_again_s_after_join=round(time.monotonic() - joined_at, 1))  # fmt: skip
+    print("fault_figures", "variant_node_removed", json.dumps(figures))
+
+
+B200 = "tiny-sd-b200"
+B200_VARIANT = f"""
+[[variant]]
+name = "{B200}"
+source = "builtin:{B200}"
+steps = 2
+guidance_scale = 1.0
+max_size_px = 128
+quality_score = 0.3
+quality_provenance = "declared: test variant"
+power_w = 300.0
+resources = {{ num_cpus = 0.5, accelerator_types = ["B200"] }}
+builtin = {{ unet_block_out_channels = [32, 64], unet_layers_per_block = 1, init_seed = 7 }}
+
+[variant.energy_prior]
+joules_per_image = {{ 1 = 10.0 }}
+provenance = "declared for a test"
+"""
+
+
+def _join_b200(cluster: TypedCluster, service: LocalService) -> str:
+    """A B200 node joins; once its replica serves, one request has been served there."""
+    node_id = cluster.add_node("B200")
+    with AdminClient(service.url, token=service.admin_token) as admin:
+        admin.wait_variant(B200, ["active"], timeout_s=START_TIMEOUT_S)
+
+    def served() -> GenerationResult | None:
+        (result,) = asyncio.run(load(service.url, 1, "draft", 750, retries=0, model=B200))
+        return result if isinstance(result, GenerationResult) else None
+
+    result = poll(f"{B200} served on the new node", served, START_TIMEOUT_S, every_s=1)
+    assert result.receipts[0].variant == B200
+    return node_id
