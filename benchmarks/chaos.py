@@ -25,8 +25,10 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -97,7 +99,7 @@ def phase_stats(name: str, answers: list[tuple[object, float]]) -> dict[str, Any
     return {
         "phase": name, "requests": len(answers), "status_counts": dict(codes),
         "unanswered": sum(1 for r, _ in answers
-                          if not isinstance(r, GenerationResult | ON_PURPOSE)),
+                          if not isinstance(r, (GenerationResult, *ON_PURPOSE))),
         "retried_share": round(sum(r.attempts > 1 for r, _ in served) / max(1, len(served)), 3),
         "latency_p50_s": round(statistics.median(latencies), 2) if latencies else None,
         "latency_p99_s": round(latencies[int(0.99 * (len(latencies) - 1))], 2)
@@ -141,7 +143,7 @@ def main() -> None:
     spec = preset_spec("mixed", requests=args.requests, seed=args.seed,
                        rate_per_s=args.rate_per_s)  # fmt: skip
     trace = make_trace(spec, [f"a chaos scene number {i}" for i in range(400)])
-    home = Path(os.environ.get("TMPDIR", "/tmp")) / f"wschaos{os.getpid()}"
+    home = Path(tempfile.mkdtemp(prefix="wschaos"))
     with TypedCluster((), head_cpus=3) as cluster:
         ray.init(address=cluster.address, namespace="wattserve-chaos", log_to_driver=False)
         settings = replace(Settings.from_env(home), scheduler_replicas=2)
@@ -176,6 +178,7 @@ def main() -> None:
         finally:
             service.stop()
             ray.shutdown()
+            shutil.rmtree(home, ignore_errors=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
