@@ -50,17 +50,19 @@ leases, unstarted ones, and started ones no reading has caught up with yet (a he
 start + ``visible_after_s``, emptied as readings advance: readings never go back, so a
 lease once seen stays seen). A sum is recomputed from its leases when the set empties
 and after as many removals as it has members, so rounding cannot drift. Per-node
-pending draw is summed over the pending leases only, and only under node caps.
+pending draw is summed over the pending leases only, and only under node caps. The
+heaps and sums are ``policies.lease_index``.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
+
+from wattserve.policies.lease_index import Drawing, Due, Live
 
 # "unavailable" is never decided here: a scheduler says it when the book cannot be reached.
 RefusalReason = Literal[
@@ -133,67 +135,6 @@ class LeaseBookState:
     leases: int  # live leases, unstarted and started
     slots_in_use: Mapping[str, int]
     warming_up: bool
-
-
-@dataclass(slots=True)
-class _Live:
-    lease: Lease
-    nodes: frozenset[str]
-    seq: int  # grant order
-    started_s: float | None = None
-
-
-class _Drawing:
-    """Leases by id with the running sum of their declared draw (W)."""
-
-    def __init__(self) -> None:
-        self.leases: dict[str, _Live] = {}
-        self.draw_w, self._removed = 0.0, 0
-
-    def add(self, lease_id: str, live: _Live) -> None:
-        self.leases[lease_id] = live
-        self.draw_w += live.lease.draw_w
-
-    def discard(self, lease_id: str) -> _Live | None:
-        """Remove the lease if here; the sum restarts from its members now and then."""
-        live = self.leases.pop(lease_id, None)
-        if live is not None:
-            self._removed += 1
-            if self._removed > len(self.leases):
-                self.draw_w, self._removed = sum(x.lease.draw_w for x in self.leases.values()), 0
-            else:
-                self.draw_w -= live.lease.draw_w
-        return live
-
-
-class _Due:
-    """A min-heap of (time_s, lease_id) over a set of leases, with lazy deletion.
-
-    An entry is live while its lease is in the set and ``due(lease)`` still gives its
-    time; stale ones are skipped when popped, and the heap is rebuilt from the set when
-    they outnumber it, so it stays O(set) in size.
-    """
-
-    def __init__(self, due: Callable[[_Live], float]) -> None:
-        self._heap: list[tuple[float, str]] = []
-        self._due = due
-
-    def push(self, lease_id: str, live: _Live, members: Mapping[str, _Live]) -> None:
-        heapq.heappush(self._heap, (self._due(live), lease_id))
-        if len(self._heap) > 2 * len(members) + 64:
-            self._heap = [(self._due(x), i) for i, x in members.items()]
-            heapq.heapify(self._heap)
-
-    def pop(
-        self, members: Mapping[str, _Live], limit_s: float, *, inclusive: bool
-    ) -> Iterator[str]:
-        """Ids of members due before ``limit_s`` (or at it, if ``inclusive``), soonest first."""
-        heap = self._heap
-        while heap and (heap[0][0] <= limit_s if inclusive else heap[0][0] < limit_s):
-            time_s, lease_id = heapq.heappop(heap)
-            live = members.get(lease_id)
-            if live is not None and self._due(live) == time_s:
-                yield lease_id
 
 
 @dataclass(frozen=True)
@@ -293,9 +234,9 @@ class LeaseBook:
         self._replicas: dict[str, int] = {}
         self._reading: PowerReading | None = None
         self._newest_s, self._poll_failed = -math.inf, False  # newest reading time seen
-        self._live, self._unstarted, self._unseen = _Drawing(), _Drawing(), _Drawing()
-        self._ends = _Due(self._end_s)  # over live leases: when each stops being live
-        self._seen_at = _Due(lambda x: (x.started_s or 0.0) + self._visible_after_s)  # started
+        self._live, self._unstarted, self._unseen = Drawing(), Drawing(), Drawing()
+        self._ends = Due(self._end_s)  # over live leases: when each stops being live
+        self._seen_at = Due(lambda x: (x.started_s or 0.0) + self._visible_after_s)  # started
         self._in_use: dict[str, int] = {}  # live leases per variant
         self._memos: dict[str, _Memo] = {}  # by holder
         self._ids = itertools.count(1)
@@ -385,7 +326,7 @@ class LeaseBook:
     def _capped(self) -> bool:
         return self._cap_w is not None or bool(self._node_caps_w)
 
-    def _end_s(self, live: _Live) -> float:
+    def _end_s(self, live: Live) -> float:
         """When the lease stops being live: its expiry, or ``max_run_s`` after its start."""
         started_s = live.started_s
         return live.lease.expires_s if started_s is None else started_s + self._max_run_s
@@ -400,7 +341,7 @@ class LeaseBook:
         return now
 
     def _grant(self, lease: Lease, nodes: frozenset[str], seq: int) -> None:
-        live = _Live(lease, nodes, seq)
+        live = Live(lease, nodes, seq)
         self._live.add(lease.lease_id, live)
         self._unstarted.add(lease.lease_id, live)
         self._ends.push(lease.lease_id, live, self._live.leases)
@@ -432,7 +373,7 @@ class LeaseBook:
             self._unseen.discard(lease_id)  # the reading (and every later one) shows it
         return self._unstarted.draw_w + self._unseen.draw_w
 
-    def _pending(self, reading: PowerReading) -> list[_Live]:
+    def _pending(self, reading: PowerReading) -> list[Live]:
         """Leases whose draw the reading may not include, in grant order."""
         self._pending_w(reading)
         pending = [*self._unstarted.leases.values(), *self._unseen.leases.values()]

@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Protocol
 
 import structlog
@@ -26,16 +26,14 @@ import structlog
 from wattserve import AdmissionRejected, GenerationFailed, GenerationRequest, ServiceUnavailable
 from wattserve._schemas import (
     MAX_SEED,
-    CacheStatus,
     CandidateInfo,
-    EnergySource,
     ImageDatum,
     ImageGenerationResponse,
     Receipt,
     RouteInfo,
     WattserveExtension,
 )
-from wattserve.policies.catalog import Catalog, VariantSpec
+from wattserve.policies.catalog import Catalog
 from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
 from wattserve.policies.policy import Budget, Policy
 from wattserve.policies.profile import EnergyProfile
@@ -53,6 +51,16 @@ from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
 from wattserve.scheduler.identity import flight_key, output_key
 from wattserve.scheduler.leases import LeaseGate, LocalLeases
+from wattserve.scheduler.outcomes import (
+    CANCELLED,
+    REASON_CACHE_HIT,
+    REASON_DOWNGRADED,
+    Outcome,
+    RequestContext,
+    coalesced,
+    ledger_rows,
+    unproduced,
+)
 from wattserve.telemetry.ledger import LedgerRow, LedgerStore
 
 log = structlog.get_logger(__name__)
@@ -64,45 +72,6 @@ class BatchMetrics(Protocol):
     def record_batch(self, variant: str, source: str, joules: float, outputs: int) -> None:
         """Count one finished batch."""
         ...
-
-
-REASON_CACHE_HIT = "cache_hit"
-REASON_DOWNGRADED = "downgraded_power_cap"
-REASON_COALESCED = "coalesced"
-CANCELLED = "cancelled by client"
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What every output of one request shares."""
-
-    request: GenerationRequest
-    request_id: str
-    arrived: float
-    variant: VariantSpec
-    decision: RouteDecision
-    floor: float
-    seeds: tuple[int, ...]
-    keys: tuple[str | None, ...]  # output keys; None when outputs are not shareable
-    # seconds spent waiting on batches (own, or a flight leader's), one after another
-    batch_waits_s: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    """How one output of a request was obtained (or why it was not)."""
-
-    png: bytes | None
-    variant: str
-    batch_id: str
-    batch_size: int  # 0 for a cache hit: no generation
-    joules: float
-    energy_source: EnergySource
-    cache: CacheStatus
-    route_reason: str
-    error: str | None = None
-    retry_after_s: float | None = None  # set when a retry later may succeed (429, 503)
-    refused_as: type[AdmissionRejected | ServiceUnavailable] = AdmissionRejected
 
 
 def route_info(decision: RouteDecision) -> RouteInfo:
@@ -226,7 +195,7 @@ class Scheduler:
         }
         return RoutingState(self.pool.available(), estimates)
 
-    def _context(self, request: GenerationRequest, arrived: float) -> _Context:
+    def _context(self, request: GenerationRequest, arrived: float) -> RequestContext:
         decision = route(request, self.catalog, self.policy, self.routing_state())
         if isinstance(decision, RouteRefusal):
             raise refusal_error(decision)
@@ -244,12 +213,14 @@ class Scheduler:
         floor = (
             variant.quality_score if request.model else self.policy.quality_floor(request.quality)
         )
-        return _Context(request, new_id("req"), arrived, variant, decision, floor, seeds, keys)
+        return RequestContext(
+            request, new_id("req"), arrived, variant, decision, floor, seeds, keys
+        )
 
     async def generate(self, request: GenerationRequest) -> ImageGenerationResponse:
         """Serve ``request``; raise a ``WattserveError`` if any output could not be made."""
         ctx = self._context(request, arrived=self._clock())
-        outcomes: dict[int, _Outcome] = {}
+        outcomes: dict[int, Outcome] = {}
         # on record from acceptance: a pending row per output, settled once below
         await asyncio.shield(asyncio.to_thread(self.ledger.record, self._accepted_rows(ctx)))
         try:
@@ -259,13 +230,13 @@ class Scheduler:
             await self._produce(ctx, pending, outcomes, retries_left=1)
         except asyncio.CancelledError:
             for index in range(request.n):
-                outcomes.setdefault(index, self._unproduced(ctx, CANCELLED))
+                outcomes.setdefault(index, unproduced(ctx, CANCELLED))
             rows = self._rows(ctx, outcomes)
             await asyncio.shield(asyncio.to_thread(self.ledger.settle, rows))
             raise
         except BaseException as exc:  # a bug: the outputs still get their final rows
             for index in range(request.n):
-                outcomes.setdefault(index, self._unproduced(ctx, f"{type(exc).__name__}: {exc}"))
+                outcomes.setdefault(index, unproduced(ctx, f"{type(exc).__name__}: {exc}"))
             await asyncio.shield(asyncio.to_thread(self.ledger.settle, self._rows(ctx, outcomes)))
             raise
         rows = self._rows(ctx, outcomes)
@@ -290,7 +261,7 @@ class Scheduler:
         )  # fmt: skip
 
     def _observe_overhead(
-        self, ctx: _Context, outcomes: dict[int, _Outcome], rows: list[LedgerRow]
+        self, ctx: RequestContext, outcomes: dict[int, Outcome], rows: list[LedgerRow]
     ) -> None:
         """Teach the profile how long a served request spent here outside any batch."""
         if not rows or any(o.error for o in outcomes.values()):
@@ -299,7 +270,7 @@ class Scheduler:
         latency_s = rows[0].latency_ms / 1000
         self.profile.observe_overhead(kind, latency_s - sum(ctx.batch_waits_s))
 
-    def _cache_hits(self, ctx: _Context) -> dict[int, _Outcome]:
+    def _cache_hits(self, ctx: RequestContext) -> dict[int, Outcome]:
         """Outputs the result cache already holds at or above the quality floor."""
         assert self.cache is not None
         only = ctx.variant.name if ctx.request.model else None
@@ -308,14 +279,18 @@ class Scheduler:
             hit = self.cache.get(key, ctx.floor, only) if key else None
             if hit is not None:
                 source = f"hit:{hit.source_request_id}.{hit.source_image_index}"
-                hits[index] = _Outcome(
+                hits[index] = Outcome(
                     hit.png, hit.variant, source, 0, 0.0, hit.energy_source,  # type: ignore[arg-type]
                     "hit", REASON_CACHE_HIT,
                 )  # fmt: skip
         return hits
 
     async def _produce(
-        self, ctx: _Context, indices: list[int], outcomes: dict[int, _Outcome], retries_left: int
+        self,
+        ctx: RequestContext,
+        indices: list[int],
+        outcomes: dict[int, Outcome],
+        retries_left: int,
     ) -> None:
         """Lead or join a flight for each output; generate what this request leads."""
         leaders, joined = [], []
@@ -337,23 +312,23 @@ class Scheduler:
                 if retries_left:
                     retry.append(index)
                 else:
-                    outcomes[index] = self._unproduced(ctx, exc.message)
+                    outcomes[index] = unproduced(ctx, exc.message)
                 continue
             except asyncio.CancelledError:
                 await asyncio.shield(self._abandon(ctx, joined, outcomes))
                 raise
-            outcomes[index] = self._coalesced(shared)
+            outcomes[index] = coalesced(shared)
         if retry:
             await self._produce(ctx, retry, outcomes, retries_left - 1)
 
     @staticmethod
-    def _fkey(ctx: _Context, index: int) -> str:
+    def _fkey(ctx: RequestContext, index: int) -> str:
         key = ctx.keys[index]
         assert key is not None  # only shareable outputs have flights
         return flight_key(key, ctx.variant.name)
 
     async def _run_leaders(
-        self, ctx: _Context, leaders: list[int], outcomes: dict[int, _Outcome]
+        self, ctx: RequestContext, leaders: list[int], outcomes: dict[int, Outcome]
     ) -> None:
         """Generate ``leaders`` through the batcher; settle their flights either way."""
         request, variant = ctx.request, ctx.variant
@@ -374,7 +349,7 @@ class Scheduler:
             # Withdrawn if still queued; if its batch already runs, that batch's energy is on
             # the device's books (report) but this request is not charged a guessed share.
             for index in leaders:
-                outcomes[index] = self._unproduced(ctx, CANCELLED)
+                outcomes[index] = unproduced(ctx, CANCELLED)
             await asyncio.shield(self._fail_flights(ctx, leaders, CANCELLED))
             raise
         generated = []
@@ -384,7 +359,7 @@ class Scheduler:
                 continue
             if isinstance(result, AdmissionRejected | ServiceUnavailable):
                 outcomes[index] = replace(
-                    self._unproduced(ctx, result.message),
+                    unproduced(ctx, result.message),
                     retry_after_s=result.retry_after_s or 1.0,
                     refused_as=type(result),
                 )
@@ -392,7 +367,7 @@ class Scheduler:
                 continue
             if not isinstance(result, BatchFailed):
                 raise result
-            outcomes[index] = _Outcome(
+            outcomes[index] = Outcome(
                 None, variant.name, result.batch_id, result.batch_size, result.joules,
                 "estimated", "miss", ctx.decision.reason, result.message,
             )  # fmt: skip
@@ -401,16 +376,16 @@ class Scheduler:
             await asyncio.to_thread(self._store, ctx, generated)
         await self._settle(ctx, generated, outcomes)
 
-    async def _fail_flights(self, ctx: _Context, indices: list[int], error: str) -> None:
+    async def _fail_flights(self, ctx: RequestContext, indices: list[int], error: str) -> None:
         for index in indices:
             if ctx.keys[index] is not None:
                 await self._flights.fail(self._fkey(ctx, index), error)
 
     async def _settle(
         self,
-        ctx: _Context,
+        ctx: RequestContext,
         generated: list[tuple[int, BatchedOutput]],
-        outcomes: dict[int, _Outcome],
+        outcomes: dict[int, Outcome],
     ) -> None:
         """Charge each generated output, split with whoever waited on it, release them."""
         for index, result in generated:
@@ -419,12 +394,12 @@ class Scheduler:
                                   result.joules, result.energy_source)  # fmt: skip
             if ctx.keys[index] is not None:
                 shared = await self._flights.finish(self._fkey(ctx, index), shared)
-            outcomes[index] = _Outcome(
+            outcomes[index] = Outcome(
                 result.png, result.variant, result.batch_id, result.batch_size, shared.joules,
                 result.energy_source, "miss", reason,
             )  # fmt: skip
 
-    def _store(self, ctx: _Context, generated: list[tuple[int, BatchedOutput]]) -> None:
+    def _store(self, ctx: RequestContext, generated: list[tuple[int, BatchedOutput]]) -> None:
         assert self.cache is not None
         for index, result in generated:
             key, made_by = ctx.keys[index], self.catalog.get(result.variant)
@@ -434,68 +409,25 @@ class Scheduler:
                     result.png, ctx.request_id, index,
                 )  # fmt: skip
 
-    @staticmethod
-    def _coalesced(shared: SharedOutput, error: str | None = None) -> _Outcome:
-        return _Outcome(
-            shared.png, shared.variant, shared.batch_id, shared.batch_size, shared.joules,
-            shared.energy_source,  # type: ignore[arg-type]
-            "coalesced", REASON_COALESCED, error,
-        )  # fmt: skip
-
     async def _abandon(
-        self, ctx: _Context, joined: list[int], outcomes: dict[int, _Outcome]
+        self, ctx: RequestContext, joined: list[int], outcomes: dict[int, Outcome]
     ) -> None:
         """A cancelled request leaves its flights: it keeps a share only if one was counted."""
         for index in joined:
             if index not in outcomes:
                 shared = await self._flights.leave(self._fkey(ctx, index))
                 if shared is not None:  # counted among the sharers: its share stays on record
-                    outcomes[index] = self._coalesced(shared, CANCELLED)
+                    outcomes[index] = coalesced(shared, CANCELLED)
 
-    def _unproduced(self, ctx: _Context, error: str) -> _Outcome:
-        """An output that was never generated for this request: nothing to charge."""
-        return _Outcome(None, ctx.variant.name, "none", 0, 0.0, "estimated", "miss",
-                        ctx.decision.reason, error)  # fmt: skip
-
-    def _accepted_rows(self, ctx: _Context) -> list[LedgerRow]:
+    def _accepted_rows(self, ctx: RequestContext) -> list[LedgerRow]:
         """A ``pending`` row per output: nothing made or charged yet."""
-        pending = _Outcome(None, ctx.variant.name, "none", 0, 0.0, "estimated", "miss",
-                           ctx.decision.reason)  # fmt: skip
+        pending = Outcome(None, ctx.variant.name, "none", 0, 0.0, "estimated", "miss",
+                          ctx.decision.reason)  # fmt: skip
         rows = self._rows(ctx, dict.fromkeys(range(ctx.request.n), pending))
         for row in rows:
             row.status, row.latency_ms = "pending", 0.0
         return rows
 
-    def _rows(self, ctx: _Context, outcomes: dict[int, _Outcome]) -> list[LedgerRow]:
+    def _rows(self, ctx: RequestContext, outcomes: dict[int, Outcome]) -> list[LedgerRow]:
         latency_ms = (self._clock() - ctx.arrived) * 1000
-        request = ctx.request
-        return [
-            LedgerRow(
-                request_id=ctx.request_id,
-                image_index=index,
-                user=request.user,
-                tenant=request.tenant,
-                variant=outcome.variant,
-                quality=request.quality,
-                route_reason=outcome.route_reason,
-                batch_id=outcome.batch_id,
-                batch_size=outcome.batch_size,
-                joules=outcome.joules,
-                energy_source=outcome.energy_source,
-                cache=outcome.cache,
-                status=_status(outcome),
-                error=outcome.error,
-                latency_ms=latency_ms,
-                seed=ctx.seeds[index],
-                width_px=request.width_px,
-                height_px=request.height_px,
-                holder=self.holder,
-            )
-            for index, outcome in sorted(outcomes.items())
-        ]
-
-
-def _status(outcome: _Outcome) -> str:
-    if outcome.error is None:
-        return "ok"
-    return "cancelled" if outcome.error == CANCELLED else "failed"
+        return ledger_rows(ctx, outcomes, latency_ms, self.holder)

@@ -1,24 +1,14 @@
-"""The database layer on real PostgreSQL (and its concurrency guarantees on SQLite too).
+"""The database layer on real PostgreSQL.
 
-A throwaway PostgreSQL cluster is started once for this module (``initdb`` + ``pg_ctl``
-in a temp dir, fsync off, trust auth, a unix socket and a free TCP port on 127.0.0.1) and
+A throwaway PostgreSQL cluster is started once for this module (``tests._postgres``) and
 every test gets a database of its own. Where PostgreSQL or the ``psycopg`` driver is not
-installed the Postgres tests skip with the reason; the SQLite ones always run.
+installed the Postgres tests skip with the reason. The concurrency guarantees, on
+PostgreSQL and SQLite, are ``test_postgres_concurrency.py``.
 """
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
-import sqlite3
-import subprocess
-import tempfile
-import threading
-import uuid
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -27,140 +17,20 @@ from sqlmodel import SQLModel
 import wattserve.scheduler.cache  # noqa: F401  (registers the result_cache model)
 import wattserve.scheduler.control_tables  # noqa: F401  (registers the control-plane models)
 import wattserve.scheduler.idempotency  # noqa: F401  (registers the idempotency_keys model)
+from tests import _postgres
+from tests._postgres import THREADS, run_threads
 from tests.test_migrations import V1_LEDGER_ROW
 from wattserve import Conflict
 from wattserve._admin import BudgetUpdate, PolicyUpdate, TenantCreate
 from wattserve.policies.catalog import Catalog
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.control_store import ControlStore
-from wattserve.telemetry.database import HEAD, make_engine, migrate, schema_version
+from wattserve.telemetry.database import HEAD, migrate, schema_version
 from wattserve.telemetry.ledger import ANY_TENANT, LedgerRow, LedgerStore
 
-PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-THREADS, WRITES = 8, 20
-
-
-# --- a throwaway PostgreSQL ---------------------------------------------------------
-
-
-def _pg_tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for bin_dir in PG_BIN_DIRS:
-        if (bin_dir / name).exists():
-            return str(bin_dir / name)
-    return None
-
-
-class PgCluster:
-    """A PostgreSQL cluster in a temp dir, run as the ``postgres`` user when we are root."""
-
-    def __init__(self) -> None:
-        self.initdb, self.pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
-        if not (self.initdb and self.pg_ctl):
-            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-        self.as_user: list[str] = []
-        if os.geteuid() == 0:  # postgres refuses to run as root
-            try:
-                pwd.getpwnam("postgres")
-            except KeyError:
-                pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL")
-            runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
-            if runuser is None:
-                pytest.skip("running as root and there is no runuser to drop to 'postgres'")
-            self.as_user = [runuser, "-u", "postgres", "--"]
-        self.root = Path(tempfile.mkdtemp(prefix="wspg", dir="/tmp"))
-        self.data, self.sockets = self.root / "data", self.root / "sock"
-        self.sockets.mkdir()
-        if self.as_user:
-            entry = pwd.getpwnam("postgres")
-            for path in (self.root, self.sockets):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-        self.port = 0
-
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.as_user, *args], capture_output=True, text=True, timeout=60, check=False
-        )
-
-    def start(self) -> None:
-        from wattserve.cluster.runtime import free_port
-
-        done = self._run(
-            self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
-            "-E", "UTF8", "--no-sync", "--no-instructions",
-        )  # fmt: skip
-        if done.returncode != 0:
-            pytest.fail(f"initdb failed: {done.stderr or done.stdout}")
-        for _ in range(3):  # the free port may be taken before postgres binds it
-            self.port = free_port()
-            options = (
-                f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.sockets}"
-                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            )
-            done = self._run(
-                self.pg_ctl, "start", "-w", "-t", "30", "-D", str(self.data),
-                "-l", str(self.root / "postgres.log"), "-o", options,
-            )  # fmt: skip
-            if done.returncode == 0:
-                return
-        log = (self.root / "postgres.log").read_text(errors="replace")[-2000:]
-        pytest.fail(f"pg_ctl start failed: {done.stderr or done.stdout}\n{log}")
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self) -> str:
-        name = f"t_{uuid.uuid4().hex}"
-        admin = sa.create_engine(self.url(), isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        admin.dispose()
-        return self.url(name)
-
-    def stop(self) -> None:
-        if self.data.exists():
-            self._run(self.pg_ctl, "stop", "-D", str(self.data), "-m", "immediate", "-w")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[PgCluster]:
-    """One throwaway PostgreSQL server for the module; skips when none can be run."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install psycopg[binary]")
-    cluster = PgCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def new_pg_db(pg_cluster: PgCluster) -> Callable[[], str]:
-    """Make another fresh database on the module's server; returns its URL."""
-    return pg_cluster.create_database
-
-
-@pytest.fixture
-def pg_url(new_pg_db: Callable[[], str]) -> str:
-    """A fresh, empty database of this test's own (``CREATE DATABASE t_<uuid>``)."""
-    return new_pg_db()
-
-
-@pytest.fixture
-def engines() -> Iterator[Callable[[str], sa.Engine]]:
-    """``make_engine`` whose engines are disposed when the test ends."""
-    made: list[sa.Engine] = []
-
-    def make(url: str) -> sa.Engine:
-        made.append(make_engine(url))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.dispose()
+# the shared server's fixtures, bound here so that pytest finds them for this module
+pg_cluster, new_pg_db, pg_url = _postgres.pg_cluster, _postgres.new_pg_db, _postgres.pg_url
+engines = _postgres.engines
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -198,34 +68,6 @@ def schema(engine: sa.Engine) -> dict[str, dict]:
 def ledger_row(request_id: str, image_index: int = 0, **fields: object) -> LedgerRow:
     return LedgerRow(**{**V1_LEDGER_ROW, "request_id": request_id, "image_index": image_index,
                         **fields})  # fmt: skip
-
-
-def run_threads(count: int, work: Callable[[int], object]) -> list[object]:
-    """Run ``work(i)`` in ``count`` threads released at once; raise the first error."""
-    barrier = threading.Barrier(count)
-    results: list[object] = [None] * count
-    errors: list[BaseException] = []
-
-    def target(i: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[i] = work(i)
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a worker thread hung"
-    if errors:
-        raise errors[0]
-    return results
-
-
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/wattserve.db"
 
 
 # --- schema ---------------------------------------------------------------------------
@@ -417,74 +259,6 @@ def test_control_store_round_trip_on_postgres(pg_url, engines, catalog: Catalog)
         control.retire_variant(name)
     with pytest.raises(Conflict, match="last active variant"):
         control.retire_variant(names[-1])
-
-
-# --- concurrency: PostgreSQL and SQLite -----------------------------------------------
-
-
-def _concurrent_migrations(url: str, engines: Callable[[str], sa.Engine]) -> None:
-    replicas = [engines(url) for _ in range(4)]  # four replicas starting at once
-    befores = run_threads(4, lambda i: migrate(replicas[i]))
-    assert sorted(befores) == [0, HEAD, HEAD, HEAD]  # type: ignore[type-var]
-    with replicas[0].connect() as conn:
-        assert schema_version(conn) == HEAD
-        assert conn.execute(sa.text("SELECT count(*) FROM wattserve_schema")).scalar_one() == 1
-        assert conn.execute(sa.text("SELECT count(*) FROM control_meta")).scalar_one() == 1
-    assert ControlStore(replicas[0]).revision() == 0
-
-
-def _concurrent_budget_writes(url: str, engines: Callable[[str], sa.Engine]) -> None:
-    migrate(engines(url))
-    stores = [ControlStore(engines(url)) for _ in range(THREADS)]  # one engine per writer
-
-    def write(i: int) -> None:
-        for n in range(WRITES):
-            stores[i].set_budget(BudgetUpdate(watts=100 + i * WRITES + n))
-
-    run_threads(THREADS, write)
-    snapshot = stores[0].snapshot()
-    assert snapshot.revision == THREADS * WRITES  # no lost updates
-    assert snapshot.budget_info().revision == THREADS * WRITES
-    assert 100 <= snapshot.budget.cluster_cap_w < 100 + THREADS * WRITES  # type: ignore[operator]
-    with stores[0].engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT revision FROM budgets")).scalars().all() == [
-            THREADS * WRITES
-        ]
-
-
-def test_concurrent_migrations_on_postgres_run_once(pg_url, engines):
-    _concurrent_migrations(pg_url, engines)
-
-
-def test_concurrent_control_writes_on_postgres_lose_no_update(pg_url, engines):
-    _concurrent_budget_writes(pg_url, engines)
-
-
-def test_concurrent_migrations_on_sqlite_run_once(tmp_path, engines):
-    _concurrent_migrations(sqlite_url(tmp_path), engines)
-
-
-def test_concurrent_control_writes_on_sqlite_never_see_database_is_locked(tmp_path, engines):
-    _concurrent_budget_writes(sqlite_url(tmp_path), engines)
-
-
-def test_opening_a_new_sqlite_database_mid_write_waits_for_the_lock(tmp_path, engines):
-    # Switching a new database to WAL needs its exclusive lock, and SQLite answers "database
-    # is locked" at once (no busy handler) while another connection holds a write lock:
-    # what replicas opening a fresh file together hit now and then (the tests above).
-    path = tmp_path / "wattserve.db"
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    holder.execute("CREATE TABLE t (x INTEGER)")  # still in rollback-journal mode
-    holder.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(0.2, holder.execute, args=("COMMIT",))
-    release.start()
-    try:
-        engine = engines(f"sqlite:///{path}")
-        with engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-    finally:
-        release.join()
-        holder.close()
 
 
 # --- the result cache -----------------------------------------------------------------
