@@ -100,6 +100,8 @@ def phase_stats(name: str, answers: list[tuple[object, float]]) -> dict[str, Any
         "phase": name, "requests": len(answers), "status_counts": dict(codes),
         "unanswered": sum(1 for r, _ in answers
                           if not isinstance(r, (GenerationResult, *ON_PURPOSE))),
+        "errors": dict(Counter(f"{type(r).__name__}: {str(r)[:160]}" for r, _ in answers
+                               if isinstance(r, Exception)).most_common(8)),
         "retried_share": round(sum(r.attempts > 1 for r, _ in served) / max(1, len(served)), 3),
         "latency_p50_s": round(statistics.median(latencies), 2) if latencies else None,
         "latency_p99_s": round(latencies[int(0.99 * (len(latencies) - 1))], 2)

@@ -113,6 +113,7 @@ class ServingConfig:
 
 
 REFRESH_S = 0.5
+HEALTH_CHECK_PERIOD_S = 2.0
 NODES_WATCH_S = 1.0  # which variants an alive node can host (cluster/pool.py)
 JOIN_WAIT_S = 600.0  # a repeated Idempotency-Key waits this long for its running twin
 
@@ -140,8 +141,11 @@ MAX_ONGOING_REQUESTS = 8192
 
 
 @serve.deployment(
-    name="scheduler", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS
-)
+    name="scheduler", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    # Serve's default of 10 s leaves a dead replica in the proxy's rotation for up to
+    # three periods: every request sent to it meanwhile is a 500. Its check is trivial.
+    health_check_period_s=HEALTH_CHECK_PERIOD_S,
+)  # fmt: skip
 @serve.ingress(api)
 class SchedulerIngress(AdminRoutes):
     """HTTP API: OpenAI-shaped image generation, models, ledger, status, usage, admin."""

@@ -24,6 +24,10 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_BACKOFF_S = 0.5
 BACKOFF_CAP_S = 8.0  # the jittered backoff never draws above this
 RETRY_AFTER_CAP_S = 30.0  # a server's Retry-After is honoured up to this, no further
+# After a proxy's 500 (the replica holding the request died) the wait is at least this,
+# doubling per retry up to BACKOFF_CAP_S: Serve needs a few seconds to stop routing to a
+# dead replica, and retries that come back at once would all find it again.
+DEAD_REPLICA_FLOOR_S = 1.0
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 # A gateway, or a replica that is gone or busy: worth another try with the same key.
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -74,11 +78,16 @@ def retry_delay(retry: int, outcome: Outcome, *, backoff_s: float, rng: random.R
 
     Bounded exponential backoff with full jitter, so clients that failed together do
     not come back together; a ``Retry-After`` from the server is a floor, honoured up
-    to ``RETRY_AFTER_CAP_S`` so that a wild header cannot park a call for hours.
+    to ``RETRY_AFTER_CAP_S`` so that a wild header cannot park a call for hours. After a
+    dead replica's 500 the wait is at least ``DEAD_REPLICA_FLOOR_S`` doubled per retry.
     """
     ceiling = min(BACKOFF_CAP_S, backoff_s * 2.0 ** min(retry, 32))
     jittered = rng.uniform(0.0, ceiling)
-    floor = retry_after_s(outcome) if isinstance(outcome, httpx.Response) else None
+    if not isinstance(outcome, httpx.Response):
+        return jittered
+    if outcome.status_code == 500:  # retried, so not wattserve's own: the replica died
+        jittered = max(jittered, min(BACKOFF_CAP_S, DEAD_REPLICA_FLOOR_S * 2.0 ** min(retry, 32)))
+    floor = retry_after_s(outcome)
     if floor is None:
         return jittered
     return min(RETRY_AFTER_CAP_S, max(jittered, floor))
