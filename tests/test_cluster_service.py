@@ -24,6 +24,7 @@ import httpx
 import pytest
 import ray
 
+from tests._variants import B200_VARIANT
 from tests._wait import poll as _poll
 from wattserve import Client
 from wattserve.bench._live_stats import longest_over_cap_s
@@ -253,25 +254,6 @@ def test_the_checked_in_serve_config_brings_the_whole_service_up(cluster, tmp_pa
         for name in list(serve.status().applications):
             if name.startswith("wattserve"):
                 serve.delete(name)
-
-
-B200_VARIANT = """
-[[variant]]
-name = "tiny-sd-b200"
-source = "builtin:tiny-sd-b200"
-steps = 2
-guidance_scale = 1.0
-max_size_px = 128
-quality_score = 0.3
-quality_provenance = "declared: test variant"
-power_w = 300.0
-resources = { num_cpus = 0.5, accelerator_types = ["B200"] }
-builtin = { unet_block_out_channels = [32, 64], unet_layers_per_block = 1, init_seed = 7 }
-
-[variant.energy_prior]
-joules_per_image = { 1 = 10.0 }
-provenance = "declared for a test"
-"""
 
 
 def _a_node_that_joins_gets_an_agent_and_serves_its_variant(

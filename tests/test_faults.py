@@ -23,6 +23,7 @@ import pytest
 import ray
 
 from tests import _invariants
+from tests._variants import B200, B200_VARIANT
 from tests._wait import poll
 from wattserve import AdminClient, AsyncClient, GenerationResult, ServiceUnavailable, WorkerFailed
 from wattserve.bench._live_stats import longest_over_cap_s
@@ -293,26 +294,6 @@ def test_the_only_node_of_a_variants_type_removed(
     figures.update(answered_s=round(answered_s, 1),
                    served_again_s_after_join=round(time.monotonic() - joined_at, 1))  # fmt: skip
     print("fault_figures", "variant_node_removed", json.dumps(figures))
-
-
-B200 = "tiny-sd-b200"
-B200_VARIANT = f"""
-[[variant]]
-name = "{B200}"
-source = "builtin:{B200}"
-steps = 2
-guidance_scale = 1.0
-max_size_px = 128
-quality_score = 0.3
-quality_provenance = "declared: test variant"
-power_w = 300.0
-resources = {{ num_cpus = 0.5, accelerator_types = ["B200"] }}
-builtin = {{ unet_block_out_channels = [32, 64], unet_layers_per_block = 1, init_seed = 7 }}
-
-[variant.energy_prior]
-joules_per_image = {{ 1 = 10.0 }}
-provenance = "declared for a test"
-"""
 
 
 def _join_b200(cluster: TypedCluster, service: LocalService) -> str:
