@@ -16,8 +16,6 @@ admission service's rule) and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
 
 import ray
 import structlog
@@ -57,11 +55,11 @@ class ServeWorkerPool:
         self._routable = frozenset(catalog.names)
         self.watch_nodes()
 
-    def watch_nodes(self, nodes: Sequence[dict[str, Any]] | None = None) -> None:
+    def watch_nodes(self) -> None:
         """Look again which alive nodes can host each variant (blocking: a GCS call)."""
         if self._catalog is None:
             return
-        placed = variant_nodes(self._catalog, ray.nodes() if nodes is None else nodes)
+        placed = variant_nodes(self._catalog, ray.nodes())
         lost = sorted(n for n, ids in placed.items() if not ids and self._placeable(n))
         if lost:
             log.warning("variants_without_nodes", variants=lost)

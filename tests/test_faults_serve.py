@@ -33,7 +33,7 @@ KEYED = 6
 
 
 async def keyed_load(url: str, seed0: int, retries: int) -> list[object]:
-    """``KEYED`` distinct standard requests, each with a key of its own, at once."""
+    """``KEYED`` distinct high-tier requests, each with a key of its own, at once."""
     async with AsyncClient(url, timeout_s=600, max_retries=retries) as client:
         calls = [client.generate(f"keyed {seed0 + i}", seed=seed0 + i, quality="high",
                                  size="64x64", idempotency_key=f"sigkill-{i}")
