@@ -216,8 +216,14 @@ def test_a_coalescer_killed_while_its_flight_waits(service: LocalService) -> Non
     figures = _invariants.check(service.settings.db_url, results, idle_w)
     report("coalescers_killed", killer, figures)
     assert figures["served"] == 4, figures
-    images = {r.images[0].png_bytes for r in results if isinstance(r, GenerationResult)}
-    assert len(images) == 1  # the same seed gives the same bytes, however it was made
+    # Whoever shared a generation got its bytes. A waiter that took over from a dead
+    # leader generates again, maybe in a batch of another size, and CPU kernels of
+    # another batch shape may round the last bits differently: bytes per generation.
+    by_batch: dict[str, set[bytes]] = {}
+    for r in results:
+        if isinstance(r, GenerationResult):
+            by_batch.setdefault(r.receipts[0].batch_id, set()).add(r.images[0].png_bytes)
+    assert all(len(images) == 1 for images in by_batch.values()), by_batch.keys()
 
 
 def test_a_telemetry_agent_killed_mid_batch(service: LocalService) -> None:
