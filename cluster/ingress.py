@@ -336,6 +336,11 @@ class SchedulerIngress(AdminRoutes):
         async def produce() -> dict:
             if caller.tenant is not None:
                 await self._admit_tenant(caller.tenant, generation.quality)
+            model = generation.model
+            if model is not None and self._scheduler.catalog.get(model) is None:
+                # added (or made active) through another replica since this one's last
+                # refresh: read the revision before calling the model unknown
+                await self.refresh()
             response = await self._scheduler.generate(generation)
             return response.model_dump(mode="json")
 

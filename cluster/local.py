@@ -92,6 +92,18 @@ class TypedCluster:
         self._cluster.remove_node(node, allow_graceful=False)
         del self.nodes[node_id]
 
+    def start_serve(self, port: int) -> None:
+        """Start Serve with its one HTTP proxy on the head, listening on ``port``.
+
+        Every node of this cluster shares one host, and proxies on every node (Serve's
+        default) would share one port through ``SO_REUSEPORT``: the kernel would hand some
+        connections to a typed node's proxy, and removing that node would drop them —
+        a fault of the test bed, not one a real cluster has. Needs ``ray.init`` first.
+        """
+        from ray import serve
+
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+
     def shutdown(self) -> None:
         """Stop every process of this cluster and remove its files."""
         if self._cluster is not None:

@@ -99,9 +99,11 @@ def _control_ids() -> dict[str, str | None]:
 
 
 @pytest.fixture(scope="module")
-def port() -> int:
+def port(cluster: TypedCluster) -> int:
     """One HTTP port for the module: Serve's proxy keeps the port it first bound."""
-    return free_port()
+    port = free_port()
+    cluster.start_serve(port)
+    return port
 
 
 def test_attach_serves_then_a_second_driver_finds_the_same_control_actors(cluster, tmp_path, port):
@@ -232,7 +234,6 @@ def test_the_checked_in_serve_config_brings_the_whole_service_up(cluster, tmp_pa
     app["args"] = {**app["args"], "home": str(tmp_path), "scheduler_replicas": 1,
                    "power_source": "simulated", "sim_devices": 1}  # fmt: skip
     config["http_options"]["port"] = port  # the cluster's proxy already listens there
-    serve.start(http_options={"port": port})
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
     url = f"http://127.0.0.1:{port}"
     try:

@@ -82,7 +82,9 @@ def service(
                        sim_devices=1, power_hold_s=HOLD_S)  # fmt: skip
     ray.init(address=cluster.address, namespace="wattserve-faults", log_to_driver=False)
     try:
-        running = LocalService(settings, port=free_port(), address=cluster.address)
+        port = free_port()
+        cluster.start_serve(port)  # one proxy: removing a node drops no connection of ours
+        running = LocalService(settings, port=port, address=cluster.address)
         running.start(ready_timeout_s=START_TIMEOUT_S)
         yield running
         running.stop()
