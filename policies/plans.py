@@ -19,6 +19,8 @@ class WorkItem:
     prompt: str
     negative_prompt: str | None
     seed: int
+    # approximate reuse: the ``.npy`` latent to resume from at the plan's ``start_step``
+    latent: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,11 @@ class BatchPlan:
     # The lease that lets this batch draw power; the worker confirms its start with the
     # admission service (None: no admission service, e.g. one in-process scheduler).
     lease_id: str | None = None
+    # Approximate reuse: every item resumes from its latent after this many steps of the
+    # variant's schedule (0: a full generation), and the worker keeps each item's latent
+    # after ``keep_steps`` (policies.latent_reuse.capture_steps) for later resumes.
+    start_step: int = 0
+    keep_steps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,3 +52,4 @@ class BatchOutput:
     busy_s: float  # device work time, measured with a monotonic clock
     joules: float  # the whole batch's energy, from telemetry
     energy_source: EnergySource
+    latents: tuple[bytes, ...] = ()  # per item, an ``.npz`` of its kept latents (or none)

@@ -13,6 +13,7 @@ import io
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -21,6 +22,7 @@ from wattserve.policies.catalog import VariantSpec
 from wattserve.policies.plans import BatchOutput, BatchPlan
 from wattserve.telemetry.energy import BatchMeter, EnergyMeasurement, estimated_batch_energy
 from wattserve.telemetry.logs import configure_logging
+from wattserve.workers.denoise import Capture, resumable_steps, resumed, stack_latents
 from wattserve.workers.faults import fault_point
 from wattserve.workers.pipelines import load_pipeline
 
@@ -101,8 +103,9 @@ class VariantWorker:
         started = time.monotonic()
         self._meter.begin(plan.batch_id, self.variant.power_w)
         fault_point("worker_batch", self.variant.name, len(plan.items))
+        capture = Capture(self._keepable(plan.keep_steps), plan.start_step)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), resumed(self._pipe.scheduler, plan.start_step):
                 result = self._pipe(
                     prompt=[it.prompt for it in plan.items],
                     negative_prompt=negative if self.variant.guidance_scale > 1 else None,
@@ -111,6 +114,8 @@ class VariantWorker:
                     num_inference_steps=self.variant.steps,
                     guidance_scale=self.variant.guidance_scale,
                     generator=generators,
+                    latents=self._start_latents(plan),
+                    callback_on_step_end=capture if capture.steps else None,
                     output_type="pil",
                 )
             if self._device.type == "cuda":
@@ -134,9 +139,24 @@ class VariantWorker:
             joules=round(energy.joules, 3),
             energy_source=energy.source,
         )
-        return BatchOutput(
-            plan.batch_id, tuple(pngs), started_at_s, busy_s, energy.joules, energy.source
-        )
+        latents = capture.per_item(len(plan.items)) if capture.kept else ()
+        return BatchOutput(plan.batch_id, tuple(pngs), started_at_s, busy_s, energy.joules,
+                           energy.source, latents)  # fmt: skip
+
+    def _keepable(self, steps: tuple[int, ...]) -> tuple[int, ...]:
+        """The asked-for steps this variant's scheduler could later resume from."""
+        most = resumable_steps(self._pipe.scheduler, self.variant.steps)
+        return tuple(s for s in steps if 0 < s <= most)
+
+    def _start_latents(self, plan: BatchPlan) -> Any:
+        """The resumed batch's latents, or None (a full generation from seeded noise)."""
+        if plan.start_step <= 0:
+            return None
+        most = resumable_steps(self._pipe.scheduler, self.variant.steps)
+        latents = [it.latent for it in plan.items]
+        if plan.start_step > most or any(raw is None for raw in latents):
+            raise ValueError(f"batch {plan.batch_id} cannot resume at step {plan.start_step}")
+        return stack_latents(latents, self._device, self._pipe.unet.dtype)  # type: ignore[arg-type]
 
     def _abandon(self, batch_id: str) -> None:
         try:
