@@ -252,9 +252,39 @@ def _v4_pending_rows_and_idempotency(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+def _v5_approximate_reuse(conn: sa.Connection) -> None:
+    """Approximate reuse (issue 13): receipts' step columns and the latent store."""
+    for column in ("steps INTEGER", "steps_skipped INTEGER NOT NULL DEFAULT 0",
+                   "similarity FLOAT", "reuse_source VARCHAR(80)"):  # fmt: skip
+        conn.execute(sa.text(f"ALTER TABLE ledger ADD COLUMN {column}"))
+    md = sa.MetaData()
+    sa.Table(
+        "latent_cache", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("entry_id", sa.String(80), nullable=False, unique=True),
+        sa.Column("pool", sa.String(80), nullable=False),
+        sa.Column("variant", sa.String(64), nullable=False),
+        sa.Column("width_px", sa.Integer, nullable=False),
+        sa.Column("height_px", sa.Integer, nullable=False),
+        sa.Column("captured_steps", sa.String(64), nullable=False),
+        sa.Column("embedding", sa.LargeBinary, nullable=False),
+        sa.Column("size_bytes", sa.Integer, nullable=False),
+        sa.Column("saved_steps", sa.Float, nullable=False),
+        sa.Column("hits", sa.Integer, nullable=False),
+        sa.Column("created_s", sa.Float, nullable=False),
+        sa.Column("updated_s", sa.Float, nullable=False),
+        sa.Column("source_request_id", sa.String(64), nullable=False),
+        sa.Column("source_image_index", sa.Integer, nullable=False),
+        sa.Column("owner", sa.String(64)),
+        sa.Index("ix_latent_cache_space", "pool", "variant", "width_px", "height_px", "id"),
+    )  # fmt: skip
+    md.create_all(conn)
+
+
 Migration = Callable[[sa.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _v1_ledger_and_cache, _v2_control_plane, _v3_ledger_tenant, _v4_pending_rows_and_idempotency,
+    _v5_approximate_reuse,
 )  # fmt: skip
 HEAD = len(MIGRATIONS)
 

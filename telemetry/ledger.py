@@ -70,6 +70,11 @@ class LedgerRow(SQLModel, table=True):
     width_px: int
     height_px: int
     holder: str | None = Field(default=None, max_length=64)  # replica that settles it
+    # approximate reuse (schema 5): the schedule's steps, steps skipped, similarity, source
+    steps: int | None = None
+    steps_skipped: int = 0
+    similarity: float | None = None
+    reuse_source: str | None = Field(default=None, max_length=80)
 
     def to_entry(self) -> LedgerEntry:
         """The wire form of this row."""

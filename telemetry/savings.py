@@ -16,6 +16,12 @@ saves n*B - F, split exactly as
 
 A cache hit saves B - 0 (``cache``). A variant with no batch-1 sample in the run has no
 price of its own: P = F, and batching gets nothing for it.
+
+A generation resumed from a cached latent (``cache = approximate``) skipped s of the
+schedule's S steps: of its P - F, ``approximate_cache`` gets P * s / S (the skipped steps
+at the variant's measured per-step price, P spread evenly over the steps: today's
+``fixed_fraction`` of 0, see docs/energy-models.md) and batching the rest. P is priced
+from full (not resumed) batch-1 generations only.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from dataclasses import dataclass, field
 
 from wattserve import Receipt
 
-CAUSES = ("cache", "coalescing", "batching", "variant_choice", "power_capping")
+CAUSES = (
+    "cache", "approximate_cache", "coalescing", "batching", "variant_choice", "power_capping",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,9 +68,16 @@ def _batch1_prices(groups: Iterable[list[Receipt]]) -> dict[str, float]:
     """Mean full cost of each variant's outputs generated in batches of one."""
     costs: dict[str, list[float]] = defaultdict(list)
     for group in groups:
-        if group[0].batch_size == 1:
+        if group[0].batch_size == 1 and not group[0].steps_skipped:
             costs[group[0].variant].append(sum(r.joules for r in group))
     return {variant: sum(js) / len(js) for variant, js in costs.items()}
+
+
+def _skipped_share(receipt: Receipt) -> float:
+    """The share of its schedule a generation skipped by resuming (0: a full one)."""
+    if not receipt.steps_skipped or not receipt.steps:
+        return 0.0
+    return receipt.steps_skipped / receipt.steps
 
 
 def savings_by_cause(
@@ -96,7 +111,9 @@ def savings_by_cause(
         own_price = prices.get(group[0].variant, full_cost)
         causes["variant_choice"] += sharers * (baseline_price - own_price)
         causes["coalescing"] += (sharers - 1) * own_price
-        causes["batching"] += own_price - full_cost
+        skipped = _skipped_share(group[0]) * own_price
+        causes["approximate_cache"] += skipped
+        causes["batching"] += own_price - full_cost - skipped
     return SavingsReport(
         baseline_name=name,
         baseline_joules_per_output=baseline_price,

@@ -15,7 +15,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 Quality = Literal["draft", "standard", "high"]
-CacheStatus = Literal["miss", "hit", "coalesced"]
+# "approximate": generated, resumed from a similar prompt's cached latent (steps skipped)
+CacheStatus = Literal["miss", "hit", "coalesced", "approximate"]
+# exact: same prompt, seed and size give the same bytes; approximate: may resume from a
+# similar prompt's intermediate latent (a different image, fewer steps, fewer joules)
+ReuseMode = Literal["exact", "approximate"]
 EnergySource = Literal["nvml-counter", "nvml-power", "simulated", "estimated"]
 # "pending" from the moment a request is accepted until its output is settled, once
 LedgerStatus = Literal["pending", "ok", "failed", "cancelled"]
@@ -67,6 +71,7 @@ class ImageGenerationBody(BaseModel):
     quality: StrictStr | None = None  # None: the service policy's default tier
     deadline_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     policy: RequestPolicy = "default"
+    reuse: ReuseMode | None = None  # None: exact when seeded, else the policy's default
 
     @field_validator("prompt")
     @classmethod
@@ -113,6 +118,7 @@ class ImageGenerationBody(BaseModel):
             user=self.user,
             tenant=tenant,
             policy=self.policy,
+            reuse=self.reuse,
         )
 
 
@@ -135,6 +141,7 @@ class GenerationRequest(BaseModel):
     # "baseline": what serving costs without wattserve — the highest-quality variant,
     # batch size 1, no cache, no coalescing. For measuring savings, not for production.
     policy: RequestPolicy = "default"
+    reuse: ReuseMode | None = None
 
 
 class Receipt(BaseModel):
@@ -153,6 +160,13 @@ class Receipt(BaseModel):
     route_reason: str
     width_px: int
     height_px: int
+    # approximate reuse: steps of the variant's schedule, how many were skipped by
+    # resuming from a cached latent, the prompts' similarity, and the output whose latent
+    # it was (shown only to the tenant that owns that output)
+    steps: int | None = None
+    steps_skipped: int = 0
+    similarity: float | None = None
+    reuse_source: str | None = None
 
 
 class ImageDatum(BaseModel):
@@ -243,6 +257,10 @@ class LedgerEntry(BaseModel):
     seed: int
     width_px: int
     height_px: int
+    steps: int | None = None
+    steps_skipped: int = 0
+    similarity: float | None = None
+    reuse_source: str | None = None
 
 
 class LedgerPage(BaseModel):
