@@ -31,7 +31,10 @@ for the same spec and prompts. ``bench.trace`` wraps them into ``TraceRequest``s
   from all requests and inherit the tier, a heavy Zipf head's first few requests alone
   would move a 20,000-request trace's tier mix by up to 13 points.
 * **New requests.** The prompt is the next one of a shuffled pass over the prompts
-  (without replacement); when they run out, a fresh shuffle starts. The seed (with
+  (without replacement); when they run out, a fresh shuffle starts. With
+  ``prompt_order = "file"`` it is the next one in the file's own order, starting over at
+  the end: a log of real prompts keeps what its order carries (a prompt's edits and
+  re-runs arrive close behind it), and no random number is spent on it. The seed (with
   probability ``seeded_fraction``) is drawn from [0, 2**31) without repeats, so a prompt
   reused in a later pass still makes a different output: every new request is a new
   output.
@@ -64,7 +67,7 @@ def draw_requests(spec: TraceSpec, prompts: Sequence[str]) -> Iterator[DrawnRequ
     pick_tier, pick_size = _picker(spec.tiers), _picker(spec.sizes)
     pick_tenant = _picker(spec.tenants) if spec.tenants else None
     weigh = _popularity(spec, content)
-    next_prompt = _prompt_passes(prompts, content)
+    next_prompt = _prompt_passes(prompts, content, spec.prompt_order == "file")
     # Per (tier, size): the seeded new requests as (prompt, seed), and their running
     # cumulative popularity weight.
     classes: dict[tuple[str, str], tuple[list[tuple[str, int]], list[float]]] = {}
@@ -125,11 +128,14 @@ def _popularity(spec: TraceSpec, rng: random.Random) -> Callable[[int], float]:
     return lambda _rank: 1.0
 
 
-def _prompt_passes(prompts: Sequence[str], rng: random.Random) -> Iterator[str]:
-    """Shuffled passes over ``prompts``: without replacement until they run out."""
+def _prompt_passes(
+    prompts: Sequence[str], rng: random.Random, in_file_order: bool = False
+) -> Iterator[str]:
+    """Passes over ``prompts``, each shuffled (without replacement) or in file order."""
     order = list(prompts)
     while True:
-        rng.shuffle(order)
+        if not in_file_order:
+            rng.shuffle(order)
         yield from order
 
 

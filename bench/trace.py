@@ -10,8 +10,15 @@ A spec sets the tier, size and tenant mixes, a repeat rate (a repeat is an exact
 of an earlier *seeded* request of its tier and size: the same output, which cache or
 coalescing can serve), which earlier request a repeat copies (Zipf over that class's
 distinct requests ranked by first appearance, Pareto weights, or uniform), the share of
-seeded requests, and Poisson or on/off bursty arrivals. ``bench._tracegen`` documents
-how each is drawn.
+seeded requests, the order new requests take prompts in (``shuffled`` passes, or
+``file``: the file's own order, for prompt logs whose order is the signal), and Poisson
+or on/off bursty arrivals. ``bench._tracegen`` documents how each is drawn.
+
+The ``diffusiondb`` preset replays ``diffusiondb_prompts_5k.txt`` from the shared data
+directory (``$WATTSERVE_DATA_DIR``, else ``../shared/data``) in file order: the first
+5,000 prompts DiffusionDB users wrote, where a prompt's edits and re-runs follow it
+closely. That file is known by its hash (``SESSION_ORDERED``), so ``--prompts`` naming
+it keeps its order by default too.
 """
 
 from __future__ import annotations
@@ -36,19 +43,24 @@ from wattserve._schemas import (
 )
 from wattserve.bench._tally import Tally
 from wattserve.bench._tracegen import draw_requests
+from wattserve.bench.profiles import DEFAULT_DATA_DIR
 
 __all__ = [
     "PRESETS",
+    "PRESET_PROMPTS",
+    "SESSION_ORDERED",
     "PromptSet",
     "PromptSource",
     "Trace",
     "TraceHeader",
     "TraceRequest",
     "TraceSpec",
+    "default_order",
     "iter_trace",
     "load_prompts",
     "make_trace",
     "make_trace_file",
+    "preset_prompts",
     "preset_spec",
     "read_trace",
     "trace_stats",
@@ -63,6 +75,7 @@ SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 
 Popularity = Literal["zipf", "pareto", "uniform"]
 Arrival = Literal["poisson", "bursty"]
+PromptOrder = Literal["shuffled", "file"]
 Weight = Annotated[float, Field(ge=0)]
 
 # Presets set the mix; every other field takes TraceSpec's default. All are seeded (so
@@ -74,8 +87,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # No repeats, all high quality: nothing to cache or coalesce, no cheap variant to
     # pick. The worst case for wattserve.
     "unique-high": {"repeat_rate": 0.0, "tiers": {"high": 1}},
-}
+    # Real users' prompts in the order they wrote them, the whole file once. Unseeded and
+    # without exact repeats: a DiffusionDB re-run draws a new seed, so only approximate
+    # reuse (a similar prompt's latent) can serve it. Tiers as ``mixed``.
+    "diffusiondb": {
+        "requests": 4999, "repeat_rate": 0.0, "seeded_fraction": 0.0, "prompt_order": "file",
+        "tiers": {"draft": 50, "standard": 30, "high": 20},
+    },
+}  # fmt: skip
 PRESET_DEFAULTS: dict[str, Any] = {"requests": 1000, "seed": 0}
+# A preset's own prompt file, in the shared data directory (others: the caller's default)
+PRESET_PROMPTS: dict[str, str] = {"diffusiondb": "diffusiondb_prompts_5k.txt"}
+# Prompt files whose order is a real session's, by sha256 prefix: kept in order by default
+SESSION_ORDERED: dict[str, str] = {"406fcf1483b491a1": "diffusiondb_prompts_5k.txt"}
 
 
 def _canonical_size(size: str) -> str:
@@ -119,6 +143,7 @@ class TraceSpec(BaseModel):
     tiers: dict[Quality, Weight]
     sizes: dict[str, Weight] = Field(default_factory=lambda: {"64x64": 1.0})
     seeded_fraction: float = Field(default=1.0, ge=0, le=1)  # of new requests
+    prompt_order: PromptOrder = "shuffled"  # how new requests take prompts from the file
     arrival: Arrival = "poisson"
     rate_per_s: float = Field(default=1.0, gt=0, le=1e6)  # within ON windows when bursty
     on_s: float = Field(default=10.0, gt=0)  # bursty only
@@ -217,6 +242,17 @@ def preset_spec(name: str, **overrides: Any) -> TraceSpec:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return TraceSpec(**{**PRESET_DEFAULTS, **PRESETS[name], **overrides})
+
+
+def preset_prompts(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The prompt file preset ``name`` is made from, or None where the caller chooses."""
+    file = PRESET_PROMPTS.get(name)
+    return Path(data_dir or DEFAULT_DATA_DIR) / file if file else None
+
+
+def default_order(prompts: PromptSet) -> PromptOrder:
+    """``file`` for a prompt file known to be a session log (``SESSION_ORDERED``)."""
+    return "file" if prompts.source.sha256 in SESSION_ORDERED else "shuffled"
 
 
 def load_prompts(path: str | os.PathLike[str]) -> PromptSet:

@@ -20,10 +20,13 @@ from pydantic import ValidationError
 from wattserve.bench.trace import (
     PRESET_DEFAULTS,
     PRESETS,
+    PromptSet,
     TraceHeader,
     TraceSpec,
+    default_order,
     load_prompts,
     make_trace_file,
+    preset_prompts,
     preset_spec,
     read_trace,
     trace_stats,
@@ -56,7 +59,15 @@ def make(
         Path | None,
         typer.Option(
             help="A .tsv with a Prompt column (PartiPrompts) or one prompt per line "
-            "(default: the demo prompts)."
+            "(default: the preset's own file in the data dir, else the demo prompts)."
+        ),
+    ] = None,
+    prompt_order: Annotated[
+        str | None,
+        typer.Option(
+            help="How new requests take prompts: shuffled passes, or file (the file's "
+            "order; default for a preset that says so and for a known session log, such "
+            "as diffusiondb_prompts_5k.txt)."
         ),
     ] = None,
     repeat_rate: Annotated[
@@ -110,11 +121,15 @@ def make(
     json_out: JsonOption = False,
 ) -> None:
     """Write a deterministic trace from a preset (any field overridden); print its stats."""
+    prompt_set = _prompts(prompts, preset)
+    if prompt_order is None and default_order(prompt_set) == "file":
+        prompt_order = "file"
     given = {
         "requests": requests, "seed": seed, "repeat_rate": repeat_rate, "arrival": arrival,
         "rate_per_s": rate_per_s, "on_s": on_s, "off_s": off_s, "popularity": popularity,
         "skew": skew, "seeded_fraction": seeded_fraction, "tiers": _weights(tiers, "--tiers"),
         "sizes": _weights(sizes, "--sizes"), "tenants": _weights(tenants, "--tenants"),
+        "prompt_order": prompt_order,
     }  # fmt: skip
     try:
         spec = preset_spec(preset, **{k: v for k, v in given.items() if v is not None})
@@ -122,13 +137,6 @@ def make(
         fail(_invalid(exc), code=2)
     except ValueError as exc:
         fail(f"--preset: {exc}", code=2)
-    source = prompts or Path(str(resources.files("wattserve.cli") / "demo_prompts.txt"))
-    try:
-        prompt_set = load_prompts(source)
-    except OSError as exc:
-        fail(f"--prompts: cannot read {source}: {exc.strerror or exc}", code=2)
-    except ValueError as exc:
-        fail(f"--prompts: {exc}", code=2)
     try:
         header, stats = make_trace_file(out, spec, prompt_set, preset=preset)
     except OSError as exc:
@@ -149,6 +157,18 @@ def show(
     except ValueError as exc:
         fail(str(exc), code=2)
     _show(path, trace.header, trace_stats(trace.requests), json_out)
+
+
+def _prompts(given: Path | None, preset: str) -> PromptSet:
+    """The prompt file given, else the preset's own, else the demo prompts; exits 2."""
+    demo = Path(str(resources.files("wattserve.cli") / "demo_prompts.txt"))
+    source = given or (preset_prompts(preset) if preset in PRESETS else None) or demo
+    try:
+        return load_prompts(source)
+    except OSError as exc:
+        fail(f"--prompts: cannot read {source}: {exc.strerror or exc}", code=2)
+    except ValueError as exc:
+        fail(f"--prompts: {exc}", code=2)
 
 
 def _weights(text: str | None, option: str) -> dict[str, float] | None:
@@ -197,6 +217,7 @@ def _show(path: Path, header: TraceHeader, stats: dict[str, Any], json_out: bool
         ("repeat rate", f"{header.repeat_rate:g} ({header.popularity}, skew {header.skew:g})"),
         ("tiers", _mix(header.tiers)),
         ("sizes", _mix(header.sizes)),
+        ("prompt order", header.prompt_order),
         ("seeded fraction", f"{header.seeded_fraction:g}"),
         ("arrival", arrival),
         ("tenants", _mix(header.tenants) if header.tenants else "none"),

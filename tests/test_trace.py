@@ -79,7 +79,7 @@ def test_realised_repeat_rate_and_mixes_match_the_preset(traces, name):
     for tier, share in stats["tiers"].items():
         assert share == pytest.approx(spec.tiers.get(tier, 0) / total, abs=0.02), tier
     assert stats["sizes"] == {"64x64": 1.0}
-    assert stats["seeded_fraction"] == 1.0
+    assert stats["seeded_fraction"] == spec.seeded_fraction
 
 
 def test_unique_high_is_all_new_and_all_high(traces):
