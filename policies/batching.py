@@ -1,9 +1,10 @@
 """Batch formation: which queued outputs run together, and when.
 
-Compatible outputs (same variant, same size; steps and guidance are per variant) queue
-together, ordered by deadline, then arrival. A group launches a batch only when one of
-its variant's replicas is free — so no replica is ever queued more than one batch deep,
-and under load the queue grows and batches grow with it ("batch harder when busy") —
+Compatible outputs (same variant, same size, same start step — a resumed output runs
+only the tail of the schedule; steps and guidance are per variant) queue together,
+ordered by deadline, then arrival. A group launches a batch only when one of its
+variant's replicas is free — so no replica is ever queued more than one batch deep, and
+under load the queue grows and batches grow with it ("batch harder when busy") —
 and then only when the batch is full, its oldest output has waited ``max_wait_s``, or an
 output's deadline is closer than ``max_wait_s``. Groups whose oldest output waited
 longest are served first.
@@ -41,6 +42,7 @@ class QueuedOutput:
     enqueued_s: float
     deadline_s: float | None = None  # absolute, on the same clock as ``enqueued_s``
     solo: bool = False  # must run in a batch of its own (the baseline policy)
+    start_step: int = 0  # resumes from a kept latent after this many steps (0: full run)
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,12 @@ def plan_batches(snapshot: BatchingSnapshot) -> BatchingDecision:
     """
     free = {name: n for name, n in snapshot.free_replicas.items() if n > 0}
     now, max_wait_s = snapshot.now_s, snapshot.max_wait_s
-    groups: dict[tuple[str, int, int, int], list] = {}
+    groups: dict[tuple[str, int, int, int, int], list] = {}
     for item in snapshot.queued:
         if item.variant not in free:
             continue
-        key = (item.variant, item.width_px, item.height_px, -item.ticket - 1 if item.solo else 0)
+        solo_key = -item.ticket - 1 if item.solo else 0
+        key = (item.variant, item.width_px, item.height_px, item.start_step, solo_key)
         group = groups.get(key)
         if group is None:
             group = groups[key] = [[], item.enqueued_s, False]

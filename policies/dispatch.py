@@ -57,6 +57,7 @@ class Launch:
     moved: tuple[bool, ...]
     draw_w: float  # the variant's declared active power
     lease: Lease | None = None
+    start_step: int = 0  # every member resumes after this many steps (0: full runs)
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,12 @@ class DispatchCore:
         deadline_s: float | None,
         floor: float = 0.0,
         solo: bool = False,
+        start_step: int = 0,
     ) -> int:
         """Queue one output; returns its ticket."""
         ticket = next(self._tickets)
-        queued = QueuedOutput(ticket, variant, width_px, height_px, now_s, deadline_s, solo)
+        queued = QueuedOutput(ticket, variant, width_px, height_px, now_s, deadline_s, solo,
+                              start_step)  # fmt: skip
         entry = self._queue[ticket] = _Entry(queued, floor)
         self._by_variant.setdefault(variant, {})[ticket] = entry
         return ticket
@@ -251,7 +254,7 @@ class DispatchCore:
         self._in_flight[first.variant] = self._in_flight.get(first.variant, 0) + 1
         return Launch(first.variant, first.width_px, first.height_px, tickets,
                       tuple(e.moved for e in entries), self._draw(first.variant),
-                      lease)  # fmt: skip
+                      lease, first.start_step)  # fmt: skip
 
     def _settle_held(self, now_s: float, ticket: int) -> tuple[str, str | None]:
         """``("hold", None)``, ``("move", variant)`` or ``("reject", None)``."""
@@ -273,6 +276,8 @@ class DispatchCore:
         return fate, None
 
     def _lower_draw_variant(self, queued: QueuedOutput, floor: float) -> str | None:
+        if queued.start_step:  # its latent belongs to its variant's latent space
+            return None
         current = self._draw(queued.variant)
         fits = [
             v for v in self._catalog.variants
