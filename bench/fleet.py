@@ -29,6 +29,7 @@ from pathlib import Path
 from wattserve import InvalidRequest
 from wattserve._admin import ProfileList
 from wattserve.bench.profiles import (
+    DEFAULT_FIXED_FRACTION,
     EnergyLatencyModel,
     MeasuredPoint,
     fit_models,
@@ -66,6 +67,9 @@ class VariantCost:
     # index b: measured round trips of batches of b to draw from (a live profile's; empty
     # where only the model's one value is known, as for every ML.ENERGY cost)
     latency_samples_s: tuple[tuple[float, ...], ...] = ()
+    # share of a generation's energy and time that does not scale with steps (the
+    # model's assumed ``fixed_fraction``): a resumed batch saves only the rest
+    fixed_fraction: float = DEFAULT_FIXED_FRACTION
 
     def latency_s(self, size: int, rng: random.Random) -> float:
         """How long one batch of ``size`` takes.
@@ -147,7 +151,8 @@ def _table(spec: VariantSpec, model: EnergyLatencyModel) -> VariantCost:
         energy.append(prediction.energy_per_image_j * size)
         latency.append(prediction.batch_latency_s)
     return VariantCost(spec.name, model.gpu, tuple(energy), tuple(latency),
-                       max(model.batch_sizes))  # fmt: skip
+                       max(model.batch_sizes),
+                       fixed_fraction=model.fixed_fraction)  # fmt: skip
 
 
 def place(gpus: int, demand_s: dict[str, float]) -> dict[str, int]:

@@ -18,6 +18,17 @@ finished batch feeds one ``policies.target.JoulesTarget``, whose answer sets the
 dispatcher's batch wait. One simplification, stated in the report: a refused leader's
 waiters are refused with it (live, one waiter retries).
 
+Approximate reuse (``bench._latents``): a request whose reuse mode
+(``policies.latent_reuse.reuse_mode``, with the run's ``reuse`` as the policy default)
+is ``approximate`` may resume each output from the nearest kept latent of its pool,
+variant and size, by ``bench.similarity``'s labeled proxy, and skip the steps its band
+allows; every full generation outside the baseline keeps its latents. A resumed batch
+costs its measured batch energy and time less the skipped steps' share of the per-step
+part (``VariantCost.fixed_fraction``: none of it is fixed at today's assumption of 0),
+and only outputs resuming at the same step share a batch. Its receipt says
+``approximate``, with the steps, steps skipped and similarity. Resumed batches do not
+feed the energy profile: routing prices full generations.
+
 Events are processed in time order (finishes before arrivals at equal times), and the
 dispatcher steps after each group of events at one instant, as the live dispatcher
 wakes on each arrival and finish.
@@ -32,13 +43,15 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from wattserve import GenerationRequest
 from wattserve._schemas import MAX_SEED, parse_size
 from wattserve.bench.fleet import IDLE_W, VariantCost, place, with_replicas
 from wattserve.bench.trace import TraceRequest
 from wattserve.policies.catalog import Catalog, VariantSpec
-from wattserve.policies.dispatch import DispatchCore
+from wattserve.policies.dispatch import DispatchCore, Launch
+from wattserve.policies.latent_reuse import ReuseBand, ReuseMode, reuse_mode, reuse_pool
 from wattserve.policies.leases import LeaseBook, PowerReading
 from wattserve.policies.policy import Policy
 from wattserve.policies.profile import EnergyProfile
@@ -47,6 +60,9 @@ from wattserve.policies.routing import RouteRefusal, RoutingState, route
 from wattserve.policies.target import JoulesTarget
 from wattserve.scheduler.identity import flight_key, output_key
 from wattserve.scheduler.leases import replica_slots
+
+if TYPE_CHECKING:  # numpy and scikit-learn: the [serve] extra, needed for approximate reuse
+    from wattserve.bench._latents import LatentStore, Resume
 
 SOURCE = "simulated"  # ML.ENERGY-measured model costs, played out by the simulator
 RNG_SEED = 0  # every run draws the same round trips: runs are deterministic
@@ -66,11 +82,14 @@ class SimReceipt:
     batch_size: int
     joules: float
     energy_source: str
-    cache: str  # miss | hit | coalesced
+    cache: str  # miss | hit | coalesced | approximate
     seed: int
     latency_s: float
     ok: bool
     floor: float
+    steps: int | None = None  # the variant's schedule (generated outputs)
+    steps_skipped: int = 0  # resumed from a kept latent after this many steps
+    similarity: float | None = None  # the proxy similarity of the resume (approximate)
 
 
 @dataclass
@@ -85,6 +104,7 @@ class RunResult:
     power_w: list[tuple[float, float]]  # (time s, fleet power W) at each change
     moved: int
     wall_s: float
+    latents: dict[str, int] = field(default_factory=dict)  # the latent store's counts
 
 
 @dataclass
@@ -95,6 +115,9 @@ class _Slot:
     floor: float
     fkey: str | None
     key: str | None
+    pool: str | None = None  # keeps its latents in this pool once generated (None: not)
+    prompt: str = ""
+    resume: Resume | None = None
 
 
 @dataclass
@@ -107,6 +130,8 @@ class _State:
     costs: dict[str, VariantCost]
     names: frozenset[str]  # every placed variant is up for the whole run
     rng: random.Random  # draws measured round trips (a live profile's); seeded per run
+    latents: LatentStore | None = None  # approximate reuse is on (None: off)
+    _bands: dict[str, tuple[ReuseBand, ...]] = field(default_factory=dict)
     events: list[tuple[float, int, int, object]] = field(default_factory=list)
     seq: int = 0
     cache: dict[str, list[CachedCopy]] = field(default_factory=dict)
@@ -116,6 +141,15 @@ class _State:
     busy_extra_w: float = 0.0
     pending_wake: float | None = None
     batches: int = 0
+
+    def bands(self, spec: VariantSpec) -> tuple[ReuseBand, ...]:
+        """``spec``'s reuse bands (``bench._latents.bands_of``), once per variant."""
+        got = self._bands.get(spec.name)
+        if got is None:
+            from wattserve.bench._latents import bands_of  # noqa: PLC0415 (the [serve] extra)
+
+            got = self._bands[spec.name] = bands_of(spec)
+        return got
 
     def push(self, at_s: float, kind: int, data: object) -> None:
         self.seq += 1
@@ -142,6 +176,8 @@ class FleetSimulation:
         max_hold_s: float = 5.0,
         replicas: dict[str, int] | None = None,
         overhead_s: dict[str, float] | None = None,
+        reuse: ReuseMode = "exact",
+        latent_max_bytes: int | None = None,
     ) -> None:
         specs = tuple(v for v in catalog.variants if v.name in costs)
         self.catalog = Catalog(source_path=catalog.source_path, variants=specs)
@@ -157,6 +193,10 @@ class FleetSimulation:
         overhead_s = overhead_s or {}
         self.hit_overhead_s = overhead_s.get("hit", 0.0)
         self.miss_overhead_s = overhead_s.get("miss", 0.0)
+        self.reuse = reuse  # the policy default for requests that name none
+        self.latent_max_bytes = (
+            self.policy.cache_max_bytes if latent_max_bytes is None else latent_max_bytes
+        )
         self._now_s = 0.0  # simulated time of the step in progress
 
     # --- setup ------------------------------------------------------------------------
@@ -172,6 +212,7 @@ class FleetSimulation:
                 prompt=r.prompt, negative_prompt=None, width_px=width_px, height_px=height_px,
                 n=r.n, seed=r.seed, quality=r.quality, deadline_s=deadline_s, model=None,
                 user=None, tenant=r.tenant, policy="baseline" if baseline else "default",
+                reuse=None,
             ))  # fmt: skip
         return made
 
@@ -242,6 +283,7 @@ class FleetSimulation:
             book=self._book(catalog),
             profile=profile, target=JoulesTarget(), catalog=catalog, costs=self.costs,
             names=frozenset(catalog.names), rng=random.Random(RNG_SEED),
+            latents=self._latent_store(trace) if not baseline else None,
         )  # fmt: skip
         receipts: list[SimReceipt] = []
         power: list[tuple[float, float]] = [(0.0, self.gpus * self.idle_w)]
@@ -272,7 +314,17 @@ class FleetSimulation:
             policy="baseline" if baseline else "default", receipts=receipts,
             placement=placement, duration_s=now, idle_j=idle_j, power_w=power, moved=moved,
             wall_s=time.perf_counter() - started,
+            latents={**st.latents.stats, "bytes": st.latents.bytes} if st.latents else {},
         )  # fmt: skip
+
+    def _latent_store(self, trace: Sequence[TraceRequest]) -> LatentStore | None:
+        """The run's latent store when approximate reuse is on, its proxy fitted on ``trace``."""
+        if self.reuse != "approximate":
+            return None
+        from wattserve.bench._latents import LatentStore  # noqa: PLC0415 (the [serve] extra)
+        from wattserve.bench.similarity import PromptSimilarity  # noqa: PLC0415
+
+        return LatentStore(PromptSimilarity([r.prompt for r in trace]), self.latent_max_bytes)
 
     def _book(self, catalog: Catalog) -> LeaseBook:
         """The lease book as the admission service keeps it, on the simulated clock.
@@ -300,7 +352,13 @@ class FleetSimulation:
         assert spec is not None
         floor = self.policy.quality_floor(request.quality)
         baseline = request.policy == "baseline"
-        shareable = not baseline and (request.seed is not None or self.policy.share_unseeded)
+        # every tenant may use approximate reuse here: the simulator has no tenancy
+        mode = reuse_mode(request.reuse, request.seed is not None, self.reuse, True)
+        approximate = not baseline and mode == "approximate" and st.latents is not None
+        shareable = (not baseline and not approximate
+                     and (request.seed is not None or self.policy.share_unseeded))  # fmt: skip
+        pools = getattr(self.policy, "reuse_pools", {})  # named shared pools, where set
+        pool = reuse_pool(request.tenant, pools) if st.latents and not baseline else None
         base = request.seed if request.seed is not None else index
         done = []
         for i in range(request.n):
@@ -319,17 +377,30 @@ class FleetSimulation:
                                            floor))  # fmt: skip
                     continue
             fkey = flight_key(key, spec.name) if key is not None else None
-            slot = _Slot(index, seed, now, floor, fkey, key)
+            slot = _Slot(index, seed, now, floor, fkey, key, pool, request.prompt)
             if fkey is not None and fkey in st.flights:
                 st.flights[fkey].append(slot)
                 continue
             if fkey is not None:
                 st.flights[fkey] = []
+            if approximate and pool is not None and st.latents is not None:
+                where = (pool, spec.name, request.width_px, request.height_px)
+                slot.resume = st.latents.find(where, spec.steps, request.prompt, now,
+                                              st.bands(spec))  # fmt: skip
             deadline_s = now + request.deadline_s if request.deadline_s else None  # as live
             ticket = st.core.submit(spec.name, request.width_px, request.height_px, now,
-                                    deadline_s, floor, solo=baseline)  # fmt: skip
+                                    deadline_s, floor, solo=baseline,
+                                    start_step=slot.resume.skip if slot.resume else 0)  # fmt: skip
             st.slots[ticket] = slot
         return done
+
+    def _resumed_share(self, launch: Launch) -> float:
+        """What a batch costs of a full one: 1 less the skipped steps' per-step share."""
+        if not launch.start_step:
+            return 1.0
+        steps = self.catalog.get(launch.variant).steps  # type: ignore[union-attr]
+        fixed = self.costs[launch.variant].fixed_fraction
+        return 1.0 - (1.0 - fixed) * launch.start_step / steps
 
     def _step(self, st: _State, now: float, receipts: list[SimReceipt]) -> int:
         """One dispatcher decision; launches become finish events. Returns outputs moved."""
@@ -342,11 +413,13 @@ class FleetSimulation:
                 st.book.start(launch.lease.lease_id)
             cost = st.costs[launch.variant]
             size = len(launch.tickets)
-            latency_s = cost.latency_s(size, st.rng)
+            share = self._resumed_share(launch)  # power is unchanged: both scale alike
+            latency_s = cost.latency_s(size, st.rng) * share
+            energy_j = cost.batch_energy_j[size] * share
             st.busy_gpus += 1
-            st.busy_extra_w += cost.batch_energy_j[size] / latency_s - self.idle_w
+            st.busy_extra_w += energy_j / latency_s - self.idle_w
             st.batches += 1
-            st.push(now + latency_s, _DONE, (launch, f"bat_{st.batches}", latency_s))
+            st.push(now + latency_s, _DONE, (launch, f"bat_{st.batches}", latency_s, energy_j))
         for ticket, _refusal in step.rejected:
             slot = st.slots.pop(ticket)
             waiters = st.flights.pop(slot.fkey, []) if slot.fkey else []
@@ -364,29 +437,38 @@ class FleetSimulation:
 
     def _finish(self, st: _State, now: float, data: object) -> list[SimReceipt]:
         """A batch ended: charge its outputs and their sharers, cache them, learn."""
-        launch, batch_id, latency_s = data  # type: ignore[misc]
-        cost = st.costs[launch.variant]
+        launch, batch_id, latency_s, energy_j = data  # type: ignore[misc]
         size = len(launch.tickets)
-        energy_j = cost.batch_energy_j[size]
         st.core.finished(launch.variant)
         if launch.lease is not None:
             st.book.release(launch.lease.lease_id)
         st.busy_gpus -= 1
         st.busy_extra_w -= energy_j / latency_s - self.idle_w
-        st.profile.observe(launch.variant, size, energy_j / size, latency_s)
+        if not launch.start_step:  # routing prices full generations
+            st.profile.observe(launch.variant, size, energy_j / size, latency_s)
         st.target.observe(energy_j / size)
         st.core.max_wait_s = st.target.max_wait_s(self.policy, self.target_j)
         spec = st.catalog.get(launch.variant)
-        quality = spec.quality_score if spec else 0.0
+        assert spec is not None
+        skipped = launch.start_step
         done = []
         for ticket in launch.tickets:
             slot = st.slots.pop(ticket)
             waiters = st.flights.pop(slot.fkey, []) if slot.fkey else []
             share = energy_j / size / (1 + len(waiters))
-            for s, cache in ((slot, "miss"), *((w, "coalesced") for w in waiters)):
+            resume = slot.resume if skipped else None
+            first = "approximate" if resume else "miss"
+            similarity = resume.similarity if resume else None
+            for s, cache in ((slot, first), *((w, "coalesced") for w in waiters)):
                 waited_s = now - s.arrived_s + self.miss_overhead_s
                 done.append(SimReceipt(s.request_index, launch.variant, batch_id, size, share,
-                                       SOURCE, cache, s.seed, waited_s, True, s.floor))  # fmt: skip
+                                       SOURCE, cache, s.seed, waited_s, True, s.floor,
+                                       spec.steps, skipped, similarity))  # fmt: skip
             if slot.key is not None:
-                st.cache.setdefault(slot.key, []).append(CachedCopy(launch.variant, quality, now))
+                st.cache.setdefault(slot.key, []).append(
+                    CachedCopy(launch.variant, spec.quality_score, now)
+                )
+            if st.latents is not None and slot.pool is not None and not skipped:
+                where = (slot.pool, launch.variant, launch.width_px, launch.height_px)
+                st.latents.keep(where, spec.steps, slot.prompt, now)
         return done
