@@ -7,17 +7,21 @@
   balancer would).
 * **Oracle**: every *distinct* output generated once, by the cheapest catalog variant
   that meets its quality floor at its size, at that variant's most efficient batch size
-  the data allows — a lower bound that no scheduler can beat on this catalog.
-* **Waterfall**: baseline → after cache + coalescing → after batching → after variant
-  routing → after power policy = achieved, using ``telemetry.savings.savings_by_cause``
-  (the same split the live demo and reports use) on the achieved run's receipts.
+  the data allows — a lower bound that no scheduler can beat on this catalog. With
+  approximate reuse on, each output that may be served approximately is also priced as
+  resumed as deep as its band allows at its best proxy similarity to *any* earlier
+  request's prompt in its pool and size (an unbounded store that kept everything).
+* **Waterfall**: baseline → after cache + coalescing → after approximate cache → after
+  batching → after variant routing → after power policy = achieved, using
+  ``telemetry.savings.savings_by_cause`` (the same split the live demo and reports use)
+  on the achieved run's receipts.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from wattserve._schemas import parse_size
@@ -25,10 +29,17 @@ from wattserve.bench.fleet import VariantCost
 from wattserve.bench.simulate import FleetSimulation, RunResult, SimReceipt
 from wattserve.bench.trace import TraceRequest, TraceSpec, make_trace
 from wattserve.policies.catalog import Catalog
+from wattserve.policies.latent_reuse import (
+    BANDS_PROVENANCE,
+    DEFAULT_BANDS,
+    ReuseMode,
+    reuse_mode,
+    reuse_pool,
+)
 from wattserve.policies.policy import Policy
 from wattserve.policies.routing import reference_variant
 from wattserve.scheduler.identity import output_key
-from wattserve.telemetry.savings import savings_by_cause
+from wattserve.telemetry.savings import SavingsReport, savings_by_cause
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -43,7 +54,8 @@ def summarize(run: RunResult) -> dict[str, Any]:
     ok = [r for r in run.receipts if r.ok]
     joules = sum(r.joules for r in ok)
     latencies = [r.latency_s for r in ok]
-    generated = [r for r in ok if r.cache == "miss"]
+    generated = [r for r in ok if r.cache in ("miss", "approximate")]
+    resumed = [r for r in ok if r.cache == "approximate"]
     by_variant: dict[str, dict[str, float]] = defaultdict(lambda: {"outputs": 0, "joules": 0.0})
     for r in ok:
         by_variant[r.variant]["outputs"] += 1
@@ -57,6 +69,13 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "idle_joules": run.idle_j,
         "cache_hits": sum(r.cache == "hit" for r in ok),
         "coalesced": sum(r.cache == "coalesced" for r in ok),
+        "approximate": len(resumed),
+        "steps_skipped_share": (
+            sum(r.steps_skipped for r in generated) / sum(r.steps or 0 for r in generated)
+        )
+        if generated
+        else None,
+        "latent_store": run.latents,
         "generated": len(generated),
         "mean_batch_size": statistics.fmean(r.batch_size for r in generated) if generated else None,
         "batch_sizes": dict(sorted(Counter(r.batch_size for r in generated).items())),
@@ -105,12 +124,17 @@ class Oracle(NamedTuple):
 
 
 def oracle_joules(
-    trace: Sequence[TraceRequest], catalog: Catalog, costs: dict[str, VariantCost], policy: Policy
+    trace: Sequence[TraceRequest],
+    catalog: Catalog,
+    costs: dict[str, VariantCost],
+    policy: Policy,
+    resumed: Sequence[float] | None = None,
 ) -> Oracle:
     """The offline oracle for ``trace``.
 
     Outputs no variant of the fleet can make (no variant meets the floor at that size;
-    the scheduler refuses them too) are left out.
+    the scheduler refuses them too) are left out. ``resumed`` (by request) is the share
+    of each output's energy an approximate resume saves (``resume_bound``).
     """
     outputs = 0
     best: dict[tuple[int, int, float], float] = {}
@@ -137,18 +161,63 @@ def oracle_joules(
                 key = output_key(r.prompt, None, width_px, height_px, r.seed + i)
             if key not in seen:
                 seen.add(key)
-                total += price
+                total += price * (1.0 - (resumed[index] if resumed else 0.0))
     return Oracle(total, len(seen), outputs)
+
+
+def resume_bound(
+    trace: Sequence[TraceRequest],
+    policy_default: ReuseMode,
+    fixed_fraction: float = 0.0,
+    pools: Mapping[str, str] | None = None,
+) -> list[float]:
+    """Per request, the share of its energy the best possible approximate resume saves.
+
+    For a request the run may serve approximately (``reuse_mode``, every tenant allowed,
+    as in the simulator): the largest band's skip fraction at its best proxy similarity
+    to any earlier request's prompt of its pool and size, as if every earlier generation
+    were kept and every step captured; times the per-step share (1 - ``fixed_fraction``).
+    0 for the rest. O(requests x distinct prompts), in numpy.
+    """
+    if policy_default != "approximate":
+        return [0.0] * len(trace)
+    import numpy as np  # noqa: PLC0415 (the [serve] extra, as approximate reuse needs)
+
+    from wattserve.bench.similarity import PromptSimilarity  # noqa: PLC0415
+
+    proxy = PromptSimilarity([r.prompt for r in trace])
+    best: dict[tuple[str, str], np.ndarray] = {}  # per (pool, size): max over earlier rows
+    shares = []
+    for r in trace:
+        where = (reuse_pool(r.tenant, pools or {}), r.size)
+        row = proxy.row(proxy.id(r.prompt))
+        seen = best.get(where)
+        share = 0.0
+        if seen is not None and reuse_mode(None, r.seed is not None, policy_default, True) == (
+            "approximate"
+        ):
+            similarity = float(seen[proxy.id(r.prompt)])
+            fractions = [b.skip_fraction for b in DEFAULT_BANDS if similarity >= b.min_similarity]
+            share = max(fractions, default=0.0) * (1.0 - fixed_fraction)
+        shares.append(share)
+        best[where] = row if seen is None else np.maximum(seen, row)
+    return shares
+
+
+def split_by_cause(achieved: RunResult, reference: str, reference_batch1_j: float) -> SavingsReport:
+    """``savings_by_cause`` on the run's served receipts (duck-typed ``Receipt``s)."""
+    ok: list[SimReceipt] = [r for r in achieved.receipts if r.ok]
+    return savings_by_cause(ok, reference, reference_batch1_j)  # type: ignore[arg-type]
 
 
 def waterfall(achieved: RunResult, reference: str, reference_batch1_j: float) -> dict[str, float]:
     """Baseline J down to achieved J, one step per cause (priced against the reference)."""
-    ok: list[SimReceipt] = [r for r in achieved.receipts if r.ok]
-    split = savings_by_cause(ok, reference, reference_batch1_j)  # type: ignore[arg-type]
+    split = split_by_cause(achieved, reference, reference_batch1_j)
     causes = split.by_cause_joules
     steps = {"baseline": split.baseline_joules}
     level = split.baseline_joules
     for label, names in (("cache + coalescing", ("cache", "coalescing")),
+                         ("approximate cache", ("approximate_cache",)),
                          ("batching", ("batching",)), ("variant routing", ("variant_choice",)),
                          ("power policy", ("power_capping",))):  # fmt: skip
         level -= sum(causes.get(n, 0.0) for n in names)
@@ -170,11 +239,14 @@ def simulate_report(
     """
     achieved, baseline = sim.run(trace), sim.run(trace, baseline=True)
     got, base = summarize(achieved), summarize(baseline)
-    oracle = oracle_joules(trace, sim.catalog, sim.costs, sim.policy)
+    fixed = min((c.fixed_fraction for c in sim.costs.values()), default=0.0)
+    resumed = resume_bound(trace, sim.reuse, fixed, getattr(sim.policy, "reuse_pools", {}))
+    oracle = oracle_joules(trace, sim.catalog, sim.costs, sim.policy, resumed)
     reference = reference_variant(sim.catalog)
     top = [v.name for v in sim.catalog.variants if v.quality_score == reference.quality_score]
     # what a baseline output cost: on one GPU type, exactly the reference's batch-1 price
     steps = waterfall(achieved, reference.name, base["joules_per_output"] or 0.0)
+    split = split_by_cause(achieved, reference.name, base["joules_per_output"] or 0.0)
     report = {
         "trace": trace_header,
         "fleet": fleet,
@@ -188,7 +260,14 @@ def simulate_report(
         "baseline": f"every output on {' or '.join(top)} (highest quality) at batch size 1, "
         "no cache or coalescing, on every GPU that can run it; simulated in the same run",
         "oracle": "every distinct output once, on the cheapest variant meeting its floor and "
-        "size, at its most efficient measured batch size",
+        "size, at its most efficient measured batch size"
+        + (
+            ", resumed as deep as its best proxy similarity to any earlier prompt of its pool "
+            "allows"
+            if sim.reuse == "approximate"
+            else ""
+        ),
+        "reuse": _reuse_note(sim),
         "achieved": got,
         "baseline_run": base,
         "oracle_joules": oracle.joules,
@@ -196,12 +275,30 @@ def simulate_report(
         "factor_vs_baseline": _factor(base, got),
         "achieved_over_oracle": oracle.over(got),
         "waterfall_joules": steps,
+        "savings_by_cause_joules": split.by_cause_joules,
         "simplifications": [
             "a refused leader's coalesced waiters are refused with it (live: one retries)",
             "static placement: each GPU serves one variant for the whole run",
         ],
     }
     return report, {"achieved": achieved, "baseline": baseline}
+
+
+def _reuse_note(sim: FleetSimulation) -> dict[str, Any]:
+    """What the run's reuse default was and what an approximate figure rests on."""
+    if sim.reuse != "approximate":
+        return {"default": sim.reuse}
+    from wattserve.bench._latents import LATENT_CHANNELS  # noqa: PLC0415 (the [serve] extra)
+    from wattserve.bench.similarity import PROVENANCE  # noqa: PLC0415
+
+    return {
+        "default": sim.reuse,
+        "similarity": PROVENANCE,
+        "bands": BANDS_PROVENANCE,
+        "latent_store_max_bytes": sim.latent_max_bytes,
+        "latent_size": f"assumed {LATENT_CHANNELS} channels at 1/8 side, fp16, per kept step",
+        "unseeded_only": "seeded requests stay exact (same seed, same bytes)",
+    }
 
 
 SWEEP_REPEAT_RATES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from pydantic import ValidationError
@@ -21,10 +21,18 @@ from wattserve.bench.fleet import costs_from_profile, fleet_catalog, parse_fleet
 from wattserve.bench.profiles import DEFAULT_DATA_DIR, MeasurementsError
 from wattserve.bench.sim_report import simulate_report, sweep
 from wattserve.bench.simulate import FleetSimulation, RunResult
-from wattserve.bench.trace import PRESETS, load_prompts, make_trace, preset_spec, read_trace
+from wattserve.bench.trace import (
+    PRESETS,
+    load_prompts,
+    make_trace,
+    preset_prompts,
+    preset_spec,
+    read_trace,
+)
 from wattserve.cli._common import JsonOption, fail
 from wattserve.cli._render import print_json, table
 from wattserve.policies.catalog import CatalogError, load_catalog
+from wattserve.policies.latent_reuse import ReuseMode
 from wattserve.policies.policy import Policy
 
 NO_FIGURES = "no figures: matplotlib is not installed; pip install 'wattserve[serve]'"
@@ -36,14 +44,30 @@ def simulate(
     fleet: Annotated[
         str, typer.Option(help="GPUs by type, e.g. 8xH100 or 8xH100,4xB200 (ML.ENERGY types).")
     ],
-    requests: Annotated[int, typer.Option(min=1, help="Requests, for a preset.")] = 2000,
+    requests: Annotated[
+        int | None,
+        typer.Option(min=1, help="Requests, for a preset (default 2000, or the preset's own)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Trace seed, for a preset.")] = 0,
     size: Annotated[str, typer.Option(help="Image size, for a preset.")] = "1024x1024",
     rate_per_s: Annotated[
         float | None, typer.Option(help="Arrivals/s for a preset (default 0.5 per GPU).")
     ] = None,
     prompts: Annotated[
-        Path | None, typer.Option(help="Prompt file for a preset (default: PartiPrompts).")
+        Path | None,
+        typer.Option(help="Prompt file for a preset (default: its own, else PartiPrompts)."),
+    ] = None,
+    reuse: Annotated[
+        str,
+        typer.Option(
+            help="The policy's reuse default: exact, or approximate (unseeded requests may "
+            "resume from a similar prompt's kept latent; similarity by the labeled "
+            "tfidf-proxy, see bench/similarity.py)."
+        ),
+    ] = "exact",
+    latent_cache_mb: Annotated[
+        float | None,
+        typer.Option(help="Latent store cap, MiB, with --reuse approximate (default 1024)."),
     ] = None,
     cap_w: Annotated[float | None, typer.Option(help="Fleet power cap, W.")] = None,
     target_j: Annotated[
@@ -111,12 +135,16 @@ def simulate(
         fail("--target-j: must be positive", code=2)
     if deadline_s is not None and deadline_s <= 0:
         fail("--deadline-s: must be positive", code=2)
+    latent_max_bytes = _reuse_options(reuse, latent_cache_mb)
     count = sum(gpus.values())
     if trace in PRESETS:
         try:
-            spec = preset_spec(trace, requests=requests, seed=seed, sizes={size: 1},
+            count_of = requests or PRESETS[trace].get("requests") or 2000
+            spec = preset_spec(trace, requests=count_of, seed=seed, sizes={size: 1},
                                rate_per_s=rate_per_s or 0.5 * count)  # fmt: skip
-            prompt_set = load_prompts(prompts or data_dir / "PartiPrompts.tsv")
+            prompt_set = load_prompts(
+                prompts or preset_prompts(trace, data_dir) or data_dir / "PartiPrompts.tsv"
+            )
         except (ValidationError, ValueError, OSError) as exc:
             fail(f"--trace: {exc}", code=2)
         requests_list = make_trace(spec, prompt_set.prompts)
@@ -135,7 +163,9 @@ def simulate(
     sim = FleetSimulation(variants, costs, gpus, cap_w=cap_w, target_j=target_j,
                           replicas=replicas,
                           overhead_s=overhead_s,
-                          policy=Policy(default_deadline_s=deadline_s))  # fmt: skip
+                          policy=Policy(default_deadline_s=deadline_s),
+                          reuse=cast(ReuseMode, reuse),  # checked by _reuse_options
+                          latent_max_bytes=latent_max_bytes)  # fmt: skip
     report, runs = simulate_report(requests_list, header, sim, fleet, provenance)
     if sweep_curve:
         report["sweep"] = sweep(sim, *sweep_from)
@@ -162,6 +192,18 @@ def simulate(
     )  # fmt: skip
     table("waterfall (J)", ["step", "joules"],
           [[k, v] for k, v in report["waterfall_joules"].items()])  # fmt: skip
+    baseline_j = report["waterfall_joules"]["baseline"] or 1.0
+    table("savings by cause (J, share of the priced baseline)", ["cause", "joules", "share"],
+          [[k, v, f"{v / baseline_j:.1%}"]
+           for k, v in report["savings_by_cause_joules"].items()])  # fmt: skip
+    if reuse == "approximate":
+        store = got["latent_store"]
+        typer.echo(
+            f"approximate reuse: {got['approximate']} of {got['outputs']} outputs resumed "
+            f"from a kept latent, {got['steps_skipped_share'] or 0.0:.1%} of generated steps "
+            f"skipped; latent store kept {store.get('kept', 0)}, evicted "
+            f"{store.get('evicted', 0)}; similarity: {report['reuse']['similarity']}"
+        )
     if got["refused"]:
         typer.echo(
             f"achieved refused {got['refused']} of {got['outputs'] + got['refused']} outputs "
@@ -174,6 +216,20 @@ def simulate(
         f"{report['achieved_over_oracle']:.2f}; baseline: {report['baseline']}; wrote {out}"
         f"{figures}"
     )
+
+
+def _reuse_options(reuse: str, latent_cache_mb: float | None) -> int | None:
+    """The latent store cap in bytes (None: the default); exits 2 on bad input."""
+    if reuse not in ("exact", "approximate"):
+        fail(f"--reuse: want exact or approximate, got {reuse!r}", code=2)
+    if latent_cache_mb is not None and latent_cache_mb <= 0:
+        fail("--latent-cache-mb: must be positive", code=2)
+    if reuse == "approximate":
+        try:
+            import sklearn  # noqa: F401, PLC0415 (the [serve] extra)
+        except ImportError:
+            fail("--reuse approximate: needs scikit-learn; pip install 'wattserve[serve]'", 2)
+    return None if latent_cache_mb is None else int(latent_cache_mb * 2**20)
 
 
 def _figures(report: dict, runs: dict[str, RunResult], stem: Path) -> list[str]:
