@@ -1,7 +1,7 @@
 r"""One prepared GPU check: NVML readings, SD 2.1-sized batches, two energy methods.
 
-What it does, in one run (expected 2-4 minutes on an H100/H200, not yet timed there;
-it must stay under 8):
+What it does, in one run (expected 4-6 minutes on an H100/H200 with the step sweep,
+2-4 without it; none of it timed there yet; it must stay under 8):
 
 1. lists the GPUs through wattserve's NVML source (``open_power_sources("nvml")``): id,
    name, power, energy counter, whether the counter works, the power limit. It only
@@ -18,15 +18,34 @@ it must stay under 8):
    integrates it (trapezoids) over exactly the meter's begin..end window of each batch;
 4. prints per batch size: J/image from the agent (with its energy_source), J/image from
    integrated power, batch latency, and agent/integrated ratio;
-5. runs ``pytest -q -m gpu tests/test_gpu.py`` and records its exit code and summary.
+5. the step sweep (``step_sweep`` in the report; ``--no-step-sweep`` skips it): J/image
+   at batch 1 at 1, 2, 4, 8 and 25 denoising steps (``--sweep-steps``), one warm-up at
+   the variant's own steps, then ``--sweep-repeats`` (3) interleaved rounds, for
+   (a) the SD 2.1 worker above, 512x512, guidance 7.5, and (b) a random-weight SDXL
+   base 1.0 architecture (``SDXL_LAYOUTS["sdxl"]``: 2.57 B UNet, 0.12 B + 0.69 B text
+   encoders, 84 M VAE; ``StableDiffusionXLPipeline``, which ``workers.pipelines`` cannot
+   build) created on the GPU, saved in float16, loaded by its own ``VariantWorker``,
+   1024x1024, guidance 5.0, default 25 steps (as ``sdxl-h100`` in
+   ``policies/real_catalog.toml``). Each figure is labelled: the agent's
+   ``energy_source`` (``nvml-counter``) and the poller's ``nvml-power``. Fitted by least
+   squares (``bench.step_energy.fit_step_energy``): ``J(steps) = fixed_j + per_step_j *
+   steps``, with R² and ``fixed_fraction_at_default = fixed_j / J(default steps)``, the
+   number ``bench.profiles`` assumes to be 0; latency gets the same line. The SDXL part
+   starts only while ``SDXL_RESERVE_S`` (180 s) of ``--time-budget-s`` (480 s) remain,
+   else it is listed under ``skipped``;
+6. runs ``pytest -q -m gpu tests/test_gpu.py`` and records its exit code and summary.
 
 Everything is printed as one JSON document on stdout (logs go to stderr) and, when
-``OUT`` is set, also written to ``$OUT/gpu-check.json``. The exit code is 0 only when
-every stage worked (the pytest exit code included).
+``OUT`` is set, also written to ``$OUT/gpu-check.json``: after every stage with
+``"complete": false`` (a run cut short still leaves its numbers), and at the end with
+``"complete": true``. The exit code is 0 only when every stage worked (the pytest exit
+code included).
 
 ``--cpu-smoke`` runs the same code path without a GPU: simulated power source, the
-tiny built-in variant ``tiny-sd-turbo``, 64x64, batch sizes 1 and 2, no pytest. That is
-what ``tests/test_gpu_check.py`` runs.
+tiny built-in variant ``tiny-sd-turbo``, 64x64, batch sizes 1 and 2, no pytest; its
+step sweep runs 1, 2 and 4 steps on ``tiny-sd-turbo`` and on a toy SDXL layout
+(``SDXL_LAYOUTS["tiny"]``), labelled ``simulated`` (power x busy time, not energy).
+That is what ``tests/test_gpu_check.py`` runs.
 
 Running it with the ``device`` tool (a lent H100/H200; nothing outside that machine can
 be reached, so nothing can be pip-installed there from a registry)
@@ -56,7 +75,12 @@ Then one ``run`` call with ``carry: [".whl"]`` and ``timeout_s`` about 540::
       --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
     PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py
 
-``$OUT/gpu-check.json`` comes back. Limits to know: the session has 15 minutes of
+``$OUT/gpu-check.json`` comes back. Nothing installs wattserve there: the script adds
+the checkout's root to ``wattserve.__path__`` (``_use_checkout_packages``) so that
+``wattserve.policies``, ``wattserve.bench``, ... resolve to the folders as an editable
+install maps them, and runs the pytest stage the same way.
+With the sweep the run is expected to take 4-6 minutes; ``--no-step-sweep`` or
+``--sweep-archs sd21`` shorten it. Limits to know: the session has 15 minutes of
 device time in all (the machine's start counts), so run this once, prepared; the image's
 transformers (5.17 when last listed) is older than ours (5.24) and diffusers' own
 requirements (huggingface-hub>=1.32) are only listed as met there, not checked; ``ray``
@@ -75,6 +99,7 @@ import bisect
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,6 +114,23 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing wattserve
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _use_checkout_packages() -> None:
+    """Make ``wattserve.<folder>`` importable from a checkout that is not installed.
+
+    The folders install as ``wattserve.policies``, ``wattserve.bench``, ... (pyproject's
+    package-dir). An editable install maps them; the bare GPU image has none, so the
+    repository root joins ``wattserve.__path__`` and ``wattserve.policies`` resolves to
+    ``REPO/policies``. A no-op where the mapping already works.
+    """
+    import importlib.util
+
+    import wattserve
+
+    if importlib.util.find_spec("wattserve.policies") is None:
+        wattserve.__path__.append(str(REPO))
+
 
 GPU_CATALOG = REPO / "scripts" / "gpu_catalog.toml"
 PROMPTS = (
@@ -257,10 +299,328 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return by_size
 
 
+# ---------------------------------------------------------------------------------------
+# Step sweep: J/image at several step counts, fitted to fixed_j + per_step_j * steps.
+
+GPU_SWEEP_STEPS = (1, 2, 4, 8, 25)
+CPU_SWEEP_STEPS = (1, 2, 4)
+SWEEP_ARCHS = ("sd21", "sdxl")
+# The SDXL sweep (build, load, runs: about 1.5-2 min expected on an H200, not yet timed)
+# starts only when this much of --time-budget-s is left.
+SDXL_RESERVE_S = 180.0
+
+# Stable Diffusion XL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0:
+# unet/config.json, text_encoder/config.json (CLIP ViT-L/14), text_encoder_2/config.json
+# (OpenCLIP ViT-bigG/14 with projection), vae/config.json): 2.57 B UNet, 0.12 B + 0.69 B
+# text encoders, 84 M VAE parameters. "tiny" is the same pipeline class at toy sizes,
+# for the CPU mode. Weights are random either way; nothing is downloaded.
+SDXL_LAYOUTS: dict[str, dict[str, Any]] = {
+    "sdxl": {
+        "unet": {
+            "block_out_channels": (320, 640, 1280),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "layers_per_block": 2,
+            "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (5, 10, 20),
+            "addition_time_embed_dim": 256,
+            "use_linear_projection": True,
+            "norm_num_groups": 32,
+            "sample_size": 128,
+        },
+        "text": {"hidden": 768, "intermediate": 3072, "layers": 12, "heads": 12,
+                 "act": "quick_gelu", "projection": 768, "vocab": 49408},
+        "text_2": {"hidden": 1280, "intermediate": 5120, "layers": 32, "heads": 20,
+                   "act": "gelu", "projection": 1280, "vocab": 49408},
+        "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+                "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025},
+        "seed": 1024,
+    },
+    "tiny": {
+        "unet": {
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "layers_per_block": 1,
+            "transformer_layers_per_block": (1, 1),
+            "attention_head_dim": (2, 4),
+            "addition_time_embed_dim": 8,
+            "use_linear_projection": True,
+            "norm_num_groups": 8,
+            "sample_size": 32,
+        },
+        "text": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2,
+                 "act": "quick_gelu", "projection": 32, "vocab": None},
+        "text_2": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2,
+                   "act": "gelu", "projection": 32, "vocab": None},
+        "vae": {"block_out_channels": (32, 64), "layers_per_block": 1,
+                "norm_num_groups": 8, "sample_size": 64, "scaling_factor": 0.13025},
+        "seed": 8,
+    },
+}  # fmt: skip
+
+
+def _build_random_sdxl(layout: dict[str, Any], device: str = "cpu") -> Any:
+    """A random-weight ``StableDiffusionXLPipeline`` of ``layout`` (see SDXL_LAYOUTS).
+
+    The four models are created directly on ``device`` (random init of 3.5 B parameters
+    is quick on a GPU, slow on a CPU); tokenizer and scheduler hold no weights.
+
+    Built like ``workers.pipelines._build_random_pipeline`` (which only makes the
+    one-text-encoder Stable Diffusion class): the same 514-token byte-level tokenizer for
+    both text encoders (a larger vocabulary only enlarges the embedding tables).
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from wattserve.workers.pipelines import _tiny_tokenizer
+
+    torch.manual_seed(layout["seed"])
+    tokenizer = _tiny_tokenizer()
+    special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+
+    def text_config(spec: dict[str, Any]) -> Any:
+        return CLIPTextConfig(
+            vocab_size=spec["vocab"] or len(tokenizer),
+            hidden_size=spec["hidden"],
+            intermediate_size=spec["intermediate"],
+            num_attention_heads=spec["heads"],
+            num_hidden_layers=spec["layers"],
+            max_position_embeddings=77,
+            hidden_act=spec["act"],
+            bos_token_id=special[0],
+            eos_token_id=special[1],
+            pad_token_id=special[1],
+            projection_dim=spec["projection"],
+        )
+
+    text, text_2, unet_spec = layout["text"], layout["text_2"], layout["unet"]
+    vae_spec = layout["vae"]
+    levels = len(vae_spec["block_out_channels"])
+    with torch.device(device):
+        text_encoder = CLIPTextModel(text_config(text))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(text_2))
+        unet = UNet2DConditionModel(
+            in_channels=4,
+            out_channels=4,
+            # SDXL conditions on both encoders' penultimate states, concatenated (2048),
+            # and on the pooled bigG embedding plus 6 size/crop numbers (2816)
+            cross_attention_dim=text["hidden"] + text_2["hidden"],
+            addition_embed_type="text_time",
+            projection_class_embeddings_input_dim=(
+                6 * unet_spec["addition_time_embed_dim"] + text_2["projection"]
+            ),
+            **unet_spec,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            force_upcast=True,  # SDXL's VAE decodes in float32, as the released config says
+            **vae_spec,
+        )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def _sdxl_variant(cpu_smoke: bool, models_dir: Path) -> Any:
+    """Build (once) the random SDXL pipeline under ``models_dir``; its VariantSpec.
+
+    On a GPU the modules are created on the device (fast) and saved in float16; the
+    worker then loads the directory with ``from_pretrained`` like any checkpoint.
+    """
+    import torch
+
+    from wattserve.policies.catalog import EnergyPrior, Resources, VariantSpec, load_catalog
+
+    name = "tiny-sdxl-arch-random" if cpu_smoke else "sdxl-arch-random"
+    target = models_dir / name
+    if not (target / "model_index.json").exists():
+        on_gpu = torch.cuda.is_available() and not cpu_smoke
+        models_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
+        try:
+            pipe = _build_random_sdxl(
+                SDXL_LAYOUTS["tiny" if cpu_smoke else "sdxl"], "cuda" if on_gpu else "cpu"
+            )
+            if on_gpu:
+                pipe.to(torch.float16)
+            pipe.save_pretrained(staging)
+            del pipe
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if on_gpu:
+                torch.cuda.empty_cache()
+    if cpu_smoke:
+        return VariantSpec(
+            name=name,
+            source=str(target),
+            steps=4,
+            guidance_scale=5.0,
+            max_size_px=256,
+            quality_score=0.0,
+            quality_provenance="random weights: toy SDXL layout for the CPU mode",
+            power_w=350.0,
+            energy_prior=EnergyPrior(
+                joules_per_image={1: 18.0}, provenance="placeholder: CPU mode, not used"
+            ),
+        )
+    # Steps, guidance and precision of the real SDXL variant (policies/real_catalog.toml)
+    real = load_catalog(REPO / "policies" / "real_catalog.toml").get("sdxl-h100")
+    assert real is not None
+    fields = real.model_dump()
+    fields.update(
+        name=name,
+        source=str(target),
+        min_size_px=512,
+        quality_score=0.0,
+        quality_provenance="random weights: architecture and cost of SDXL base 1.0 only",
+        resources=Resources(num_gpus=1).model_dump(),
+    )
+    return VariantSpec.model_validate(fields)
+
+
+def _measure(
+    worker: Any, meter: WindowMeter, poller: PowerPoller, plan: Any, power_label: str
+) -> dict[str, Any]:
+    """Run one plan through the worker; the agent's joules and the poller's, labelled."""
+    out = worker.run(plan)
+    time.sleep(0.25)  # let the poller take samples past the window's end
+    window_start, window_end = meter.windows[plan.batch_id]
+    joules, samples = poller.integrate(window_start, window_end)
+    window_s = window_end - window_start
+    return {
+        "batch_id": plan.batch_id,
+        "batch_size": len(plan.items),
+        "images": len(out.png_images),
+        "busy_s": round(out.busy_s, 4),
+        "window_s": round(window_s, 4),
+        "agent_joules": round(out.joules, 3),
+        "energy_source": out.energy_source,
+        "integrated_joules": round(joules, 3),
+        "integrated_source": power_label,
+        "power_samples_in_window": samples,
+        "mean_power_w": round(joules / window_s, 1) if window_s > 0 else None,
+    }
+
+
+def _fit_or_error(points: list[tuple[int, float]], default_steps: int) -> dict[str, Any]:
+    from wattserve.bench.step_energy import fit_step_energy
+
+    try:
+        return fit_step_energy(points, default_steps).as_dict()
+    except ValueError as exc:
+        return {"error": str(exc)}
+
+
+def _sweep_fits(points: list[dict[str, Any]], default_steps: int) -> dict[str, Any]:
+    """Fits of the timed points: agent joules, integrated joules, latency (batch 1)."""
+    timed = [p for p in points if not p["warmup"]]
+    fits: dict[str, Any] = {}
+    for key, joules, label in (
+        ("agent", "agent_joules", "energy_source"),
+        ("integrated", "integrated_joules", "integrated_source"),
+    ):
+        fit = _fit_or_error(
+            [(p["steps"], p[joules] / p["batch_size"]) for p in timed], default_steps
+        )
+        fit["energy_source"] = sorted({p[label] for p in timed})
+        fits[key] = fit
+    # the same line through batch latency, in seconds
+    latency = _fit_or_error([(p["steps"], p["busy_s"]) for p in timed], default_steps)
+    seconds = {"fixed_j": "fixed_s", "per_step_j": "per_step_s", "j_at_default": "s_at_default",
+               "rms_residual_j": "rms_residual_s"}  # fmt: skip
+    fits["latency"] = {seconds.get(key, key): value for key, value in latency.items()}
+    return fits
+
+
+def _sweep_one(
+    worker: Any,
+    variant: Any,
+    meter: WindowMeter,
+    poller: PowerPoller,
+    side_px: int,
+    steps_list: tuple[int, ...],
+    repeats: int,
+    power_label: str,
+    result: dict[str, Any],
+) -> None:
+    """Warm-up at the variant's steps, then ``repeats`` rounds over ``steps_list``.
+
+    Rounds interleave the step counts (1, 2, 4, ..., then again) so slow drift in clocks
+    or temperature spreads over all of them. The worker keeps its loaded pipeline; only
+    its ``variant.steps`` changes between runs. Fills ``result`` as it goes (its points
+    survive a failure part-way; ``fits`` is added once every run is done).
+    """
+    from wattserve.policies.plans import BatchPlan, WorkItem
+
+    schedule = [(variant.steps, "warmup")]
+    schedule += [(s, f"r{r}") for r in range(repeats) for s in steps_list]
+    points: list[dict[str, Any]] = []
+    result.update(
+        variant=variant.name,
+        default_steps=variant.steps,
+        guidance_scale=variant.guidance_scale,
+        dtype=variant.dtype,
+        size_px=side_px,
+        batch_size=1,
+        steps=list(steps_list),
+        repeats=repeats,
+        points=points,
+    )
+    try:
+        for number, (steps, tag) in enumerate(schedule):
+            worker.variant = variant.model_copy(update={"steps": steps})
+            item = WorkItem(PROMPTS[number % len(PROMPTS)], None, 5000 + number)
+            batch_id = f"sweep-{variant.name}-{number}-s{steps}-{tag}"
+            plan = BatchPlan(batch_id, variant.name, side_px, side_px, (item,))
+            row = _measure(worker, meter, poller, plan, power_label)
+            row.update(steps=steps, warmup=tag == "warmup")
+            points.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        worker.variant = variant
+    result["fits"] = _sweep_fits(points, variant.steps)
+
+
+# ``python -m pytest`` with ``_use_checkout_packages`` first (conftest imports
+# wattserve.policies, which an uninstalled checkout does not map by itself)
+_PYTEST_BOOT = (
+    "import sys; sys.path.insert(0, {repo!r}); import importlib.util, wattserve; "
+    "importlib.util.find_spec('wattserve.policies') or wattserve.__path__.append({repo!r}); "
+    "import pytest; sys.exit(pytest.main(['-q', '-m', 'gpu', 'tests/test_gpu.py']))"
+)
+
+
 def _run_pytest() -> dict[str, Any]:
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"],
+            [sys.executable, "-c", _PYTEST_BOOT.format(repo=str(REPO))],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -277,8 +637,40 @@ def _run_pytest() -> dict[str, Any]:
     }
 
 
-def run_check(cpu_smoke: bool, repeats: int, models_dir: Path) -> dict[str, Any]:
-    """Every stage of the check; failures are recorded in ``errors`` and later stages go on."""
+def _sweep_options(cpu_smoke: bool, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The step sweep's settings from the command line (None: no sweep)."""
+    if args.no_step_sweep:
+        return None
+    if args.sweep_steps:
+        try:
+            steps = tuple(sorted({int(s) for s in args.sweep_steps.split(",") if s.strip()}))
+        except ValueError:
+            raise SystemExit(f"--sweep-steps takes integers: {args.sweep_steps!r}") from None
+    else:
+        steps = CPU_SWEEP_STEPS if cpu_smoke else GPU_SWEEP_STEPS
+    archs = tuple(a.strip() for a in args.sweep_archs.split(",") if a.strip())
+    unknown = sorted(set(archs) - set(SWEEP_ARCHS))
+    if unknown or not archs:
+        raise SystemExit(f"--sweep-archs takes {','.join(SWEEP_ARCHS)}; got {args.sweep_archs!r}")
+    if len(steps) < 2 or steps[0] < 1:
+        raise SystemExit(f"--sweep-steps needs 2 or more step counts >= 1; got {steps}")
+    return {"steps": steps, "archs": archs, "repeats": max(1, args.sweep_repeats)}
+
+
+def run_check(
+    cpu_smoke: bool,
+    repeats: int,
+    models_dir: Path,
+    sweep: dict[str, Any] | None = None,
+    time_budget_s: float = 480.0,
+    checkpoint: Any = None,
+) -> dict[str, Any]:
+    """Every stage of the check; failures are recorded in ``errors`` and later stages go on.
+
+    ``checkpoint(report)``, when given, is called after each stage with the report so
+    far (``main`` writes it to ``$OUT`` so a run cut short still returns its numbers).
+    """
+    _use_checkout_packages()
     import structlog
 
     from wattserve.policies.catalog import load_catalog
@@ -290,16 +682,22 @@ def run_check(cpu_smoke: bool, repeats: int, models_dir: Path) -> dict[str, Any]
 
     # Logs to stderr so stdout is the one JSON document (configure_logging keeps this).
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    check_started = time.monotonic()
+
+    def save() -> None:
+        if checkpoint is not None:
+            checkpoint(report)
 
     if cpu_smoke:
         source_mode, variant = "simulated", load_catalog().get("tiny-sd-turbo")
-        side_px, sizes = 64, (1, 2)
+        side_px, sizes, sdxl_px = 64, (1, 2), 64
     else:
         source_mode, variant = "nvml", load_catalog(GPU_CATALOG).get("sd21-arch-random")
-        side_px, sizes = 512, (1, 2, 4)
+        side_px, sizes, sdxl_px = 512, (1, 2, 4), 1024
     assert variant is not None
     report: dict[str, Any] = {
         "mode": "cpu-smoke" if cpu_smoke else "gpu",
+        "complete": False,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "variant": {
             "name": variant.name,
@@ -328,6 +726,8 @@ def run_check(cpu_smoke: bool, repeats: int, models_dir: Path) -> dict[str, Any]
     except Exception:
         fail("devices")
         return report
+    # what the poller's integrated figures are: NVML power readings, or the simulation
+    power_label = "nvml-power" if device_set.kind == "nvml" else "simulated"
 
     try:
         started = time.monotonic()
@@ -336,11 +736,13 @@ def run_check(cpu_smoke: bool, repeats: int, models_dir: Path) -> dict[str, Any]
     except Exception:
         fail("build")
         return report
+    save()
 
     agent = TelemetryAgent(open_power_sources(source_mode), sample_hz=10)
     agent.start()
     poller: PowerPoller | None = None
     runs: list[dict[str, Any]] = []
+    report["batches"] = runs
     try:
         # The agent samples its own devices; the poller reads the same device object
         # (one simulated device only exists once; NVML handles are thread-safe).
@@ -372,26 +774,57 @@ def run_check(cpu_smoke: bool, repeats: int, models_dir: Path) -> dict[str, Any]
             )
             batch_id = f"check-{number}-bs{size}-{tag}"
             plan = BatchPlan(batch_id, variant.name, side_px, side_px, items)
-            out = worker.run(plan)
-            time.sleep(0.25)  # let the poller take samples past the window's end
-            window_start, window_end = meter.windows[batch_id]
-            joules, samples = poller.integrate(window_start, window_end)
-            window_s = window_end - window_start
-            row = {
-                "batch_id": batch_id,
-                "batch_size": size,
-                "warmup": tag == "warmup",
-                "images": len(out.png_images),
-                "busy_s": round(out.busy_s, 4),
-                "window_s": round(window_s, 4),
-                "agent_joules": round(out.joules, 3),
-                "energy_source": out.energy_source,
-                "integrated_joules": round(joules, 3),
-                "power_samples_in_window": samples,
-                "mean_power_w": round(joules / window_s, 1) if window_s > 0 else None,
-            }
+            row = _measure(worker, meter, poller, plan, power_label)
+            row["warmup"] = tag == "warmup"
             runs.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+        timed = [r for r in runs if not r["warmup"]]
+        report["by_batch_size"] = _summary(timed) if timed else {}
+        save()
+
+        if sweep is not None:
+            report["step_sweep"] = section = {
+                "what": "J/image at batch 1 vs denoising steps, fitted by least squares to "
+                "J(steps) = fixed_j + per_step_j * steps; fixed_fraction_at_default = "
+                "fixed_j / J(default steps)",
+                "power_source": device_set.kind,
+                "note": (
+                    "NVML energy of the GPU: agent = the telemetry agent's figure "
+                    "(energy_source), integrated = this script's 100 Hz power polling"
+                    if device_set.kind == "nvml"
+                    else "CPU mode: simulated power x busy time on toy architectures "
+                    "(tiny-sd-turbo, a toy SDXL layout); exercises the code, measures no GPU"
+                ),
+                "steps": list(sweep["steps"]),
+                "repeats": sweep["repeats"],
+                "warmup_runs": 1,
+                "time_budget_s": time_budget_s,
+                "architectures": {arch: {} for arch in sweep["archs"]},
+                "skipped": {},
+            }
+            if "sd21" in sweep["archs"]:
+                try:  # the batch stage's worker: SD 2.1 (GPU) or tiny-sd-turbo (CPU mode)
+                    _sweep_one(
+                        worker, variant, meter, poller, side_px, sweep["steps"],
+                        sweep["repeats"], power_label, section["architectures"]["sd21"],
+                    )  # fmt: skip
+                except Exception:
+                    fail("step_sweep:sd21")
+                save()
+            if "sdxl" in sweep["archs"]:
+                left_s = time_budget_s - (time.monotonic() - check_started)
+                if left_s < SDXL_RESERVE_S:
+                    del section["architectures"]["sdxl"]
+                    section["skipped"]["sdxl"] = (
+                        f"{left_s:.0f} s of --time-budget-s left, under the {SDXL_RESERVE_S:.0f}"
+                        " s the SDXL sweep is given"
+                    )
+                else:
+                    _sweep_sdxl(
+                        cpu_smoke, models_dir, meter, poller, sdxl_px, sweep, power_label,
+                        section, fail,
+                    )  # fmt: skip
+                save()
     except Exception:
         fail("batches")
     finally:
@@ -404,16 +837,66 @@ def run_check(cpu_smoke: bool, repeats: int, models_dir: Path) -> dict[str, Any]
             "sampling_cpu_pct": round(agent.sampling_cpu_pct, 3),
             "reconciliation": asdict(agent.reconciliation()),
         }
-    report["batches"] = runs
-    timed = [r for r in runs if not r["warmup"]]
-    report["by_batch_size"] = _summary(timed) if timed else {}
+    if "by_batch_size" not in report:  # the batch stage failed part-way: what it measured
+        timed = [r for r in runs if not r["warmup"]]
+        report["by_batch_size"] = _summary(timed) if timed else {}
     try:
         report["devices_after"] = [_device_info(d) for d in agent.devices]
     except Exception:
         fail("devices_after")
+    save()
     if not cpu_smoke:
         report["pytest"] = _run_pytest()
+    report["elapsed_s"] = round(time.monotonic() - check_started, 1)
+    report["complete"] = True
     return report
+
+
+def _sweep_sdxl(
+    cpu_smoke: bool,
+    models_dir: Path,
+    meter: WindowMeter,
+    poller: PowerPoller,
+    side_px: int,
+    sweep: dict[str, Any],
+    power_label: str,
+    section: dict[str, Any],
+    fail: Any,
+) -> None:
+    """Build the random SDXL pipeline, load it in its own worker, sweep it, free it."""
+    import gc
+
+    from wattserve.workers.worker import VariantWorker
+
+    try:
+        started = time.monotonic()
+        sdxl = _sdxl_variant(cpu_smoke, models_dir)
+        build_s = round(time.monotonic() - started, 2)
+        started = time.monotonic()
+        worker = VariantWorker(sdxl, str(models_dir), meter)
+        load_s = round(time.monotonic() - started, 2)
+    except Exception:
+        fail("step_sweep:sdxl:build")
+        return
+    result = section["architectures"]["sdxl"]
+    result.update(build_s=build_s, load_s=load_s)
+    try:
+        _sweep_one(
+            worker, sdxl, meter, poller, side_px, sweep["steps"], sweep["repeats"], power_label,
+            result,
+        )  # fmt: skip
+    except Exception:
+        fail("step_sweep:sdxl")
+    finally:
+        del worker
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # freeing memory is a courtesy to the pytest stage
+            pass
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -424,6 +907,26 @@ def _table(report: dict[str, Any]) -> str:
             f"  {row['integrated_j_per_image']:>11.2f}  {row['batch_latency_s']:>9.3f}"
             f"  {row['agent_over_integrated']}"
         )
+    archs = report.get("step_sweep", {}).get("architectures", {})
+    if archs:
+        lines.append("sweep  variant                 fit         source         fixed J"
+                     "  J/step     R2      fixed_fraction@default")  # fmt: skip
+    for arch, result in archs.items():
+        for key in ("agent", "integrated") if "fits" in result else ():
+            fit = result["fits"][key]
+            source = ",".join(fit["energy_source"])
+            if "error" in fit:
+                lines.append(f"{arch:<5}  {result['variant']:<22}  {key:<10}  {source:<13}  "
+                             f"{fit['error']}")  # fmt: skip
+                continue
+            r2 = "n/a" if fit["r_squared"] is None else f"{fit['r_squared']:.4f}"
+            fraction = fit["fixed_fraction_at_default"]
+            lines.append(
+                f"{arch:<5}  {result['variant']:<22}  {key:<10}  {source:<13}  "
+                f"{fit['fixed_j']:>7.2f}  {fit['per_step_j']:>7.3f}  {r2:>6}  "
+                f"{'n/a' if fraction is None else f'{fraction:.4f}'} "
+                f"(at {result['default_steps']} steps)"
+            )
     return "\n".join(lines)
 
 
@@ -435,17 +938,46 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size")
     parser.add_argument("--models-dir", type=Path, help="reuse built models (default: temp)")
+    parser.add_argument(
+        "--no-step-sweep", action="store_true", help="skip the fixed vs per-step sweep"
+    )
+    parser.add_argument(
+        "--sweep-steps",
+        help=f"comma-separated step counts (default {','.join(map(str, GPU_SWEEP_STEPS))}; "
+        f"--cpu-smoke: {','.join(map(str, CPU_SWEEP_STEPS))})",
+    )
+    parser.add_argument(
+        "--sweep-archs", default=",".join(SWEEP_ARCHS), help="which architectures to sweep"
+    )
+    parser.add_argument(
+        "--sweep-repeats", type=int, default=3, help="timed runs per step count (after 1 warm-up)"
+    )
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=480.0,
+        help=f"the SDXL sweep starts only with {SDXL_RESERVE_S:.0f} s of this left",
+    )
     args = parser.parse_args(argv)
+    sweep = _sweep_options(args.cpu_smoke, args)
+    out_dir = os.environ.get("OUT")
+
+    def checkpoint(report: dict[str, Any]) -> None:
+        if out_dir:  # the report so far ("complete": false), replaced at the end
+            text = json.dumps(report, indent=2) + "\n"
+            Path(out_dir, "gpu-check.json").write_text(text, encoding="utf-8")
 
     with tempfile.TemporaryDirectory(prefix="wattserve-gpu-check-") as tmp:
         models_dir = args.models_dir or Path(tmp) / "models"
-        report = run_check(args.cpu_smoke, max(1, args.repeats), models_dir)
+        report = run_check(
+            args.cpu_smoke, max(1, args.repeats), models_dir, sweep, args.time_budget_s, checkpoint
+        )
 
     document = json.dumps(report, indent=2)
     print(document, flush=True)
     print(_table(report), file=sys.stderr)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu-check.json").write_text(document + "\n", encoding="utf-8")
+    if out_dir:
+        Path(out_dir, "gpu-check.json").write_text(document + "\n", encoding="utf-8")
     pytest_rc = report.get("pytest", {}).get("returncode", 0)
     ok = not report["errors"] and pytest_rc == 0 and report.get("by_batch_size")
     return 0 if ok else 1
