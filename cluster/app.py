@@ -64,6 +64,7 @@ def ingress_app(settings: Settings, admin_token: str | None) -> Application:
         replicas=settings.scheduler_replicas,
         coalescers=settings.coalescers,
         power_hold_s=settings.power_hold_s,
+        models_dir=str(settings.models_dir),
         settings=settings,
     )
     ingress = SchedulerIngress.options(num_replicas=settings.scheduler_replicas)

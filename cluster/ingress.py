@@ -59,6 +59,7 @@ from wattserve.policies.tenancy import (
     month_window,
 )
 from wattserve.scheduler._http import api, bearer_token, parse_body
+from wattserve.scheduler.approximate import ApproximateReuse
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import (
     COALESCER_NAMESPACE,
@@ -70,11 +71,13 @@ from wattserve.scheduler.coalescing import (
 )
 from wattserve.scheduler.control_store import ControlSnapshot, ControlStore
 from wattserve.scheduler.idempotency import IdempotencyStore, check_key, run_once
+from wattserve.scheduler.latents import LatentStore
 from wattserve.scheduler.service import Scheduler
 from wattserve.telemetry.attribution import Reconciliation
 from wattserve.telemetry.ledger import ANY_TENANT, HEARTBEAT_S, HOLDER_STALE_AFTER_S, LedgerStore
 from wattserve.telemetry.logs import configure_logging
 from wattserve.telemetry.metrics import SchedulerMetrics
+from wattserve.workers.encoder import PromptEncoders
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +110,9 @@ class ServingConfig:
     replicas: int = 1
     coalescers: int = 0  # 0: this replica coalesces by itself
     power_hold_s: float = 5.0  # a batch waits this long for a lease, then 429
+    # The variants' files, for the prompt encoders of approximate reuse (None: no latents
+    # are kept and every request is served exactly).
+    models_dir: str | None = None
     # Where the in-cluster control plane gets its settings if no one has started it yet
     # (``serve deploy``, a RayService: no ``wattserve serve`` driver ran first).
     settings: Settings | None = None
@@ -193,6 +199,7 @@ class SchedulerIngress(AdminRoutes):
             leases=self._leases,
             holder=self.replica_id,
             max_hold_s=config.power_hold_s,
+            approximate=self._approximate_reuse(config),
         )
         await asyncio.to_thread(self._ledger.heartbeat, self.replica_id)  # before any row
         self._keys = IdempotencyStore(
@@ -208,6 +215,13 @@ class SchedulerIngress(AdminRoutes):
         self._refresher = loop.create_task(self._refresh_forever())
         self._beater = loop.create_task(self._beat_forever())
         log.info("scheduler_ready", variants=catalog.names, revision=self._snapshot.revision)
+
+    def _approximate_reuse(self, config: ServingConfig) -> ApproximateReuse | None:
+        """The latent store beside the result cache, found by the variants' own encoders."""
+        if config.models_dir is None:
+            return None
+        store = LatentStore(self._ledger.engine, Path(config.cache_dir) / "latents")
+        return ApproximateReuse(store, PromptEncoders(Path(config.models_dir)).embed)
 
     # --- control plane ------------------------------------------------------------------
 

@@ -185,11 +185,21 @@ class VariantSpec(BaseModel):
     resources: Resources = Resources()
     energy_prior: EnergyPrior
     builtin: BuiltinArch | None = None
+    # Approximate reuse: (min cosine similarity, fraction of the steps skipped) bands, as
+    # calibrated for this variant, and where they come from. None: the published bands
+    # (policies.latent_reuse.DEFAULT_BANDS), scaled to ``steps``.
+    reuse_bands: tuple[tuple[float, float], ...] | None = None
+    reuse_bands_provenance: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> VariantSpec:
         if self.min_size_px > self.max_size_px:
             raise ValueError("min_size_px must not exceed max_size_px")
+        if self.reuse_bands is not None:
+            if not self.reuse_bands_provenance:
+                raise ValueError("reuse_bands need a reuse_bands_provenance")
+            if any(not (-1 <= s <= 1 and 0 < f < 1) for s, f in self.reuse_bands):
+                raise ValueError("reuse_bands are (similarity in -1..1, fraction in (0, 1))")
         if self.source.startswith(BUILTIN_PREFIX) and self.builtin is None:
             raise ValueError("a 'builtin:' source needs a [variant.builtin] architecture table")
         return self

@@ -55,6 +55,13 @@ DEFAULT_BANDS: tuple[ReuseBand, ...] = tuple(
 )
 
 
+def variant_bands(bands: Sequence[tuple[float, float]] | None) -> tuple[ReuseBand, ...]:
+    """A catalog entry's ``reuse_bands`` as bands; the published defaults when None."""
+    if bands is None:
+        return DEFAULT_BANDS
+    return tuple(ReuseBand(similarity, fraction) for similarity, fraction in bands)
+
+
 def capture_steps(steps: int, fractions: Sequence[float] = CAPTURE_FRACTIONS) -> tuple[int, ...]:
     """The distinct step counts, in (0, steps), after which a latent is kept.
 

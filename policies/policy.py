@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wattserve import Quality
+from wattserve._schemas import ReuseMode
 
 
 def _default_floors() -> dict[Quality, float]:
@@ -40,6 +41,11 @@ class Policy:
     allow_anonymous: bool = False
     # How long a finished request's Idempotency-Key replays its response, s.
     idempotency_ttl_s: float = 86_400.0
+    # Approximate reuse (policies.latent_reuse): the mode of an unseeded request that
+    # names none, and the named pools tenants share latents in (tenant -> pool; the
+    # anonymous pool under "(anonymous)"). Everyone else is a pool of their own.
+    default_reuse: ReuseMode = "exact"
+    reuse_pools: dict[str, str] = field(default_factory=dict)
 
     def quality_floor(self, tier: Quality) -> float:
         """Minimum catalog quality score a variant needs to serve ``tier``."""

@@ -34,6 +34,7 @@ from wattserve import AdmissionRejected, ServiceUnavailable, WattserveError, Wor
 from wattserve._schemas import EnergySource
 from wattserve.policies.catalog import Catalog
 from wattserve.policies.dispatch import DispatchCore, Launch, Step
+from wattserve.policies.latent_reuse import capture_steps
 from wattserve.policies.leases import LeaseRefusal
 from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
 from wattserve.scheduler.leases import LeaseGate, LocalLeases
@@ -79,6 +80,8 @@ class BatchedOutput:
     batch_size: int
     joules: float
     energy_source: EnergySource
+    start_step: int = 0  # resumed from a kept latent after this many steps
+    latents: bytes | None = None  # this output's kept latents (``.npz``), if any
 
 
 class WorkerTimeout(ServiceUnavailable):
@@ -146,6 +149,7 @@ class Batcher:
         self._batches: set[asyncio.Task[None]] = set()
         self.leases: LeaseGate = leases if leases is not None else LocalLeases(catalog, clock=clock)
         self._max_queued = max_queued
+        self.keep_latents = False  # whether batches keep latents for approximate reuse
 
     @property
     def max_wait_s(self) -> float:
@@ -185,8 +189,12 @@ class Batcher:
         deadline_s: float | None,
         floor: float = 0.0,
         solo: bool = False,
+        start_step: int = 0,
     ) -> BatchedOutput:
         """Queue one output and wait for it; raises ``BatchFailed`` if its batch fails.
+
+        ``start_step`` > 0: ``item.latent`` is the latent to resume from after that many
+        steps, and the output batches only with others resuming there.
 
         Raises ``AdmissionRejected`` at once when ``max_queued`` outputs already wait.
         """
@@ -197,7 +205,7 @@ class Batcher:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="wattserve-batcher")
         ticket = self.core.submit(variant, width_px, height_px, self._clock(), deadline_s,
-                                  floor, solo)  # fmt: skip
+                                  floor, solo, start_step)  # fmt: skip
         future: asyncio.Future[BatchedOutput] = asyncio.get_running_loop().create_future()
         self._pending[ticket] = _Pending(item, future)
         self._wakeup.set()
@@ -302,9 +310,11 @@ class Batcher:
 
     async def _run(self, launch: Launch, members: list[_Pending]) -> None:
         lease_id = launch.lease.lease_id if launch.lease is not None else None
+        variant = self._catalog.get(launch.variant)
+        keep = capture_steps(variant.steps) if self.keep_latents and variant else ()
         plan = BatchPlan(
             self._new_batch_id(), launch.variant, launch.width_px, launch.height_px,
-            tuple(m.item for m in members), lease_id,
+            tuple(m.item for m in members), lease_id, launch.start_step, keep,
         )  # fmt: skip
         size = len(members)
         started = self._clock()
@@ -319,7 +329,6 @@ class Batcher:
                 if not member.future.done():
                     member.future.set_exception(failure)
         except Exception as exc:
-            variant = self._catalog.get(plan.variant)
             power_w = variant.power_w if variant else 0.0
             energy = estimated_batch_energy(power_w, self._clock() - started)
             error = f"{type(exc).__name__}: {exc}"
@@ -333,11 +342,13 @@ class Batcher:
         else:
             if self._on_batch is not None:  # with the round trip: launch to results back
                 self._on_batch(plan, output, self._clock() - started)
-            for member, moved, png in zip(members, launch.moved, output.png_images, strict=True):
+            latents = output.latents or (None,) * size
+            for member, moved, png, kept in zip(members, launch.moved, output.png_images,
+                                                latents, strict=True):  # fmt: skip
                 if not member.future.done():
                     member.future.set_result(BatchedOutput(
                         png, plan.variant, moved, plan.batch_id, size,
-                        output.joules / size, output.energy_source,
+                        output.joules / size, output.energy_source, plan.start_step, kept,
                     ))  # fmt: skip
         finally:
             if lease_id is not None:

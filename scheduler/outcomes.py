@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wattserve import AdmissionRejected, GenerationRequest, ServiceUnavailable
-from wattserve._schemas import CacheStatus, EnergySource
+from wattserve._schemas import CacheStatus, EnergySource, ReuseMode
 from wattserve.policies.catalog import VariantSpec
+from wattserve.policies.latent_reuse import ANONYMOUS_POOL
 from wattserve.policies.routing import RouteDecision
 from wattserve.scheduler.coalescing import SharedOutput
 from wattserve.telemetry.ledger import LedgerRow
@@ -36,6 +37,8 @@ class RequestContext:
     floor: float
     seeds: tuple[int, ...]
     keys: tuple[str | None, ...]  # output keys; None when outputs are not shareable
+    reuse: ReuseMode = "exact"
+    pool: str = ANONYMOUS_POOL  # whose kept latents its outputs may resume from
     # seconds spent waiting on batches (own, or a flight leader's), one after another
     batch_waits_s: list[float] = field(default_factory=list)
 
@@ -55,6 +58,11 @@ class Outcome:
     error: str | None = None
     retry_after_s: float | None = None  # set when a retry later may succeed (429, 503)
     refused_as: type[AdmissionRejected | ServiceUnavailable] = AdmissionRejected
+    # a generated output: its schedule's steps and, when resumed, what it resumed from
+    steps: int | None = None
+    steps_skipped: int = 0
+    similarity: float | None = None
+    reuse_source: str | None = None  # only when the same tenant paid for the source
 
 
 def coalesced(shared: SharedOutput, error: str | None = None) -> Outcome:
@@ -98,6 +106,10 @@ def ledger_rows(
             width_px=request.width_px,
             height_px=request.height_px,
             holder=holder,
+            steps=outcome.steps,
+            steps_skipped=outcome.steps_skipped,
+            similarity=outcome.similarity,
+            reuse_source=outcome.reuse_source,
         )
         for index, outcome in sorted(outcomes.items())
     ]

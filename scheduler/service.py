@@ -34,12 +34,14 @@ from wattserve._schemas import (
     WattserveExtension,
 )
 from wattserve.policies.catalog import Catalog
+from wattserve.policies.latent_reuse import reuse_mode, reuse_pool
 from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
 from wattserve.policies.policy import Budget, Policy
 from wattserve.policies.profile import EnergyProfile
 from wattserve.policies.routing import RouteDecision, RouteRefusal, RoutingState, route
 from wattserve.policies.target import JoulesTarget
 from wattserve.scheduler._refusals import refusal_error
+from wattserve.scheduler.approximate import ApproximateReuse, Resume
 from wattserve.scheduler.batcher import (
     WORKER_DEADLINE_FLOOR_S,
     BatchedOutput,
@@ -118,8 +120,10 @@ class Scheduler:
         max_hold_s: float = 5.0,
         holder: str | None = None,
         worker_deadline_floor_s: float = WORKER_DEADLINE_FLOOR_S,
+        approximate: ApproximateReuse | None = None,
     ) -> None:
         self.catalog = catalog
+        self.approximate = approximate  # None: no latents kept, every request exact
         self.holder = holder  # the replica id its pending ledger rows carry
         self.policy = policy
         self.pool = pool
@@ -142,6 +146,7 @@ class Scheduler:
             expected_batch_s=self.profile.batch_latency_s,
             worker_deadline_floor_s=worker_deadline_floor_s,
         )  # fmt: skip
+        self.batcher.keep_latents = approximate is not None
 
     def apply(self, catalog: Catalog, policy: Policy) -> None:
         """Swap in a new catalog and policy (from the control plane) between decisions.
@@ -171,7 +176,8 @@ class Scheduler:
         """
         size = len(plan.items)
         per_output = output.joules / size
-        self.profile.observe(plan.variant, size, per_output, round_trip_s)
+        if not plan.start_step:  # the profile prices full generations; a resume is cheaper
+            self.profile.observe(plan.variant, size, per_output, round_trip_s)
         self.target.observe(per_output)
         self._set_wait()
         if self._metrics is not None:
@@ -204,7 +210,16 @@ class Scheduler:
         base = request.seed if request.seed is not None else self._rng.randrange(2**31)
         seeds = tuple((base + i) % (MAX_SEED + 1) for i in range(request.n))
         baseline = request.policy == "baseline"  # no cache, no coalescing, batch of one
-        shareable = not baseline and (request.seed is not None or self.policy.share_unseeded)
+        mode = reuse_mode(
+            request.reuse, request.seed is not None, self.policy.default_reuse, tenant_allowed=True
+        )  # the ingress refused tenants without it
+        approximate = mode == "approximate" and not baseline and self.approximate is not None
+        # an approximate output is not the (prompt, seed) output: never cached or joined as one
+        shareable = (
+            not baseline
+            and not approximate
+            and (request.seed is not None or self.policy.share_unseeded)
+        )
         keys = tuple(
             output_key(request.prompt, request.negative_prompt, request.width_px,
                        request.height_px, seed) if shareable else None
@@ -214,8 +229,10 @@ class Scheduler:
             variant.quality_score if request.model else self.policy.quality_floor(request.quality)
         )
         return RequestContext(
-            request, new_id("req"), arrived, variant, decision, floor, seeds, keys
-        )
+            request, new_id("req"), arrived, variant, decision, floor, seeds, keys,
+            reuse="approximate" if approximate else "exact",
+            pool=reuse_pool(request.tenant, self.policy.reuse_pools),
+        )  # fmt: skip
 
     async def generate(self, request: GenerationRequest) -> ImageGenerationResponse:
         """Serve ``request``; raise a ``WattserveError`` if any output could not be made."""
@@ -333,13 +350,18 @@ class Scheduler:
         """Generate ``leaders`` through the batcher; settle their flights either way."""
         request, variant = ctx.request, ctx.variant
         deadline_s = ctx.arrived + request.deadline_s if request.deadline_s else None
+        embedding, resumes = None, [None] * len(leaders)
+        if self.approximate is not None and request.policy != "baseline":
+            embedding, resumes = await asyncio.to_thread(self.approximate.look, ctx, len(leaders))
         submissions = [
             self.batcher.submit(
                 variant.name, request.width_px, request.height_px,
-                WorkItem(request.prompt, request.negative_prompt, ctx.seeds[i]), deadline_s,
-                ctx.floor, solo=request.policy == "baseline",
+                WorkItem(request.prompt, request.negative_prompt, ctx.seeds[i],
+                         resume.latent if resume else None),
+                deadline_s, ctx.floor, solo=request.policy == "baseline",
+                start_step=resume.start_step if resume else 0,
             )
-            for i in leaders
+            for i, resume in zip(leaders, resumes, strict=True)
         ]  # fmt: skip
         try:
             waiting_since = self._clock()
@@ -352,10 +374,12 @@ class Scheduler:
                 outcomes[index] = unproduced(ctx, CANCELLED)
             await asyncio.shield(self._fail_flights(ctx, leaders, CANCELLED))
             raise
-        generated = []
-        for index, result in zip(leaders, results, strict=True):
+        generated, resumed = [], {}
+        for index, result, resume in zip(leaders, results, resumes, strict=True):
             if isinstance(result, BatchedOutput):
                 generated.append((index, result))
+                if resume is not None and result.start_step:
+                    resumed[index] = resume
                 continue
             if isinstance(result, AdmissionRejected | ServiceUnavailable):
                 outcomes[index] = replace(
@@ -374,7 +398,9 @@ class Scheduler:
             await self._fail_flights(ctx, [index], result.message)
         if self.cache is not None and generated:
             await asyncio.to_thread(self._store, ctx, generated)
-        await self._settle(ctx, generated, outcomes)
+        if self.approximate is not None and embedding is not None and generated:
+            await asyncio.to_thread(self.approximate.keep, ctx, embedding, generated, resumed)
+        await self._settle(ctx, generated, outcomes, resumed)
 
     async def _fail_flights(self, ctx: RequestContext, indices: list[int], error: str) -> None:
         for index in indices:
@@ -386,6 +412,7 @@ class Scheduler:
         ctx: RequestContext,
         generated: list[tuple[int, BatchedOutput]],
         outcomes: dict[int, Outcome],
+        resumed: dict[int, Resume],
     ) -> None:
         """Charge each generated output, split with whoever waited on it, release them."""
         for index, result in generated:
@@ -394,9 +421,15 @@ class Scheduler:
                                   result.joules, result.energy_source)  # fmt: skip
             if ctx.keys[index] is not None:
                 shared = await self._flights.finish(self._fkey(ctx, index), shared)
+            made_by, resume = self.catalog.get(result.variant), resumed.get(index)
             outcomes[index] = Outcome(
                 result.png, result.variant, result.batch_id, result.batch_size, shared.joules,
-                result.energy_source, "miss", reason,
+                result.energy_source, "approximate" if resume else "miss", reason,
+                steps=made_by.steps if made_by else None,
+                steps_skipped=resume.start_step if resume else 0,
+                similarity=round(resume.similarity, 6) if resume else None,
+                reuse_source=resume.entry_id if resume and resume.owner == ctx.request.tenant
+                else None,
             )  # fmt: skip
 
     def _store(self, ctx: RequestContext, generated: list[tuple[int, BatchedOutput]]) -> None:

@@ -93,6 +93,7 @@ class LedgerHolder(SQLModel, table=True):
 _SETTLE_FIELDS = (
     "finished_at", "variant", "route_reason", "batch_id", "batch_size", "joules",
     "energy_source", "cache", "status", "error", "latency_ms",
+    "steps", "steps_skipped", "similarity", "reuse_source",
 )  # fmt: skip
 
 

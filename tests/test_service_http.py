@@ -179,3 +179,21 @@ def test_32_distinct_concurrent_requests_are_batched(url):
     for _, batch_id, size in mine:
         batches[batch_id] = size
     assert sum(batches.values()) == 32  # every output in exactly one batch, sizes add up
+
+
+def test_an_approximate_repeat_resumes_from_the_first_ones_latent(url):
+    """Issue 13's check: same prompt, unseeded, ``reuse: approximate``, twice."""
+    with Client(url) as client:
+        ask = {"quality": "high", "reuse": "approximate"}
+        first = client.generate("a lighthouse in approximate fog", **ask).receipts[0]
+        second = client.generate("a lighthouse in approximate fog", **ask).receipts[0]
+        rows = {r.request_id: r for r in client.ledger(limit=50)}
+    assert (first.cache, first.steps_skipped) == ("miss", 0)
+    assert second.cache == "approximate" and second.steps_skipped > 0
+    assert second.similarity is not None and second.similarity > 0.99
+    assert second.reuse_source == f"{first.request_id}.0"
+    assert second.joules < first.joules and second.energy_source == "simulated"
+    row = rows[second.request_id]
+    assert (row.cache, row.steps_skipped, row.reuse_source) == (
+        "approximate", second.steps_skipped, second.reuse_source,
+    )  # fmt: skip

@@ -28,6 +28,7 @@ from wattserve._schemas import (
     LedgerEntry,
     Quality,
     Receipt,
+    ReuseMode,
     VariantInfo,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "NotFound",
     "Quality",
     "Receipt",
+    "ReuseMode",
     "ServiceUnavailable",
     "TransportError",
     "WorkerFailed",

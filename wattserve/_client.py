@@ -49,6 +49,7 @@ from wattserve._schemas import (
     Quality,
     Receipt,
     RequestPolicy,
+    ReuseMode,
     RouteInfo,
     VariantInfo,
 )
@@ -138,6 +139,7 @@ class _BaseClient:
         model: str | None,
         user: str | None,
         policy: str = "default",
+        reuse: ReuseMode | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "prompt": prompt,
@@ -154,6 +156,7 @@ class _BaseClient:
             "negative_prompt": negative_prompt,
             "deadline_s": deadline_s,
             "user": user,
+            "reuse": reuse,  # None: exact when seeded, else the service policy's default
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
@@ -280,6 +283,7 @@ class Client(_SyncClient):
         user: str | None = None,
         policy: RequestPolicy = "default",
         idempotency_key: str | None = None,
+        reuse: ReuseMode | None = None,
     ) -> GenerationResult:
         """Generate ``n`` images; each comes with its energy receipt.
 
@@ -287,10 +291,12 @@ class Client(_SyncClient):
         variant, batch of one, no cache, no coalescing), to measure what they save.
         ``idempotency_key`` (None: a fresh one per call) goes with every attempt; give
         your own to make a call you repeat yourself, e.g. after a crash, safe too.
+        ``reuse="approximate"`` lets an output resume from a similar earlier prompt's
+        latent (fewer steps, fewer joules, a different image; receipts say so).
         """
         body = self._generation_body(
             prompt, n=n, size=size, seed=seed, quality=quality, negative_prompt=negative_prompt,
-            deadline_s=deadline_s, model=model, user=user, policy=policy,
+            deadline_s=deadline_s, model=model, user=user, policy=policy, reuse=reuse,
         )  # fmt: skip
         headers = idempotency_headers(idempotency_key)
         attempts = 1
@@ -377,6 +383,7 @@ class AsyncClient(_BaseClient):
         user: str | None = None,
         policy: RequestPolicy = "default",
         idempotency_key: str | None = None,
+        reuse: ReuseMode | None = None,
     ) -> GenerationResult:
         """Generate ``n`` images; each comes with its energy receipt.
 
@@ -384,10 +391,12 @@ class AsyncClient(_BaseClient):
         variant, batch of one, no cache, no coalescing), to measure what they save.
         ``idempotency_key`` (None: a fresh one per call) goes with every attempt; give
         your own to make a call you repeat yourself, e.g. after a crash, safe too.
+        ``reuse="approximate"`` lets an output resume from a similar earlier prompt's
+        latent (fewer steps, fewer joules, a different image; receipts say so).
         """
         body = self._generation_body(
             prompt, n=n, size=size, seed=seed, quality=quality, negative_prompt=negative_prompt,
-            deadline_s=deadline_s, model=model, user=user, policy=policy,
+            deadline_s=deadline_s, model=model, user=user, policy=policy, reuse=reuse,
         )  # fmt: skip
         headers = idempotency_headers(idempotency_key)
         attempts = 1
