@@ -91,7 +91,7 @@ class PromptSimilarity:
         except ValueError:  # no prompt has a word: every pair shares none
             matrix = sparse.csr_matrix((len(self._ids), 1), dtype=np.float32)
         self._matrix = sparse.csr_matrix(matrix)
-        self._transposed = sparse.csc_matrix(self._matrix.T)
+        self._query = np.zeros(self._matrix.shape[1], dtype=np.float32)  # reused per row
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -102,8 +102,12 @@ class PromptSimilarity:
 
     def row(self, prompt_id: int) -> np.ndarray:
         """Calibrated similarity of prompt ``prompt_id`` to every prompt, by id (float32)."""
-        cosine = (self._matrix[prompt_id] @ self._transposed).toarray().ravel()
-        if prompt_id < len(cosine) and self._matrix[prompt_id].nnz:
+        start, end = self._matrix.indptr[prompt_id], self._matrix.indptr[prompt_id + 1]
+        words = self._matrix.indices[start:end]
+        self._query[words] = self._matrix.data[start:end]
+        cosine = self._matrix @ self._query  # a dense product: one pass over the nonzeros
+        self._query[words] = 0.0
+        if end > start:
             cosine[prompt_id] = 1.0  # exactly, not 1 - rounding
         return calibrated(cosine)
 
