@@ -6,7 +6,8 @@ intermediate latent of a similar prompt and skip its first K denoising steps
 generation keeps (``capture_steps``), how many a similarity buys (``steps_to_skip`` over
 the bands), whose latents a request may use (``reuse_pool``), and which entries go when
 the store is over its byte cap (``evictions``, NIRVANA's benefit order, hits counted by
-``after_hit``). What is simulated is the similarity — ``bench.similarity``'s labeled
+``after_hit``), and every generation outside the baseline keeps its latents, a resumed
+one those after its start step. What is simulated is the similarity — ``bench.similarity``'s labeled
 ``tfidf-proxy``, not a text encoder — and the size of a latent (below).
 
 Bands are the variant's own where its catalog entry calibrates them (``reuse_bands``),
@@ -91,21 +92,23 @@ class _Store:
 
     ids: list[str] = field(default_factory=list)
     prompts: list[int] = field(default_factory=list)
+    captured: list[tuple[int, ...]] = field(default_factory=list)  # the steps each kept
     position: dict[str, int] = field(default_factory=dict)
     array: np.ndarray | None = None  # ``prompts`` as an index array, rebuilt on change
 
-    def add(self, entry_id: str, prompt_id: int) -> None:
+    def add(self, entry_id: str, prompt_id: int, captured: tuple[int, ...]) -> None:
         self.position[entry_id] = len(self.ids)
         self.ids.append(entry_id)
         self.prompts.append(prompt_id)
+        self.captured.append(captured)
         self.array = None
 
     def remove(self, entry_id: str) -> None:
         at = self.position.pop(entry_id)
-        last_id, last_prompt = self.ids.pop(), self.prompts.pop()
+        last = self.ids.pop(), self.prompts.pop(), self.captured.pop()
         if at < len(self.ids):
-            self.ids[at], self.prompts[at] = last_id, last_prompt
-            self.position[last_id] = at
+            self.ids[at], self.prompts[at], self.captured[at] = last
+            self.position[last[0]] = at
         self.array = None
 
     def prompt_array(self) -> np.ndarray:
@@ -163,7 +166,7 @@ class LatentStore:
         sims = self._proxy_row(self.similarity.id(prompt))[store.prompt_array()]
         best = int(np.argmax(sims))
         similarity = float(sims[best])
-        skip = steps_to_skip(similarity, steps, bands, self.captured(steps))
+        skip = steps_to_skip(similarity, steps, bands, store.captured[best])
         if skip <= 0:
             self.stats["misses"] += 1
             return None
@@ -174,11 +177,17 @@ class LatentStore:
         self.stats["hits"] += 1
         return Resume(entry_id, similarity, skip)
 
-    def keep(self, key: StoreKey, steps: int, prompt: str, now_s: float) -> None:
-        """Store a full generation's latents; evict the least beneficial if over the cap."""
-        captured = self.captured(steps)
+    def keep(
+        self, key: StoreKey, steps: int, prompt: str, now_s: float, start_step: int = 0
+    ) -> None:
+        """Store a generation's kept latents; evict the least beneficial if over the cap.
+
+        A generation resumed after ``start_step`` steps ran (and keeps) only the later
+        ones, as the live worker's capture does.
+        """
+        captured = tuple(step for step in self.captured(steps) if step > start_step)
         if not captured:
-            return  # nothing to resume from (a one-step schedule)
+            return  # nothing to resume from (a one-step schedule, or resumed past them)
         self.stats["kept"] += 1
         entry_id = f"lat_{self.stats['kept']}"
         deepest = max(captured)
@@ -187,7 +196,7 @@ class LatentStore:
         self._entries[entry_id] = LatentEntry(entry_id, size, deepest, float(deepest), now_s)
         self._rank(self._entries[entry_id])
         self._where[entry_id] = key
-        self._stores.setdefault(key, _Store()).add(entry_id, self.similarity.id(prompt))
+        self._stores.setdefault(key, _Store()).add(entry_id, self.similarity.id(prompt), captured)
         self.bytes += size
         if self.bytes > self.max_bytes:
             self._evict(now_s)

@@ -22,7 +22,8 @@ Approximate reuse (``bench._latents``): a request whose reuse mode
 (``policies.latent_reuse.reuse_mode``, with the run's ``reuse`` as the policy default)
 is ``approximate`` may resume each output from the nearest kept latent of its pool,
 variant and size, by ``bench.similarity``'s labeled proxy, and skip the steps its band
-allows; every full generation outside the baseline keeps its latents. A resumed batch
+allows; every generation outside the baseline keeps its latents (a resumed one, those
+after its start step: the live worker's capture). A resumed batch
 costs its measured batch energy and time less the skipped steps' share of the per-step
 part (``VariantCost.fixed_fraction``: none of it is fixed at today's assumption of 0),
 and only outputs resuming at the same step share a batch. Its receipt says
@@ -468,7 +469,7 @@ class FleetSimulation:
                 st.cache.setdefault(slot.key, []).append(
                     CachedCopy(launch.variant, spec.quality_score, now)
                 )
-            if st.latents is not None and slot.pool is not None and not skipped:
+            if st.latents is not None and slot.pool is not None:
                 where = (slot.pool, launch.variant, launch.width_px, launch.height_px)
-                st.latents.keep(where, spec.steps, slot.prompt, now)
+                st.latents.keep(where, spec.steps, slot.prompt, now, skipped)
         return done

@@ -196,6 +196,15 @@ def test_the_latent_store_stays_under_its_byte_cap_and_keeps_per_pool():
     assert store.find(("tenant:a", "v", 64, 64), 20, prompts[5], 10.0) is not None
     assert store.find(("tenant:b", "v", 64, 64), 20, prompts[5], 10.0) is None  # other pool
     assert store.find(("tenant:a", "w", 64, 64), 20, prompts[5], 10.0) is None  # other variant
+    # a generation resumed after 4 of 20 steps keeps only the later kept steps (6, 8, 10);
+    # one resumed after 10 has none left to keep
+    resumed = LatentStore(PromptSimilarity(prompts), max_bytes=10 * one)
+    resumed.keep(("p", "v", 64, 64), 20, prompts[0], 0.0, start_step=10)
+    assert resumed.stats["kept"] == 0
+    resumed.keep(("p", "v", 64, 64), 20, prompts[0], 0.0, start_step=4)
+    assert resumed.bytes == latent_bytes(64, 64, 3)
+    assert resumed.find(("p", "v", 64, 64), 20, prompts[0], 1.0).skip == 10  # identical: 1/2
+    assert resumed.find(("p", "v", 64, 64), 20, prompts[1], 1.0) is None  # 0.61: below every band
 
 
 @needs_data
