@@ -133,6 +133,7 @@ def policy(info: PolicyInfo) -> None:
         ("default deadline s", info.default_deadline_s or "none"),
         ("allow anonymous", info.allow_anonymous),
         ("idempotency key TTL s", info.idempotency_ttl_s),
+        ("default reuse", info.default_reuse),
         ("last changed", f"{when(info.updated_at)} (revision {info.revision})"),
     ])  # fmt: skip
 
@@ -142,9 +143,11 @@ def tenants(found: Sequence[TenantInfo]) -> None:
     table(
         "tenants",
         ["tenant", "state", "key prefix", "daily kJ", "monthly kJ", "qualities", "req/min",
-         "created"],
+         "reuse pool", "created"],
         [[t.name, t.state, t.key_prefix, t.daily_kj, t.monthly_kj, ",".join(t.qualities),
-          t.rate_limit_per_min, when(t.created_at)] for t in found],
+          t.rate_limit_per_min,
+          (t.reuse_pool or "own") if t.approximate_reuse else "exact only",
+          when(t.created_at)] for t in found],
     )  # fmt: skip
 
 

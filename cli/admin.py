@@ -61,6 +61,14 @@ QualityList = Annotated[
     typer.Option("--quality", help="Tiers the tenant may use, comma-separated: draft,standard."),
 ]
 RateLimit = Annotated[int | None, typer.Option("--rate-limit-per-min", help="Requests per minute.")]
+ApproximateReuse = Annotated[
+    bool | None,
+    typer.Option("--approximate-reuse/--no-approximate-reuse",
+                 help="Whether its requests may resume from similar prompts' latents."),
+]  # fmt: skip
+ReusePool = Annotated[
+    str | None, typer.Option(help="A named pool whose tenants share kept latents.")
+]
 WaitOption = Annotated[
     bool, typer.Option("--wait", help=f"Poll until the change settles ({WAIT_S:g} s at most).")
 ]
@@ -175,6 +183,10 @@ def policy_set(
     idempotency_ttl_s: Annotated[
         float | None, typer.Option(help="How long an Idempotency-Key replays its request, s.")
     ] = None,
+    default_reuse: Annotated[
+        str | None,
+        typer.Option(help="Reuse of unseeded requests that name none: exact or approximate."),
+    ] = None,
     url: UrlOption = DEFAULT_BASE_URL,
     token: TokenOption = None,
     home: HomeOption = None,
@@ -192,6 +204,7 @@ def policy_set(
                "--no-default-deadline"),
         **pick(allow_anonymous, False, "--allow-anonymous", ""),
         **pick(idempotency_ttl_s, False, "--idempotency-ttl-s", ""),
+        **pick(default_reuse, False, "--default-reuse", ""),
     }  # fmt: skip
     if not change:
         fail("nothing to change: give at least one option (see --help)", code=2)
@@ -212,6 +225,8 @@ def tenant_create_cmd(
     monthly_kj: MonthlyKj = None,
     quality: QualityList = None,
     rate_limit_per_min: RateLimit = None,
+    approximate_reuse: ApproximateReuse = None,
+    reuse_pool: ReusePool = None,
     url: UrlOption = DEFAULT_BASE_URL,
     token: TokenOption = None,
     home: HomeOption = None,
@@ -220,7 +235,9 @@ def tenant_create_cmd(
     """Create a tenant and print its API key, once: it is never shown again."""
     limits: dict[str, Any] = {"daily_kj": daily_kj, "monthly_kj": monthly_kj,
                               "qualities": parse_qualities(quality),
-                              "rate_limit_per_min": rate_limit_per_min}  # fmt: skip
+                              "rate_limit_per_min": rate_limit_per_min,
+                              "approximate_reuse": approximate_reuse,
+                              "reuse_pool": reuse_pool}  # fmt: skip
     with bad_input():
         tenant_create(name, **limits)
     with open_admin(url, token, home) as client, errors():
@@ -277,6 +294,11 @@ def tenant_set(
     no_rate_limit: Annotated[
         bool, typer.Option("--no-rate-limit", help="Remove the rate limit.")
     ] = False,
+    approximate_reuse: ApproximateReuse = None,
+    reuse_pool: ReusePool = None,
+    no_reuse_pool: Annotated[
+        bool, typer.Option("--no-reuse-pool", help="Back to a reuse pool of its own.")
+    ] = False,
     url: UrlOption = DEFAULT_BASE_URL,
     token: TokenOption = None,
     home: HomeOption = None,
@@ -289,6 +311,8 @@ def tenant_set(
         **pick(daily_kj, no_daily_quota, "--daily-kj", "--no-daily-quota"),
         **pick(monthly_kj, no_monthly_quota, "--monthly-kj", "--no-monthly-quota"),
         **pick(rate_limit_per_min, no_rate_limit, "--rate-limit-per-min", "--no-rate-limit"),
+        **pick(approximate_reuse, False, "--approximate-reuse", ""),
+        **pick(reuse_pool, no_reuse_pool, "--reuse-pool", "--no-reuse-pool"),
     }
     tiers = parse_qualities(quality)
     if tiers is not None:

@@ -48,6 +48,7 @@ from wattserve.cluster.admission import RemoteLeases, node_agents
 from wattserve.cluster.pool import ServeWorkerPool
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import Catalog
+from wattserve.policies.latent_reuse import ReuseRefusal, reuse_mode
 from wattserve.policies.tenancy import (
     AuthError,
     Caller,
@@ -346,6 +347,12 @@ class SchedulerIngress(AdminRoutes):
             default_deadline_s=policy.default_deadline_s,
             tenant=caller.name,
         )
+        allowed = caller.tenant is None or caller.tenant.approximate_reuse
+        mode = reuse_mode(generation.reuse, generation.seed is not None, policy.default_reuse,
+                          allowed)  # fmt: skip
+        if isinstance(mode, ReuseRefusal):
+            raise Forbidden(mode.message, param="reuse")
+        generation = generation.model_copy(update={"reuse": mode})
 
         async def produce() -> dict:
             if caller.tenant is not None:

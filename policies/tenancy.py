@@ -51,6 +51,8 @@ class Tenant:
     qualities: tuple[Quality, ...] = ("draft", "standard", "high")
     rate_limit_per_min: int | None = None
     revoked: bool = False
+    approximate_reuse: bool = True  # may its requests resume from similar prompts' latents
+    reuse_pool: str | None = None  # the named pool it shares latents in (None: its own)
 
 
 def day_window(now: datetime) -> tuple[datetime, datetime]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -152,15 +152,16 @@ class ControlStore:
             p = PolicyRow.model_validate(policy_row._mapping)
             policy = _policy_from_row(p)
             policy_at = p.updated_at
+        live = [_tenant_from_row(TenantRow.model_validate(t._mapping)) for t in tenants]
+        by_key = {t.key_hash: t for t in live}
+        pools = {t.name: t.reuse_pool for t in by_key.values() if t.reuse_pool is not None}
         return ControlSnapshot(
             revision=revision,
             budget=budget,
             budget_updated_at=budget_at,
-            policy=policy,
+            policy=replace(policy, reuse_pools=pools),  # tenants sharing latents by name
             policy_updated_at=policy_at,
-            tenants={
-                t.key_hash: _tenant_from_row(TenantRow.model_validate(t._mapping)) for t in tenants
-            },
+            tenants=by_key,
             variants=tuple(
                 (VariantSpec.model_validate_json(v.spec_json), v.state) for v in variants
             ),
@@ -265,7 +266,7 @@ class ControlStore:
         if not fields:
             raise InvalidRequest("nothing to change: give at least one policy field")
         non_nullable = {"default_quality", "max_wait_ms", "share_unseeded", "cache_max_bytes",
-                        "allow_anonymous", "idempotency_ttl_s"}  # fmt: skip
+                        "allow_anonymous", "idempotency_ttl_s", "default_reuse"}  # fmt: skip
         for name in fields & non_nullable:
             if getattr(update, name) is None:
                 raise InvalidRequest(f"{name}: may not be null", param=name)
@@ -289,6 +290,7 @@ class ControlStore:
             daily_kj=create.daily_kj, monthly_kj=create.monthly_kj,
             qualities=",".join(dict.fromkeys(create.qualities)),
             rate_limit_per_min=create.rate_limit_per_min, created_at=now,
+            approximate_reuse=create.approximate_reuse, reuse_pool=create.reuse_pool,
         )  # fmt: skip
         with write_transaction(self.engine) as conn:
             taken = conn.execute(sa.select(TenantRow.name).where(TenantRow.name == create.name))
@@ -303,8 +305,9 @@ class ControlStore:
         fields = update.model_fields_set
         if not fields:
             raise InvalidRequest("nothing to change: give at least one tenant field")
-        if "qualities" in fields and update.qualities is None:
-            raise InvalidRequest("qualities: may not be null", param="qualities")
+        for name in fields & {"qualities", "approximate_reuse"}:
+            if getattr(update, name) is None:
+                raise InvalidRequest(f"{name}: may not be null", param=name)
         values = {f: getattr(update, f) for f in fields}
         if "qualities" in values:
             values["qualities"] = ",".join(dict.fromkeys(values["qualities"]))
@@ -429,6 +432,7 @@ def _policy_from_row(row: PolicyRow) -> Policy:
         idempotency_ttl_s=(
             DEFAULT_IDEMPOTENCY_TTL_S if row.idempotency_ttl_s is None else row.idempotency_ttl_s
         ),
+        default_reuse=row.default_reuse or "exact",  # type: ignore[arg-type]
     )
 
 
@@ -444,6 +448,7 @@ def policy_values(policy: Policy) -> dict:
         "default_deadline_s": policy.default_deadline_s,
         "allow_anonymous": policy.allow_anonymous,
         "idempotency_ttl_s": policy.idempotency_ttl_s,
+        "default_reuse": policy.default_reuse,
     }
 
 
@@ -456,6 +461,8 @@ def _tenant_from_row(row: TenantRow) -> Tenant:
         qualities=tuple(row.qualities.split(",")),  # type: ignore[arg-type]
         rate_limit_per_min=row.rate_limit_per_min,
         revoked=row.revoked_at is not None,
+        approximate_reuse=row.approximate_reuse is not False,
+        reuse_pool=row.reuse_pool,
     )
 
 
@@ -467,6 +474,8 @@ def _tenant_info(row: TenantRow) -> TenantInfo:
         monthly_kj=row.monthly_kj,
         qualities=row.qualities.split(","),  # type: ignore[arg-type]
         rate_limit_per_min=row.rate_limit_per_min,
+        approximate_reuse=row.approximate_reuse is not False,
+        reuse_pool=row.reuse_pool,
         state="revoked" if row.revoked_at else "active",
         created_at=row.created_at,
         revoked_at=row.revoked_at,

@@ -49,6 +49,7 @@ class PolicyRow(SQLModel, table=True):
     default_deadline_s: float | None = None
     allow_anonymous: bool
     idempotency_ttl_s: float | None = None  # None (rows before schema 4): the default
+    default_reuse: str | None = Field(default=None, max_length=16)  # None: exact
     updated_at: datetime
     revision: int
 
@@ -65,6 +66,10 @@ class TenantRow(SQLModel, table=True):
     monthly_kj: float | None = None
     qualities: str = Field(max_length=64)  # comma-separated tiers
     rate_limit_per_min: int | None = None
+    # approximate reuse: whether allowed (None, rows before schema 5: yes) and the named
+    # pool it shares latents in (None: a pool of its own)
+    approximate_reuse: bool | None = None
+    reuse_pool: str | None = Field(default=None, max_length=64)
     created_at: datetime
     revoked_at: datetime | None = None
 

@@ -257,6 +257,9 @@ def _v5_approximate_reuse(conn: sa.Connection) -> None:
     for column in ("steps INTEGER", "steps_skipped INTEGER NOT NULL DEFAULT 0",
                    "similarity FLOAT", "reuse_source VARCHAR(80)"):  # fmt: skip
         conn.execute(sa.text(f"ALTER TABLE ledger ADD COLUMN {column}"))
+    conn.execute(sa.text("ALTER TABLE policies ADD COLUMN default_reuse VARCHAR(16)"))
+    conn.execute(sa.text("ALTER TABLE tenants ADD COLUMN approximate_reuse BOOLEAN"))
+    conn.execute(sa.text("ALTER TABLE tenants ADD COLUMN reuse_pool VARCHAR(64)"))
     md = sa.MetaData()
     sa.Table(
         "latent_cache", md,

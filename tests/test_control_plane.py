@@ -30,7 +30,8 @@ def admin(service) -> Iterator[httpx.Client]:
         for node in client.get("/admin/budgets").json()["node_caps_w"]:
             client.put("/admin/budgets", json={"watts": None, "node": node})
         client.put("/admin/policies", json={"default_quality": "standard",
-                                            "allow_anonymous": False})  # fmt: skip
+                                            "allow_anonymous": False,
+                                            "default_reuse": "exact"})  # fmt: skip
         for tenant in client.get("/admin/tenants").json()["data"]:
             if tenant["state"] == "active":
                 client.delete(f"/admin/tenants/{tenant['name']}")
@@ -172,6 +173,42 @@ def test_tenants_see_only_their_ledger_and_quotas_refuse_with_the_reason(admin, 
         if path.is_file() and path.stat().st_size < 50_000_000:
             text = path.read_bytes()
             assert not any(s.encode() in text for s in secrets), f"a secret is in {path}"
+
+
+def _reuse(client: httpx.Client, prompt: str, **extra: object) -> dict:
+    answer = generate(client, prompt, quality="high", **extra)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["wattserve"]["receipts"][0]
+
+
+def test_latents_cross_tenants_only_inside_a_pool_the_admin_made(admin, url):
+    keys = {name: admin.post("/admin/tenants", json={"name": name, **extra}).json()["api_key"]
+            for name, extra in (("reuse-a", {}), ("reuse-b", {}),
+                                ("reuse-c", {"approximate_reuse": False}))}  # fmt: skip
+    with as_key(url, keys["reuse-a"]) as a, as_key(url, keys["reuse-b"]) as b, \
+            as_key(url, keys["reuse-c"]) as c:  # fmt: skip
+        first = _reuse(a, "a pooled harbour", reuse="approximate")
+        assert _reuse(b, "a pooled harbour", reuse="approximate")["cache"] == "miss"
+        refused = generate(c, "a pooled harbour", quality="high", reuse="approximate")
+        assert refused.status_code == 403 and "reuse" in refused.json()["error"]["message"]
+        for name in ("reuse-a", "reuse-b"):
+            assert (
+                admin.put(f"/admin/tenants/{name}", json={"reuse_pool": "team"}).status_code == 200
+            )
+        # latents kept while a was in a pool of its own stay there: a pool shares what
+        # its members generate from the moment they join it
+        made_by_b = _reuse(b, "a pooled harbour", reuse="approximate")
+        assert made_by_b["cache"] == "miss"
+        pooled = _reuse(a, "a pooled harbour", reuse="approximate")
+        assert pooled["cache"] == "approximate" and pooled["steps_skipped"] > 0
+        assert pooled["reuse_source"] is None  # b's output: a is not told which
+        own = _reuse(b, "a pooled harbour", reuse="approximate")
+        assert own["reuse_source"] == f"{made_by_b['request_id']}.0"
+        assert first["cache"] == "miss"
+        admin.put("/admin/policies", json={"default_reuse": "approximate"})
+        assert _reuse(a, "a pooled harbour")["cache"] == "approximate"  # the policy's default
+        assert _reuse(a, "a pooled harbour", seed=5)["cache"] == "miss"  # a seed keeps its bytes
+        assert _reuse(c, "a pooled harbour")["cache"] == "miss"  # not allowed: served exactly
 
 
 MINI = """

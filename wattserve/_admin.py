@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from wattserve._schemas import LedgerEntry, Quality
+from wattserve._schemas import LedgerEntry, Quality, ReuseMode
 
 ADMIN_TOKEN_FILE = "admin-token"  # in the state dir ($WATTSERVE_HOME), mode 0600
 ADMIN_TOKEN_ENV = "WATTSERVE_ADMIN_TOKEN"
@@ -31,6 +31,8 @@ JoulesPerOutput = Annotated[
     float, Field(strict=True, gt=0, le=MAX_JOULES_PER_OUTPUT, allow_inf_nan=False)
 ]
 KiloJoules = Annotated[float, Field(strict=True, gt=0, le=MAX_KJ, allow_inf_nan=False)]
+# a named pool of approximate reuse that tenants share kept latents in
+ReusePool = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
 def check_name(kind: str, name: str) -> str:
@@ -80,6 +82,7 @@ class PolicyInfo(BaseModel):
     default_deadline_s: float | None
     allow_anonymous: bool  # whether requests without an API key are served once tenants exist
     idempotency_ttl_s: float  # how long an Idempotency-Key replays its finished request
+    default_reuse: ReuseMode = "exact"  # of an unseeded request that names none
     updated_at: datetime | None
     revision: int
 
@@ -104,6 +107,7 @@ class PolicyUpdate(_Body):
     idempotency_ttl_s: (
         Annotated[float, Field(strict=True, gt=0, le=30 * 86400, allow_inf_nan=False)] | None
     ) = None
+    default_reuse: ReuseMode | None = None
 
 
 # --- tenants -------------------------------------------------------------------------
@@ -127,6 +131,8 @@ class TenantInfo(BaseModel):
     monthly_kj: float | None
     qualities: list[Quality]
     rate_limit_per_min: int | None
+    approximate_reuse: bool = True
+    reuse_pool: str | None = None
     state: TenantState
     created_at: datetime
     revoked_at: datetime | None
@@ -141,6 +147,8 @@ class TenantCreate(_Body):
     monthly_kj: KiloJoules | None = None
     qualities: list[Quality] = Field(default=["draft", "standard", "high"], min_length=1)
     rate_limit_per_min: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
+    approximate_reuse: StrictBool = True
+    reuse_pool: ReusePool | None = None
 
     @field_validator("name")
     @classmethod
@@ -155,6 +163,8 @@ class TenantUpdate(_Body):
     monthly_kj: KiloJoules | None = None
     qualities: list[Quality] | None = Field(default=None, min_length=1)
     rate_limit_per_min: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
+    approximate_reuse: StrictBool | None = None
+    reuse_pool: ReusePool | None = None  # null: back to a pool of its own
 
 
 class TenantCreated(BaseModel):

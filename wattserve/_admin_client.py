@@ -206,12 +206,15 @@ def tenant_create(
     monthly_kj: float | None = None,
     qualities: Collection[Quality] | None = None,
     rate_limit_per_min: int | None = None,
+    approximate_reuse: bool | None = None,
+    reuse_pool: str | None = None,
 ) -> dict[str, Any]:
     """Body of ``POST /admin/tenants`` (limits left None are not set)."""
     data: dict[str, Any] = {"name": name}
     optional = {"daily_kj": daily_kj, "monthly_kj": monthly_kj,
                 "qualities": None if qualities is None else list(qualities),
-                "rate_limit_per_min": rate_limit_per_min}  # fmt: skip
+                "rate_limit_per_min": rate_limit_per_min,
+                "approximate_reuse": approximate_reuse, "reuse_pool": reuse_pool}  # fmt: skip
     data.update({k: v for k, v in optional.items() if v is not None})
     return validated(TenantCreate, data)
 
@@ -365,14 +368,22 @@ class AdminClient(_SyncClient):
         monthly_kj: float | None = None,
         qualities: Collection[Quality] | None = None,
         rate_limit_per_min: int | None = None,
+        approximate_reuse: bool | None = None,
+        reuse_pool: str | None = None,
     ) -> TenantCreated:
-        """Create a tenant; the result holds its API key, which is never shown again."""
+        """Create a tenant; the result holds its API key, which is never shown again.
+
+        ``approximate_reuse=False`` keeps its requests exact; ``reuse_pool`` names a pool
+        whose tenants resume from each other's kept latents (default: its own pool).
+        """
         body = tenant_create(
             name,
             daily_kj=daily_kj,
             monthly_kj=monthly_kj,
             qualities=qualities,
             rate_limit_per_min=rate_limit_per_min,
+            approximate_reuse=approximate_reuse,
+            reuse_pool=reuse_pool,
         )
         return self._parse(TenantCreated, self._request("POST", "/admin/tenants", json=body))
 
