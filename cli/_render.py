@@ -134,6 +134,7 @@ def policy(info: PolicyInfo) -> None:
         ("allow anonymous", info.allow_anonymous),
         ("idempotency key TTL s", info.idempotency_ttl_s),
         ("default reuse", info.default_reuse),
+        ("exact reuse in pools only", info.pool_exact_reuse),
         ("last changed", f"{when(info.updated_at)} (revision {info.revision})"),
     ])  # fmt: skip
 

@@ -187,6 +187,13 @@ def policy_set(
         str | None,
         typer.Option(help="Reuse of unseeded requests that name none: exact or approximate."),
     ] = None,
+    pool_exact_reuse: Annotated[
+        bool | None,
+        typer.Option(
+            "--pool-exact-reuse/--no-pool-exact-reuse",
+            help="Keep exact reuse (cache hits, coalescing) inside reuse pools too.",
+        ),
+    ] = None,  # fmt: skip
     url: UrlOption = DEFAULT_BASE_URL,
     token: TokenOption = None,
     home: HomeOption = None,
@@ -205,6 +212,7 @@ def policy_set(
         **pick(allow_anonymous, False, "--allow-anonymous", ""),
         **pick(idempotency_ttl_s, False, "--idempotency-ttl-s", ""),
         **pick(default_reuse, False, "--default-reuse", ""),
+        **pick(pool_exact_reuse, False, "--pool-exact-reuse", ""),
     }  # fmt: skip
     if not change:
         fail("nothing to change: give at least one option (see --help)", code=2)

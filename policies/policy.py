@@ -46,6 +46,9 @@ class Policy:
     # anonymous pool under "(anonymous)"). Everyone else is a pool of their own.
     default_reuse: ReuseMode = "exact"
     reuse_pools: dict[str, str] = field(default_factory=dict)
+    # Exact reuse (result cache, coalescing) across tenants is on by default; with this on
+    # it stays inside the same pools too: a hit's speed tells that someone else asked.
+    pool_exact_reuse: bool = False
 
     def quality_floor(self, tier: Quality) -> float:
         """Minimum catalog quality score a variant needs to serve ``tier``."""

@@ -266,7 +266,8 @@ class ControlStore:
         if not fields:
             raise InvalidRequest("nothing to change: give at least one policy field")
         non_nullable = {"default_quality", "max_wait_ms", "share_unseeded", "cache_max_bytes",
-                        "allow_anonymous", "idempotency_ttl_s", "default_reuse"}  # fmt: skip
+                        "allow_anonymous", "idempotency_ttl_s", "default_reuse",
+                        "pool_exact_reuse"}  # fmt: skip
         for name in fields & non_nullable:
             if getattr(update, name) is None:
                 raise InvalidRequest(f"{name}: may not be null", param=name)
@@ -433,6 +434,7 @@ def _policy_from_row(row: PolicyRow) -> Policy:
             DEFAULT_IDEMPOTENCY_TTL_S if row.idempotency_ttl_s is None else row.idempotency_ttl_s
         ),
         default_reuse=row.default_reuse or "exact",  # type: ignore[arg-type]
+        pool_exact_reuse=bool(row.pool_exact_reuse),
     )
 
 
@@ -449,6 +451,7 @@ def policy_values(policy: Policy) -> dict:
         "allow_anonymous": policy.allow_anonymous,
         "idempotency_ttl_s": policy.idempotency_ttl_s,
         "default_reuse": policy.default_reuse,
+        "pool_exact_reuse": policy.pool_exact_reuse,
     }
 
 

@@ -50,6 +50,7 @@ class PolicyRow(SQLModel, table=True):
     allow_anonymous: bool
     idempotency_ttl_s: float | None = None  # None (rows before schema 4): the default
     default_reuse: str | None = Field(default=None, max_length=16)  # None: exact
+    pool_exact_reuse: bool | None = None  # None (rows before schema 5): off
     updated_at: datetime
     revision: int
 

@@ -42,6 +42,11 @@ def output_key(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def pooled_key(output: str, pool: str) -> str:
+    """``output``'s key inside one reuse pool: exact reuse that never crosses pools."""
+    return hashlib.sha256(f"{pool}\n{output}".encode()).hexdigest()
+
+
 def flight_key(output: str, variant: str) -> str:
     """The in-flight identity: the same output rendered by the same variant."""
     return f"{variant}:{output}"

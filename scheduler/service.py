@@ -51,7 +51,7 @@ from wattserve.scheduler.batcher import (
 )
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
-from wattserve.scheduler.identity import flight_key, output_key
+from wattserve.scheduler.identity import flight_key, output_key, pooled_key
 from wattserve.scheduler.leases import LeaseGate, LocalLeases
 from wattserve.scheduler.outcomes import (
     CANCELLED,
@@ -220,9 +220,10 @@ class Scheduler:
             and not approximate
             and (request.seed is not None or self.policy.share_unseeded)
         )
+        pool = reuse_pool(request.tenant, self.policy.reuse_pools)
         keys = tuple(
-            output_key(request.prompt, request.negative_prompt, request.width_px,
-                       request.height_px, seed) if shareable else None
+            self._key(output_key(request.prompt, request.negative_prompt, request.width_px,
+                                 request.height_px, seed), pool) if shareable else None
             for seed in seeds
         )  # fmt: skip
         floor = (
@@ -230,9 +231,12 @@ class Scheduler:
         )
         return RequestContext(
             request, new_id("req"), arrived, variant, decision, floor, seeds, keys,
-            reuse="approximate" if approximate else "exact",
-            pool=reuse_pool(request.tenant, self.policy.reuse_pools),
+            reuse="approximate" if approximate else "exact", pool=pool,
         )  # fmt: skip
+
+    def _key(self, output: str, pool: str) -> str:
+        """The output key exact reuse uses: pooled when the policy keeps it in pools."""
+        return pooled_key(output, pool) if self.policy.pool_exact_reuse else output
 
     async def generate(self, request: GenerationRequest) -> ImageGenerationResponse:
         """Serve ``request``; raise a ``WattserveError`` if any output could not be made."""

@@ -258,6 +258,7 @@ def _v5_approximate_reuse(conn: sa.Connection) -> None:
                    "similarity FLOAT", "reuse_source VARCHAR(80)"):  # fmt: skip
         conn.execute(sa.text(f"ALTER TABLE ledger ADD COLUMN {column}"))
     conn.execute(sa.text("ALTER TABLE policies ADD COLUMN default_reuse VARCHAR(16)"))
+    conn.execute(sa.text("ALTER TABLE policies ADD COLUMN pool_exact_reuse BOOLEAN"))
     conn.execute(sa.text("ALTER TABLE tenants ADD COLUMN approximate_reuse BOOLEAN"))
     conn.execute(sa.text("ALTER TABLE tenants ADD COLUMN reuse_pool VARCHAR(64)"))
     md = sa.MetaData()

@@ -8,6 +8,7 @@ from tests.conftest import InProcessPool
 from wattserve import GenerationRequest
 from wattserve.policies.policy import Policy
 from wattserve.scheduler.approximate import ApproximateReuse
+from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.latents import LatentStore
 from wattserve.scheduler.service import Scheduler
 from wattserve.telemetry.ledger import LedgerStore
@@ -73,3 +74,16 @@ async def test_latents_never_cross_tenants_unless_pooled(scheduler):
     pooled = (await scheduler.generate(ask(tenant="d", reuse="approximate"))).wattserve.receipts
     assert pooled[0].cache == "approximate" and pooled[0].steps_skipped > 0
     assert pooled[0].reuse_source is None  # the source is c's: d is not shown it
+
+
+async def test_exact_hits_cross_tenants_by_default_and_stay_in_pools_when_asked(scheduler):
+    scheduler.cache = ResultCache(scheduler.ledger.engine, scheduler.approximate.store.directory
+                                  / "cache")  # fmt: skip
+    await scheduler.generate(ask(tenant="a", seed=3))
+    shared = (await scheduler.generate(ask(tenant="b", seed=3))).wattserve.receipts[0]
+    assert shared.cache == "hit"  # today's behaviour, kept as the default
+    scheduler.policy = Policy(pool_exact_reuse=True)
+    await scheduler.generate(ask(tenant="a", seed=4))
+    pooled = (await scheduler.generate(ask(tenant="b", seed=4))).wattserve.receipts[0]
+    again = (await scheduler.generate(ask(tenant="b", seed=4))).wattserve.receipts[0]
+    assert (pooled.cache, again.cache) == ("miss", "hit")  # b's own copy, not a's

@@ -83,6 +83,7 @@ class PolicyInfo(BaseModel):
     allow_anonymous: bool  # whether requests without an API key are served once tenants exist
     idempotency_ttl_s: float  # how long an Idempotency-Key replays its finished request
     default_reuse: ReuseMode = "exact"  # of an unseeded request that names none
+    pool_exact_reuse: bool = False  # whether exact reuse (cache, coalescing) stays in pools
     updated_at: datetime | None
     revision: int
 
@@ -108,6 +109,7 @@ class PolicyUpdate(_Body):
         Annotated[float, Field(strict=True, gt=0, le=30 * 86400, allow_inf_nan=False)] | None
     ) = None
     default_reuse: ReuseMode | None = None
+    pool_exact_reuse: StrictBool | None = None
 
 
 # --- tenants -------------------------------------------------------------------------
