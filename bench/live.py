@@ -8,6 +8,14 @@ a batch of one, no cache, no coalescing. Both phases run on the same service and
 machine minutes apart, so their ratio (the *factor*, baseline J/output over achieved
 J/output) holds on a noisy machine where absolute joules drift between runs.
 
+With ``reuse="approximate"`` one more phase comes first: the same requests with every
+unseeded one asking ``reuse: approximate`` (seeded ones stay exact, as the service's
+policy default would leave them), under a seed salt of its own so that its exact outputs
+never serve the exact phase from the result cache. It runs first because its own
+requests are what it resumes from: run after the exact phase it would resume from that
+phase's latents of the very same prompts. On a service that already holds latents of
+these prompts (an earlier run), its hits include those: bench on a fresh service home.
+
 The saving is also split by cause (``telemetry.savings``) on the first phase's receipts,
 against the *priced* baseline: the reference variant's mean batch-1 joules in that same
 phase. The split explains the saving; the measured factor is the headline.
@@ -38,7 +46,7 @@ from pydantic import BaseModel
 
 import wattserve
 from wattserve import AsyncClient, Receipt, TransportError, VariantInfo, WattserveError
-from wattserve._schemas import MAX_SEED, ClusterStatus, RequestPolicy, parse_size
+from wattserve._schemas import MAX_SEED, ClusterStatus, RequestPolicy, ReuseMode, parse_size
 from wattserve.bench._live_stats import (
     Outcome,
     PhaseRun,
@@ -170,6 +178,12 @@ class LiveReport(BaseModel):
     factor: float | None
     factor_note: str = FACTOR_NOTE
     savings: SavingsSplit
+    # reuse="approximate": the phase with approximate reuse on, its factor against the same
+    # baseline, exact J/output over its J/output, and its own savings split
+    approximate: PhaseReport | None = None
+    approximate_factor: float | None = None
+    approximate_vs_exact: float | None = None
+    approximate_savings: SavingsSplit | None = None
 
 
 def choose_salt(salt: int | None) -> SaltInfo:
@@ -223,6 +237,7 @@ async def replay(
     max_in_flight: int = 64,
     keep_images: bool = False,
     progress: ProgressFn | None = None,
+    reuse: ReuseMode = "exact",
 ) -> PhaseRun:
     """Send ``requests`` at ``arrival_s / speed`` after the start, ``max_in_flight`` at most.
 
@@ -244,6 +259,7 @@ async def replay(
             result = await client.generate(
                 request.prompt, n=request.n, size=request.size, seed=request.seed,
                 quality=request.quality, user=request.tenant, policy=policy,
+                reuse="approximate" if reuse == "approximate" and request.seed is None else None,
             )  # fmt: skip
         except WattserveError as exc:
             status = None if isinstance(exc, TransportError) else exc.status_code
@@ -268,7 +284,7 @@ async def replay(
             await gate.acquire()
             tasks.create_task(send(index, request, due_s))
     wall_s = time.monotonic() - start
-    return PhaseRun(policy, sorted(outcomes, key=lambda o: o.index), wall_s)
+    return PhaseRun(policy, sorted(outcomes, key=lambda o: o.index), wall_s, reuse)
 
 
 async def run_live(
@@ -282,8 +298,11 @@ async def run_live(
     salt: int | None = None,
     progress: ProgressFn | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    reuse: ReuseMode = "exact",
 ) -> LiveReport:
     """Replay ``trace`` against the service at ``url``, then its baseline; report both.
+
+    ``reuse="approximate"``: first a phase with approximate reuse on (module docstring).
 
     ``transport`` is the SDK's seam: tests answer without a service.
 
@@ -302,14 +321,42 @@ async def run_live(
         check_sizes(trace.requests, variants)
         status = await client.status()
         sent = salted(trace.requests, salt_info.offset)
+        approximate = None
+        if reuse == "approximate":
+            own_salt = (salt_info.offset + MAX_SALT // 2) % MAX_SALT  # its own cache entries
+            approximate = await replay(client, salted(trace.requests, own_salt), speed=speed,
+                                       max_in_flight=max_in_flight, progress=progress,
+                                       reuse="approximate")  # fmt: skip
         achieved = await replay(client, sent, speed=speed, max_in_flight=max_in_flight,
                                 progress=progress)  # fmt: skip
         measured = None
         if baseline:
             measured = await replay(client, sent, policy="baseline", speed=speed,
                                     max_in_flight=max_in_flight, progress=progress)  # fmt: skip
-    return live_report(url, trace, variants, status, achieved, measured, salt_info,
-                       speed=speed, max_in_flight=max_in_flight)  # fmt: skip
+    report = live_report(url, trace, variants, status, achieved, measured, salt_info,
+                         speed=speed, max_in_flight=max_in_flight)  # fmt: skip
+    return with_approximate(report, approximate, variants)
+
+
+def with_approximate(
+    report: LiveReport,
+    run: PhaseRun | None,
+    variants: Sequence[VariantInfo],
+) -> LiveReport:
+    """``report`` with the approximate phase, its factors and its split (if it ran)."""
+    if run is None:
+        return report
+    summary = summarize(run)
+    reference = report.savings.reference
+    prior = next((v.joules_per_image_prior for v in variants if v.id == reference), None)
+    exact = report.achieved.summary
+    return report.model_copy(update={
+        "approximate": PhaseReport(summary=summary, requests=_records(run)),
+        "approximate_factor": factor(report.baseline.summary, summary) if report.baseline
+        else None,
+        "approximate_vs_exact": factor(exact, summary),
+        "approximate_savings": split_savings(receipts_of(run.outcomes), reference, prior),
+    })  # fmt: skip
 
 
 def live_report(

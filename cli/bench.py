@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from pydantic import ValidationError
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from wattserve._client import DEFAULT_BASE_URL
-from wattserve._schemas import RequestPolicy
+from wattserve._schemas import RequestPolicy, ReuseMode
 from wattserve.bench.live import LiveReport, ProgressFn, VariantSummary, run_live
 from wattserve.bench.trace import (
     PRESET_DEFAULTS,
@@ -32,6 +32,7 @@ from wattserve.bench.trace import (
     TraceHeader,
     load_prompts,
     make_trace,
+    preset_prompts,
     preset_spec,
     read_trace,
 )
@@ -111,6 +112,13 @@ def bench(
             help="Send the seeds of the trace unchanged (an earlier run may have cached them).",
         ),
     ] = False,
+    reuse: Annotated[
+        str,
+        typer.Option(
+            help="exact, or approximate: first a phase whose unseeded requests ask "
+            "reuse=approximate, then the exact one (both against one baseline)."
+        ),
+    ] = "exact",
     out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("bench-report.json"),
     api_key: ApiKeyOption = None,
     json_out: JsonOption = False,
@@ -118,6 +126,8 @@ def bench(
     """Replay a trace against a running service, then its baseline; print the factor."""
     if no_salt and salt is not None:
         fail("--salt and --no-salt contradict each other: give one", code=2)
+    if reuse not in ("exact", "approximate"):
+        fail(f"--reuse: want exact or approximate, got {reuse!r}", code=2)
     if not out.parent.is_dir():
         fail(f"--out: no directory {out.parent} to write the report in", code=2)
     replayed = _trace(trace, requests, seed, prompts, rate_per_s)
@@ -126,7 +136,8 @@ def bench(
             report = asyncio.run(
                 run_live(url, replayed, speed=speed, max_in_flight=max_in_flight,
                          baseline=not no_baseline, api_key=api_key,
-                         salt=0 if no_salt else salt, progress=progress)
+                         salt=0 if no_salt else salt, progress=progress,
+                         reuse=cast(ReuseMode, reuse))
             )  # fmt: skip
     except ValueError as exc:  # refused before anything was generated
         fail(str(exc), code=2)
@@ -164,7 +175,8 @@ def _trace(
     }
     if seed is not None:
         overrides["seed"] = seed
-    source = prompts or Path(str(resources.files("wattserve.cli") / DEMO_PROMPTS))
+    source = (prompts or preset_prompts(trace)
+              or Path(str(resources.files("wattserve.cli") / DEMO_PROMPTS)))  # fmt: skip
     try:
         spec = preset_spec(trace, **overrides)
         prompt_set = load_prompts(source)
@@ -212,6 +224,8 @@ def _latency_figure(report: LiveReport, out: Path) -> str:
 def _print_summary(report: LiveReport, out: Path, figure: str) -> None:
     """The two phases side by side, per variant, then the factor and what it rests on."""
     phases = [("wattserve", report.achieved.summary)]
+    if report.approximate is not None:
+        phases.insert(0, ("approximate", report.approximate.summary))
     if report.baseline is not None:
         phases.append(("baseline", report.baseline.summary))
     header = report.trace
@@ -241,6 +255,7 @@ def _print_summary(report: LiveReport, out: Path, figure: str) -> None:
         )
     else:
         console.print(f"no factor: baseline {report.baseline_name}")
+    _print_approximate(report)
     split = report.savings
     causes = ", ".join(f"{k} {v:,.0f} J" for k, v in split.by_cause_joules.items())
     fraction = "-" if split.saved_fraction is None else f"{split.saved_fraction:.0%}"
@@ -253,6 +268,21 @@ def _print_summary(report: LiveReport, out: Path, figure: str) -> None:
         f"trace {header.preset or '-'} seed {header.seed} ({header.prompts.name}), speed "
         f"{report.speed:g}x; hardware {_hardware(report)}; quality floors {floors}; "
         f"seeds salted by {report.salt.offset} ({report.salt.chosen}); wrote {out} {figure}"
+    )
+
+
+def _print_approximate(report: LiveReport) -> None:
+    """The approximate phase against the exact one and the baseline, when it ran."""
+    if report.approximate is None:
+        return
+    s, split = report.approximate.summary, report.approximate_savings
+    against = "-" if report.approximate_factor is None else f"{report.approximate_factor:.2f}x"
+    ratio = "-" if report.approximate_vs_exact is None else f"{report.approximate_vs_exact:.2f}x"
+    saved = split.by_cause_joules.get("approximate_cache", 0.0) if split else 0.0
+    console.print(
+        f"approximate reuse on: factor {against} vs the same baseline, {ratio} vs exact "
+        f"reuse; {s.approximate} of {s.outputs} outputs resumed ({s.steps_skipped} steps "
+        f"skipped), approximate_cache {saved:,.0f} J"
     )
 
 

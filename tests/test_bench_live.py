@@ -286,3 +286,20 @@ def test_bench_command_prints_the_factor_and_draws_both_latency_curves(url, tmp_
     figure = tmp_path / "b-latency.png"
     assert figure.read_bytes()[:4] == b"\x89PNG" and str(figure) in result.output.replace("\n", "")
     assert json.loads(out.read_text())["factor"] > 0
+
+
+@pytest.mark.ray
+async def test_bench_with_approximate_reuse_runs_it_first_and_splits_its_saving(url):
+    """One unseeded prompt, re-asked after each answer: the approximate phase resumes."""
+    spaced = [TraceRequest(arrival_s=3.0 * i, prompt="an approximate harbour at noon",
+                           seed=None if i < 3 else 9, size="64x64", quality="high")
+              for i in range(4)]  # fmt: skip
+    trace = Trace(mixed_trace(4, 1.0).header, tuple(spaced))
+    report = await run_live(url, trace, max_in_flight=4, reuse="approximate")
+    phase, exact = report.approximate.summary, report.achieved.summary
+    assert (phase.reuse, exact.reuse) == ("approximate", "exact")
+    assert phase.approximate >= 2 and phase.steps_skipped > 0 and exact.approximate == 0
+    seeded = report.approximate.requests[3]
+    assert seeded.seed is not None and seeded.receipts[0].cache == "miss"  # a seed stays exact
+    assert report.approximate_savings.by_cause_joules["approximate_cache"] > 0
+    assert report.approximate_factor > 0 and report.approximate_vs_exact > 0
