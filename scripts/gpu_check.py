@@ -47,6 +47,12 @@ step sweep runs 1, 2 and 4 steps on ``tiny-sd-turbo`` and on a toy SDXL layout
 (``SDXL_LAYOUTS["tiny"]``), labelled ``simulated`` (power x busy time, not energy).
 That is what ``tests/test_gpu_check.py`` runs.
 
+The code is in three files in this folder: this entry point (arguments, the order of the
+stages, the report), ``_gpu_stages.py`` (power poller, meter, devices, batches, pytest)
+and ``_gpu_sweep.py`` (the step sweep and the random SDXL builder). The script's own
+folder is ``sys.path[0]`` when it runs as ``python3 scripts/gpu_check.py``, so the two
+import without an installed package; they are copied to the device with the checkout.
+
 Running it with the ``device`` tool (a lent H100/H200; nothing outside that machine can
 be reached, so nothing can be pip-installed there from a registry)
 -----------------------------------------------------------------------------------
@@ -87,29 +93,24 @@ requirements (huggingface-hub>=1.32) are only listed as met there, not checked; 
 is not on the image (carrying it and its dependencies was not tried), so the
 ``tests/test_gpu.py`` case that builds a ``VariantWorker`` without a meter (it then
 looks up a Ray telemetry agent) is expected to fail there; this script gives its worker
-a ``LocalMeter`` and never imports Ray (``cuda_device_uuid`` is recomputed below if
-``workers.meter`` cannot be imported). ``make gpu-check`` runs this script with
+a ``LocalMeter`` and never imports Ray (``cuda_device_uuid`` is recomputed in
+``_gpu_stages`` if ``workers.meter`` cannot be imported). ``make gpu-check`` runs this script with
 ``.venv/bin/python`` for a machine where the project's own venv has a CUDA torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
-import platform
-import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import traceback
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import _gpu_stages as stages  # this script's folder, sys.path[0] when it runs
+from _gpu_sweep import CPU_SWEEP_STEPS, GPU_SWEEP_STEPS, SDXL_RESERVE_S, SWEEP_ARCHS, sweep_stage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing wattserve
@@ -133,508 +134,6 @@ def _use_checkout_packages() -> None:
 
 
 GPU_CATALOG = REPO / "scripts" / "gpu_catalog.toml"
-PROMPTS = (
-    "a lighthouse on a cliff at dusk, oil painting",
-    "a red cube on a glass table, studio light",
-    "an astronaut riding a horse on the moon",
-    "a bowl of ramen, top view, photograph",
-)
-
-
-class PowerPoller:
-    """Polls one device's ``power_mw()`` in a thread; integrates any window afterwards."""
-
-    def __init__(self, device: Any, hz: float) -> None:
-        self._device = device
-        self._period_s = 1.0 / hz
-        self._times: list[float] = []
-        self._watts: list[float] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="power-poller", daemon=True)
-        self.errors = 0
-
-    def _loop(self) -> None:
-        next_s = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                watts = self._device.power_mw() / 1000
-            except Exception:  # a failed read leaves a gap; the trapezoids bridge it
-                self.errors += 1
-            else:
-                with self._lock:
-                    self._times.append(time.monotonic())
-                    self._watts.append(watts)
-            next_s += self._period_s
-            self._stop.wait(max(0.0, next_s - time.monotonic()))
-
-    def start(self) -> None:
-        """Start polling."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop polling (samples are kept)."""
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _at(self, t: float) -> float:
-        """Power at ``t``, linearly interpolated (nearest sample outside the range)."""
-        i = bisect.bisect_left(self._times, t)
-        if i == 0:
-            return self._watts[0]
-        if i == len(self._times):
-            return self._watts[-1]
-        t0, t1 = self._times[i - 1], self._times[i]
-        w0, w1 = self._watts[i - 1], self._watts[i]
-        return w0 + (w1 - w0) * (t - t0) / (t1 - t0) if t1 > t0 else w1
-
-    def integrate(self, start_s: float, end_s: float) -> tuple[float, int]:
-        """(joules over [start_s, end_s] by trapezoids, samples inside the window)."""
-        with self._lock:
-            if not self._times:
-                raise RuntimeError("no power samples were taken")
-            lo = bisect.bisect_right(self._times, start_s)
-            hi = bisect.bisect_left(self._times, end_s)
-            points = [(start_s, self._at(start_s))]
-            points += list(zip(self._times[lo:hi], self._watts[lo:hi], strict=True))
-            points.append((end_s, self._at(end_s)))
-        joules = sum(
-            (t1 - t0) * (w0 + w1) / 2
-            for (t0, w0), (t1, w1) in zip(points, points[1:], strict=False)
-        )
-        return joules, hi - lo
-
-
-class WindowMeter:
-    """A ``BatchMeter`` that passes through to a ``LocalMeter`` and records its window."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.windows: dict[str, tuple[float, float]] = {}
-        self._begun: dict[str, float] = {}
-
-    def begin(self, batch_id: str, power_w: float) -> None:
-        """Report a batch start, then note the time."""
-        self._inner.begin(batch_id, power_w)
-        self._begun[batch_id] = time.monotonic()
-
-    def end(self, batch_id: str) -> Any:
-        """Note the time, then report the batch end and return the agent's measurement."""
-        ended = time.monotonic()
-        self.windows[batch_id] = (self._begun.pop(batch_id), ended)
-        return self._inner.end(batch_id)
-
-
-def _device_info(device: Any) -> dict[str, Any]:
-    """Everything the NVML (or simulated) source reports for one device, read-only."""
-    from wattserve.telemetry.devices import TelemetryError
-
-    def read(name: str) -> Any:
-        try:
-            return getattr(device, name)()
-        except TelemetryError as exc:
-            return f"unsupported: {exc}"
-
-    return {
-        "index": device.index,
-        "id": device.uuid,
-        "name": device.name,
-        "kind": device.kind,
-        "power_mw": read("power_mw"),
-        "energy_mj": read("energy_mj"),
-        "supports_energy_counter": device.supports_energy_counter(),
-        "power_limit_mw": device.power_limit_mw(),
-        "power_limit_constraints_mw": device.power_limit_constraints_mw(),
-        "utilization_pct": device.utilization_pct(),
-    }
-
-
-def _device_uuid(torch_device: Any) -> str | None:
-    """NVML UUID of the worker's device (``workers.meter.cuda_device_uuid`` without Ray)."""
-    try:
-        from wattserve.workers.meter import cuda_device_uuid
-    except ImportError:  # workers.meter imports ray, which a bare GPU image may lack
-        if getattr(torch_device, "type", "cpu") != "cuda":
-            return None
-        import torch
-
-        return f"GPU-{torch.cuda.get_device_properties(torch_device).uuid}"
-    return cuda_device_uuid(torch_device)
-
-
-def _versions() -> dict[str, Any]:
-    import diffusers
-    import torch
-    import transformers
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "cuda_available": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians per batch size over the timed (non-warm-up) runs."""
-    by_size: dict[str, Any] = {}
-    for size in sorted({r["batch_size"] for r in runs}):
-        rows = [r for r in runs if r["batch_size"] == size]
-        agent = statistics.median(r["agent_joules"] / size for r in rows)
-        integ = statistics.median(r["integrated_joules"] / size for r in rows)
-        by_size[str(size)] = {
-            "runs": len(rows),
-            "agent_j_per_image": round(agent, 3),
-            "energy_source": sorted({r["energy_source"] for r in rows}),
-            "integrated_j_per_image": round(integ, 3),
-            "batch_latency_s": round(statistics.median(r["busy_s"] for r in rows), 4),
-            "mean_power_w": round(statistics.median(r["mean_power_w"] for r in rows), 1),
-            "agent_over_integrated": round(agent / integ, 4) if integ > 0 else None,
-        }
-    return by_size
-
-
-# ---------------------------------------------------------------------------------------
-# Step sweep: J/image at several step counts, fitted to fixed_j + per_step_j * steps.
-
-GPU_SWEEP_STEPS = (1, 2, 4, 8, 25)
-CPU_SWEEP_STEPS = (1, 2, 4)
-SWEEP_ARCHS = ("sd21", "sdxl")
-# The SDXL sweep (build, load, runs: about 1.5-2 min expected on an H200, not yet timed)
-# starts only when this much of --time-budget-s is left.
-SDXL_RESERVE_S = 180.0
-
-# Stable Diffusion XL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0:
-# unet/config.json, text_encoder/config.json (CLIP ViT-L/14), text_encoder_2/config.json
-# (OpenCLIP ViT-bigG/14 with projection), vae/config.json): 2.57 B UNet, 0.12 B + 0.69 B
-# text encoders, 84 M VAE parameters. "tiny" is the same pipeline class at toy sizes,
-# for the CPU mode. Weights are random either way; nothing is downloaded.
-SDXL_LAYOUTS: dict[str, dict[str, Any]] = {
-    "sdxl": {
-        "unet": {
-            "block_out_channels": (320, 640, 1280),
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            "layers_per_block": 2,
-            "transformer_layers_per_block": (1, 2, 10),
-            "attention_head_dim": (5, 10, 20),
-            "addition_time_embed_dim": 256,
-            "use_linear_projection": True,
-            "norm_num_groups": 32,
-            "sample_size": 128,
-        },
-        "text": {"hidden": 768, "intermediate": 3072, "layers": 12, "heads": 12,
-                 "act": "quick_gelu", "projection": 768, "vocab": 49408},
-        "text_2": {"hidden": 1280, "intermediate": 5120, "layers": 32, "heads": 20,
-                   "act": "gelu", "projection": 1280, "vocab": 49408},
-        "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
-                "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025},
-        "seed": 1024,
-    },
-    "tiny": {
-        "unet": {
-            "block_out_channels": (32, 64),
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-            "layers_per_block": 1,
-            "transformer_layers_per_block": (1, 1),
-            "attention_head_dim": (2, 4),
-            "addition_time_embed_dim": 8,
-            "use_linear_projection": True,
-            "norm_num_groups": 8,
-            "sample_size": 32,
-        },
-        "text": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2,
-                 "act": "quick_gelu", "projection": 32, "vocab": None},
-        "text_2": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2,
-                   "act": "gelu", "projection": 32, "vocab": None},
-        "vae": {"block_out_channels": (32, 64), "layers_per_block": 1,
-                "norm_num_groups": 8, "sample_size": 64, "scaling_factor": 0.13025},
-        "seed": 8,
-    },
-}  # fmt: skip
-
-
-def _build_random_sdxl(layout: dict[str, Any], device: str = "cpu") -> Any:
-    """A random-weight ``StableDiffusionXLPipeline`` of ``layout`` (see SDXL_LAYOUTS).
-
-    The four models are created directly on ``device`` (random init of 3.5 B parameters
-    is quick on a GPU, slow on a CPU); tokenizer and scheduler hold no weights.
-
-    Built like ``workers.pipelines._build_random_pipeline`` (which only makes the
-    one-text-encoder Stable Diffusion class): the same 514-token byte-level tokenizer for
-    both text encoders (a larger vocabulary only enlarges the embedding tables).
-    """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from wattserve.workers.pipelines import _tiny_tokenizer
-
-    torch.manual_seed(layout["seed"])
-    tokenizer = _tiny_tokenizer()
-    special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
-
-    def text_config(spec: dict[str, Any]) -> Any:
-        return CLIPTextConfig(
-            vocab_size=spec["vocab"] or len(tokenizer),
-            hidden_size=spec["hidden"],
-            intermediate_size=spec["intermediate"],
-            num_attention_heads=spec["heads"],
-            num_hidden_layers=spec["layers"],
-            max_position_embeddings=77,
-            hidden_act=spec["act"],
-            bos_token_id=special[0],
-            eos_token_id=special[1],
-            pad_token_id=special[1],
-            projection_dim=spec["projection"],
-        )
-
-    text, text_2, unet_spec = layout["text"], layout["text_2"], layout["unet"]
-    vae_spec = layout["vae"]
-    levels = len(vae_spec["block_out_channels"])
-    with torch.device(device):
-        text_encoder = CLIPTextModel(text_config(text))
-        text_encoder_2 = CLIPTextModelWithProjection(text_config(text_2))
-        unet = UNet2DConditionModel(
-            in_channels=4,
-            out_channels=4,
-            # SDXL conditions on both encoders' penultimate states, concatenated (2048),
-            # and on the pooled bigG embedding plus 6 size/crop numbers (2816)
-            cross_attention_dim=text["hidden"] + text_2["hidden"],
-            addition_embed_type="text_time",
-            projection_class_embeddings_input_dim=(
-                6 * unet_spec["addition_time_embed_dim"] + text_2["projection"]
-            ),
-            **unet_spec,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            force_upcast=True,  # SDXL's VAE decodes in float32, as the released config says
-            **vae_spec,
-        )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
-
-
-def _sdxl_variant(cpu_smoke: bool, models_dir: Path) -> Any:
-    """Build (once) the random SDXL pipeline under ``models_dir``; its VariantSpec.
-
-    On a GPU the modules are created on the device (fast) and saved in float16; the
-    worker then loads the directory with ``from_pretrained`` like any checkpoint.
-    """
-    import torch
-
-    from wattserve.policies.catalog import EnergyPrior, Resources, VariantSpec, load_catalog
-
-    name = "tiny-sdxl-arch-random" if cpu_smoke else "sdxl-arch-random"
-    target = models_dir / name
-    if not (target / "model_index.json").exists():
-        on_gpu = torch.cuda.is_available() and not cpu_smoke
-        models_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
-        try:
-            pipe = _build_random_sdxl(
-                SDXL_LAYOUTS["tiny" if cpu_smoke else "sdxl"], "cuda" if on_gpu else "cpu"
-            )
-            if on_gpu:
-                pipe.to(torch.float16)
-            pipe.save_pretrained(staging)
-            del pipe
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            if on_gpu:
-                torch.cuda.empty_cache()
-    if cpu_smoke:
-        return VariantSpec(
-            name=name,
-            source=str(target),
-            steps=4,
-            guidance_scale=5.0,
-            max_size_px=256,
-            quality_score=0.0,
-            quality_provenance="random weights: toy SDXL layout for the CPU mode",
-            power_w=350.0,
-            energy_prior=EnergyPrior(
-                joules_per_image={1: 18.0}, provenance="placeholder: CPU mode, not used"
-            ),
-        )
-    # Steps, guidance and precision of the real SDXL variant (policies/real_catalog.toml)
-    real = load_catalog(REPO / "policies" / "real_catalog.toml").get("sdxl-h100")
-    assert real is not None
-    fields = real.model_dump()
-    fields.update(
-        name=name,
-        source=str(target),
-        min_size_px=512,
-        quality_score=0.0,
-        quality_provenance="random weights: architecture and cost of SDXL base 1.0 only",
-        resources=Resources(num_gpus=1).model_dump(),
-    )
-    return VariantSpec.model_validate(fields)
-
-
-def _measure(
-    worker: Any, meter: WindowMeter, poller: PowerPoller, plan: Any, power_label: str
-) -> dict[str, Any]:
-    """Run one plan through the worker; the agent's joules and the poller's, labelled."""
-    out = worker.run(plan)
-    time.sleep(0.25)  # let the poller take samples past the window's end
-    window_start, window_end = meter.windows[plan.batch_id]
-    joules, samples = poller.integrate(window_start, window_end)
-    window_s = window_end - window_start
-    return {
-        "batch_id": plan.batch_id,
-        "batch_size": len(plan.items),
-        "images": len(out.png_images),
-        "busy_s": round(out.busy_s, 4),
-        "window_s": round(window_s, 4),
-        "agent_joules": round(out.joules, 3),
-        "energy_source": out.energy_source,
-        "integrated_joules": round(joules, 3),
-        "integrated_source": power_label,
-        "power_samples_in_window": samples,
-        "mean_power_w": round(joules / window_s, 1) if window_s > 0 else None,
-    }
-
-
-def _fit_or_error(points: list[tuple[int, float]], default_steps: int) -> dict[str, Any]:
-    from wattserve.bench.step_energy import fit_step_energy
-
-    try:
-        return fit_step_energy(points, default_steps).as_dict()
-    except ValueError as exc:
-        return {"error": str(exc)}
-
-
-def _sweep_fits(points: list[dict[str, Any]], default_steps: int) -> dict[str, Any]:
-    """Fits of the timed points: agent joules, integrated joules, latency (batch 1)."""
-    timed = [p for p in points if not p["warmup"]]
-    fits: dict[str, Any] = {}
-    for key, joules, label in (
-        ("agent", "agent_joules", "energy_source"),
-        ("integrated", "integrated_joules", "integrated_source"),
-    ):
-        fit = _fit_or_error(
-            [(p["steps"], p[joules] / p["batch_size"]) for p in timed], default_steps
-        )
-        fit["energy_source"] = sorted({p[label] for p in timed})
-        fits[key] = fit
-    # the same line through batch latency, in seconds
-    latency = _fit_or_error([(p["steps"], p["busy_s"]) for p in timed], default_steps)
-    seconds = {"fixed_j": "fixed_s", "per_step_j": "per_step_s", "j_at_default": "s_at_default",
-               "rms_residual_j": "rms_residual_s"}  # fmt: skip
-    fits["latency"] = {seconds.get(key, key): value for key, value in latency.items()}
-    return fits
-
-
-def _sweep_one(
-    worker: Any,
-    variant: Any,
-    meter: WindowMeter,
-    poller: PowerPoller,
-    side_px: int,
-    steps_list: tuple[int, ...],
-    repeats: int,
-    power_label: str,
-    result: dict[str, Any],
-) -> None:
-    """Warm-up at the variant's steps, then ``repeats`` rounds over ``steps_list``.
-
-    Rounds interleave the step counts (1, 2, 4, ..., then again) so slow drift in clocks
-    or temperature spreads over all of them. The worker keeps its loaded pipeline; only
-    its ``variant.steps`` changes between runs. Fills ``result`` as it goes (its points
-    survive a failure part-way; ``fits`` is added once every run is done).
-    """
-    from wattserve.policies.plans import BatchPlan, WorkItem
-
-    schedule = [(variant.steps, "warmup")]
-    schedule += [(s, f"r{r}") for r in range(repeats) for s in steps_list]
-    points: list[dict[str, Any]] = []
-    result.update(
-        variant=variant.name,
-        default_steps=variant.steps,
-        guidance_scale=variant.guidance_scale,
-        dtype=variant.dtype,
-        size_px=side_px,
-        batch_size=1,
-        steps=list(steps_list),
-        repeats=repeats,
-        points=points,
-    )
-    try:
-        for number, (steps, tag) in enumerate(schedule):
-            worker.variant = variant.model_copy(update={"steps": steps})
-            item = WorkItem(PROMPTS[number % len(PROMPTS)], None, 5000 + number)
-            batch_id = f"sweep-{variant.name}-{number}-s{steps}-{tag}"
-            plan = BatchPlan(batch_id, variant.name, side_px, side_px, (item,))
-            row = _measure(worker, meter, poller, plan, power_label)
-            row.update(steps=steps, warmup=tag == "warmup")
-            points.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-    finally:
-        worker.variant = variant
-    result["fits"] = _sweep_fits(points, variant.steps)
-
-
-# ``python -m pytest`` with ``_use_checkout_packages`` first (conftest imports
-# wattserve.policies, which an uninstalled checkout does not map by itself)
-_PYTEST_BOOT = (
-    "import sys; sys.path.insert(0, {repo!r}); import importlib.util, wattserve; "
-    "importlib.util.find_spec('wattserve.policies') or wattserve.__path__.append({repo!r}); "
-    "import pytest; sys.exit(pytest.main(['-q', '-m', 'gpu', 'tests/test_gpu.py']))"
-)
-
-
-def _run_pytest() -> dict[str, Any]:
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _PYTEST_BOOT.format(repo=str(REPO))],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or b"")[-3000:]
-        return {"returncode": None, "summary": "timed out after 300 s", "tail": str(tail)}
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    return {
-        "returncode": proc.returncode,
-        "summary": lines[-1] if lines else "",
-        "tail": (proc.stdout + proc.stderr)[-3000:],
-    }
 
 
 def _sweep_options(cpu_smoke: bool, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -657,6 +156,41 @@ def _sweep_options(cpu_smoke: bool, args: argparse.Namespace) -> dict[str, Any] 
     return {"steps": steps, "archs": archs, "repeats": max(1, args.sweep_repeats)}
 
 
+def _mode(cpu_smoke: bool) -> tuple[str, Any, int, tuple[int, ...], int]:
+    """(power source mode, variant, side px, batch sizes, SDXL side px) of the run."""
+    from wattserve.policies.catalog import load_catalog
+
+    if cpu_smoke:
+        source_mode, variant = "simulated", load_catalog().get("tiny-sd-turbo")
+        side_px, sizes, sdxl_px = 64, (1, 2), 64
+    else:
+        source_mode, variant = "nvml", load_catalog(GPU_CATALOG).get("sd21-arch-random")
+        side_px, sizes, sdxl_px = 512, (1, 2, 4), 1024
+    assert variant is not None
+    return source_mode, variant, side_px, sizes, sdxl_px
+
+
+def _new_report(
+    cpu_smoke: bool, variant: Any, side_px: int, sizes: tuple[int, ...], repeats: int
+) -> dict[str, Any]:
+    """The report before any stage has run."""
+    return {
+        "mode": "cpu-smoke" if cpu_smoke else "gpu",
+        "complete": False,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "variant": {
+            "name": variant.name,
+            "steps": variant.steps,
+            "guidance_scale": variant.guidance_scale,
+            "dtype": variant.dtype,
+            "size_px": side_px,
+            "batch_sizes": list(sizes),
+            "repeats": repeats,
+        },
+        "errors": [],
+    }
+
+
 def run_check(
     cpu_smoke: bool,
     repeats: int,
@@ -673,233 +207,73 @@ def run_check(
     _use_checkout_packages()
     import structlog
 
-    from wattserve.policies.catalog import load_catalog
-    from wattserve.policies.plans import BatchPlan, WorkItem
-    from wattserve.telemetry.agent import LocalMeter, TelemetryAgent
-    from wattserve.telemetry.devices import TelemetryError, open_power_sources
-    from wattserve.workers.pipelines import resolve_source
-    from wattserve.workers.worker import VariantWorker
+    from wattserve.telemetry.agent import TelemetryAgent
+    from wattserve.telemetry.devices import open_power_sources
 
     # Logs to stderr so stdout is the one JSON document (configure_logging keeps this).
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     check_started = time.monotonic()
-
-    def save() -> None:
-        if checkpoint is not None:
-            checkpoint(report)
-
-    if cpu_smoke:
-        source_mode, variant = "simulated", load_catalog().get("tiny-sd-turbo")
-        side_px, sizes, sdxl_px = 64, (1, 2), 64
-    else:
-        source_mode, variant = "nvml", load_catalog(GPU_CATALOG).get("sd21-arch-random")
-        side_px, sizes, sdxl_px = 512, (1, 2, 4), 1024
-    assert variant is not None
-    report: dict[str, Any] = {
-        "mode": "cpu-smoke" if cpu_smoke else "gpu",
-        "complete": False,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "variant": {
-            "name": variant.name,
-            "steps": variant.steps,
-            "guidance_scale": variant.guidance_scale,
-            "dtype": variant.dtype,
-            "size_px": side_px,
-            "batch_sizes": list(sizes),
-            "repeats": repeats,
-        },
-        "errors": [],
-    }
-
-    def fail(stage: str) -> None:
-        report["errors"].append({"stage": stage, "error": traceback.format_exc(limit=8)})
-
+    source_mode, variant, side_px, sizes, sdxl_px = _mode(cpu_smoke)
+    rec = stages.Recorder(_new_report(cpu_smoke, variant, side_px, sizes, repeats), checkpoint)
+    report = rec.report
     try:
-        report["versions"] = _versions()
+        report["versions"] = stages.versions()
     except Exception:
-        fail("versions")
-
-    try:
-        device_set = open_power_sources(source_mode)
-        report["power_source"] = {"kind": device_set.kind, "reason": device_set.reason}
-        report["devices"] = [_device_info(d) for d in device_set.devices]
-    except Exception:
-        fail("devices")
+        rec.fail("versions")
+    device_set = stages.open_devices(rec, source_mode)
+    if device_set is None or not stages.build_variant(rec, variant, models_dir):
         return report
+    rec.save()
     # what the poller's integrated figures are: NVML power readings, or the simulation
     power_label = "nvml-power" if device_set.kind == "nvml" else "simulated"
 
-    try:
-        started = time.monotonic()
-        resolve_source(variant, models_dir)
-        report["build_s"] = round(time.monotonic() - started, 2)
-    except Exception:
-        fail("build")
-        return report
-    save()
-
     agent = TelemetryAgent(open_power_sources(source_mode), sample_hz=10)
     agent.start()
-    poller: PowerPoller | None = None
+    poller: stages.PowerPoller | None = None
     runs: list[dict[str, Any]] = []
     report["batches"] = runs
     try:
-        # The agent samples its own devices; the poller reads the same device object
-        # (one simulated device only exists once; NVML handles are thread-safe).
-        inner = LocalMeter(agent, None)
-        meter = WindowMeter(inner)
-        started = time.monotonic()
-        worker = VariantWorker(variant, str(models_dir), meter)
-        report["load_s"] = round(time.monotonic() - started, 2)
-        inner.device_uuid = _device_uuid(worker._device)
-        try:
-            index = agent.device_index(inner.device_uuid)
-        except TelemetryError:  # torch's UUID not among NVML's: say so, measure device 0
-            fail("device_uuid")
-            inner.device_uuid, index = None, 0
-        report["worker"] = {
-            "torch_device": str(worker._device),
-            "device_uuid": inner.device_uuid,
-            "agent_device_index": index,
-            "agent_device_id": agent.devices[index].uuid,
-        }
-        poller = PowerPoller(agent.devices[index], hz=100)
+        worker, meter, index = stages.start_worker(rec, agent, variant, models_dir)
+        poller = stages.PowerPoller(agent.devices[index], hz=100)
         poller.start()
         time.sleep(0.3)
-        schedule = [(1, "warmup")] + [(s, f"r{r}") for r in range(repeats) for s in sizes]
-        for number, (size, tag) in enumerate(schedule):
-            items = tuple(
-                WorkItem(PROMPTS[(number + i) % len(PROMPTS)], None, 1000 * number + i)
-                for i in range(size)
-            )
-            batch_id = f"check-{number}-bs{size}-{tag}"
-            plan = BatchPlan(batch_id, variant.name, side_px, side_px, items)
-            row = _measure(worker, meter, poller, plan, power_label)
-            row["warmup"] = tag == "warmup"
-            runs.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-        timed = [r for r in runs if not r["warmup"]]
-        report["by_batch_size"] = _summary(timed) if timed else {}
-        save()
-
+        probe = stages.Probe(meter, poller, power_label)
+        stages.batch_stage(worker, variant, probe, side_px, sizes, repeats, runs)
+        report["by_batch_size"] = stages.timed_summary(runs)
+        rec.save()
         if sweep is not None:
-            report["step_sweep"] = section = {
-                "what": "J/image at batch 1 vs denoising steps, fitted by least squares to "
-                "J(steps) = fixed_j + per_step_j * steps; fixed_fraction_at_default = "
-                "fixed_j / J(default steps)",
-                "power_source": device_set.kind,
-                "note": (
-                    "NVML energy of the GPU: agent = the telemetry agent's figure "
-                    "(energy_source), integrated = this script's 100 Hz power polling"
-                    if device_set.kind == "nvml"
-                    else "CPU mode: simulated power x busy time on toy architectures "
-                    "(tiny-sd-turbo, a toy SDXL layout); exercises the code, measures no GPU"
-                ),
-                "steps": list(sweep["steps"]),
-                "repeats": sweep["repeats"],
-                "warmup_runs": 1,
-                "time_budget_s": time_budget_s,
-                "architectures": {arch: {} for arch in sweep["archs"]},
-                "skipped": {},
-            }
-            if "sd21" in sweep["archs"]:
-                try:  # the batch stage's worker: SD 2.1 (GPU) or tiny-sd-turbo (CPU mode)
-                    _sweep_one(
-                        worker, variant, meter, poller, side_px, sweep["steps"],
-                        sweep["repeats"], power_label, section["architectures"]["sd21"],
-                    )  # fmt: skip
-                except Exception:
-                    fail("step_sweep:sd21")
-                save()
-            if "sdxl" in sweep["archs"]:
-                left_s = time_budget_s - (time.monotonic() - check_started)
-                if left_s < SDXL_RESERVE_S:
-                    del section["architectures"]["sdxl"]
-                    section["skipped"]["sdxl"] = (
-                        f"{left_s:.0f} s of --time-budget-s left, under the {SDXL_RESERVE_S:.0f}"
-                        " s the SDXL sweep is given"
-                    )
-                else:
-                    _sweep_sdxl(
-                        cpu_smoke, models_dir, meter, poller, sdxl_px, sweep, power_label,
-                        section, fail,
-                    )  # fmt: skip
-                save()
+            sweep_stage(
+                rec, sweep, cpu_smoke=cpu_smoke, models_dir=models_dir, worker=worker,
+                variant=variant, probe=probe, sizes_px=(side_px, sdxl_px),
+                power_kind=device_set.kind, time_budget_s=time_budget_s,
+                check_started=check_started,
+            )  # fmt: skip
     except Exception:
-        fail("batches")
+        rec.fail("batches")
     finally:
-        if poller is not None:
-            poller.stop()
-            report["poller"] = {"hz": 100, "read_errors": poller.errors}
-        agent.stop()
-        report["agent"] = {
-            "sample_hz": agent.sample_hz,
-            "sampling_cpu_pct": round(agent.sampling_cpu_pct, 3),
-            "reconciliation": asdict(agent.reconciliation()),
-        }
+        stages.stop_measuring(report, agent, poller)
     if "by_batch_size" not in report:  # the batch stage failed part-way: what it measured
-        timed = [r for r in runs if not r["warmup"]]
-        report["by_batch_size"] = _summary(timed) if timed else {}
-    try:
-        report["devices_after"] = [_device_info(d) for d in agent.devices]
-    except Exception:
-        fail("devices_after")
-    save()
-    if not cpu_smoke:
-        report["pytest"] = _run_pytest()
-    report["elapsed_s"] = round(time.monotonic() - check_started, 1)
-    report["complete"] = True
+        report["by_batch_size"] = stages.timed_summary(runs)
+    _finish(rec, agent, cpu_smoke, check_started)
     return report
 
 
-def _sweep_sdxl(
-    cpu_smoke: bool,
-    models_dir: Path,
-    meter: WindowMeter,
-    poller: PowerPoller,
-    side_px: int,
-    sweep: dict[str, Any],
-    power_label: str,
-    section: dict[str, Any],
-    fail: Any,
-) -> None:
-    """Build the random SDXL pipeline, load it in its own worker, sweep it, free it."""
-    import gc
-
-    from wattserve.workers.worker import VariantWorker
-
+def _finish(rec: stages.Recorder, agent: Any, cpu_smoke: bool, check_started: float) -> None:
+    """The devices after the runs, the pytest stage (GPU only), elapsed time, complete."""
+    report = rec.report
     try:
-        started = time.monotonic()
-        sdxl = _sdxl_variant(cpu_smoke, models_dir)
-        build_s = round(time.monotonic() - started, 2)
-        started = time.monotonic()
-        worker = VariantWorker(sdxl, str(models_dir), meter)
-        load_s = round(time.monotonic() - started, 2)
+        report["devices_after"] = [stages.device_info(d) for d in agent.devices]
     except Exception:
-        fail("step_sweep:sdxl:build")
-        return
-    result = section["architectures"]["sdxl"]
-    result.update(build_s=build_s, load_s=load_s)
-    try:
-        _sweep_one(
-            worker, sdxl, meter, poller, side_px, sweep["steps"], sweep["repeats"], power_label,
-            result,
-        )  # fmt: skip
-    except Exception:
-        fail("step_sweep:sdxl")
-    finally:
-        del worker
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # freeing memory is a courtesy to the pytest stage
-            pass
+        rec.fail("devices_after")
+    rec.save()
+    if not cpu_smoke:
+        report["pytest"] = stages.run_pytest()
+    report["elapsed_s"] = round(time.monotonic() - check_started, 1)
+    report["complete"] = True
 
 
 def _table(report: dict[str, Any]) -> str:
+    """The batch and sweep figures as a text table (for stderr)."""
     lines = ["bs  agent J/img  source         integ J/img  latency s  ratio"]
     for size, row in report.get("by_batch_size", {}).items():
         lines.append(
@@ -930,8 +304,7 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the check, print and write the report; 0 when every stage worked."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--cpu-smoke", action="store_true", help="simulated power, tiny model, no GPU needed"
@@ -958,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         default=480.0,
         help=f"the SDXL sweep starts only with {SDXL_RESERVE_S:.0f} s of this left",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check, print and write the report; 0 when every stage worked."""
+    args = _parser().parse_args(argv)
     sweep = _sweep_options(args.cpu_smoke, args)
     out_dir = os.environ.get("OUT")
 

@@ -205,10 +205,16 @@ def test_step_fit_rejects_bad_points():
         fit_step_energy([(1, 10.0), (2, 20.0)], default_steps=0)
 
 
+FORBIDDEN = ("setpowermanagementlimit", "set_power", "nvidia-smi -pl", "nvmldeviceset")
+
+
 def test_gpu_check_never_changes_a_power_limit():
-    source = SCRIPT.read_text(encoding="utf-8").lower()
-    for forbidden in ("setpowermanagementlimit", "set_power", "nvidia-smi -pl", "nvmldeviceset"):
-        assert forbidden not in source
+    modules = [SCRIPT, *sorted(SCRIPT.parent.glob("_gpu_*.py"))]
+    assert len(modules) >= 3  # the entry point and its sibling modules
+    for module in modules:
+        source = module.read_text(encoding="utf-8").lower()
+        for forbidden in FORBIDDEN:
+            assert forbidden not in source, module.name
 
 
 def test_gpu_catalog_holds_the_sd21_architecture():
