@@ -37,7 +37,7 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,7 +51,11 @@ from wattserve.policies.latent_reuse import (
     capture_steps,
     evictions,
     steps_to_skip,
+    variant_bands,
 )
+
+if TYPE_CHECKING:
+    from wattserve.policies.catalog import VariantSpec
 
 LATENT_CHANNELS = 4  # assumed: an SD/SDXL VAE latent (see the module docstring)
 LATENT_DOWNSCALE = 8
@@ -66,15 +70,9 @@ def latent_bytes(width_px: int, height_px: int, kept_steps: int) -> int:
     return LATENT_CHANNELS * side_w * side_h * LATENT_BYTES_PER_VALUE * kept_steps
 
 
-def bands_of(spec: Any) -> tuple[ReuseBand, ...]:
-    """A variant's bands: its catalog entry's ``reuse_bands`` if any, else the defaults.
-
-    Read with ``getattr`` so a catalog model without the field still simulates.
-    """
-    own = getattr(spec, "reuse_bands", None)
-    if own is None:
-        return DEFAULT_BANDS
-    return tuple(ReuseBand(similarity, fraction) for similarity, fraction in own)
+def bands_of(spec: VariantSpec) -> tuple[ReuseBand, ...]:
+    """A variant's bands: its catalog entry's ``reuse_bands`` if any, else the defaults."""
+    return variant_bands(spec.reuse_bands)
 
 
 @dataclass(frozen=True, slots=True)
