@@ -240,7 +240,7 @@ def simulate_report(
     achieved, baseline = sim.run(trace), sim.run(trace, baseline=True)
     got, base = summarize(achieved), summarize(baseline)
     fixed = min((c.fixed_fraction for c in sim.costs.values()), default=0.0)
-    resumed = resume_bound(trace, sim.reuse, fixed, getattr(sim.policy, "reuse_pools", {}))
+    resumed = resume_bound(trace, sim.reuse, fixed, sim.policy.reuse_pools)
     oracle = oracle_joules(trace, sim.catalog, sim.costs, sim.policy, resumed)
     reference = reference_variant(sim.catalog)
     top = [v.name for v in sim.catalog.variants if v.quality_score == reference.quality_score]

@@ -358,7 +358,7 @@ class FleetSimulation:
         approximate = not baseline and mode == "approximate" and st.latents is not None
         shareable = (not baseline and not approximate
                      and (request.seed is not None or self.policy.share_unseeded))  # fmt: skip
-        pools = getattr(self.policy, "reuse_pools", {})  # named shared pools, where set
+        pools = self.policy.reuse_pools  # named shared pools, where set
         pool = reuse_pool(request.tenant, pools) if st.latents and not baseline else None
         base = request.seed if request.seed is not None else index
         done = []
