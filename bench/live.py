@@ -157,6 +157,35 @@ class PhaseReport(BaseModel):
     requests: list[RequestRecord]
 
 
+class ResumedVsFull(BaseModel):
+    """One variant's generations in the approximate phase, resumed and full."""
+
+    resumed: int
+    resumed_joules_per_output: float | None
+    steps_skipped_mean: float | None
+    full: int
+    full_joules_per_output: float | None
+
+
+def resumed_vs_full(receipts: Sequence[Receipt]) -> dict[str, ResumedVsFull]:
+    """Per variant, the phase's resumed and full generations (hits and joins left out)."""
+    out = {}
+    for variant in sorted({r.variant for r in receipts}):
+        mine = [r for r in receipts if r.variant == variant]
+        resumed = [r for r in mine if r.cache == "approximate"]
+        full = [r for r in mine if r.cache == "miss"]
+
+        def mean(values: list[float]) -> float | None:
+            return round(sum(values) / len(values), 3) if values else None
+
+        out[variant] = ResumedVsFull(
+            resumed=len(resumed), resumed_joules_per_output=mean([r.joules for r in resumed]),
+            steps_skipped_mean=mean([float(r.steps_skipped) for r in resumed]),
+            full=len(full), full_joules_per_output=mean([r.joules for r in full]),
+        )  # fmt: skip
+    return out
+
+
 class LiveReport(BaseModel):
     """Everything ``wattserve bench`` measured, named so the figures can be checked."""
 
@@ -184,6 +213,9 @@ class LiveReport(BaseModel):
     approximate_factor: float | None = None
     approximate_vs_exact: float | None = None
     approximate_savings: SavingsSplit | None = None
+    # within the approximate phase, per variant: resumed vs full generations' J/output —
+    # the same machine at the same minutes, so the least noisy view of what a resume saves
+    resumed_vs_full: dict[str, ResumedVsFull] = {}
 
 
 def choose_salt(salt: int | None) -> SaltInfo:
@@ -356,6 +388,7 @@ def with_approximate(
         else None,
         "approximate_vs_exact": factor(exact, summary),
         "approximate_savings": split_savings(receipts_of(run.outcomes), reference, prior),
+        "resumed_vs_full": resumed_vs_full(receipts_of(run.outcomes)),
     })  # fmt: skip
 
 

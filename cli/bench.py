@@ -284,6 +284,12 @@ def _print_approximate(report: LiveReport) -> None:
         f"reuse; {s.approximate} of {s.outputs} outputs resumed ({s.steps_skipped} steps "
         f"skipped), approximate_cache {saved:,.0f} J"
     )
+    pairs = [f"{v} {c.resumed_joules_per_output:,.1f} J resumed ({c.resumed}, "
+             f"{c.steps_skipped_mean:g} steps skipped on average) vs "
+             f"{c.full_joules_per_output:,.1f} J full ({c.full})"
+             for v, c in report.resumed_vs_full.items() if c.resumed and c.full]  # fmt: skip
+    if pairs:
+        console.print("in that phase, per variant: " + "; ".join(pairs))
 
 
 def _variant_cells(found: VariantSummary | None) -> list[float | None]:

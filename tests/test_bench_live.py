@@ -303,3 +303,5 @@ async def test_bench_with_approximate_reuse_runs_it_first_and_splits_its_saving(
     assert seeded.seed is not None and seeded.receipts[0].cache == "miss"  # a seed stays exact
     assert report.approximate_savings.by_cause_joules["approximate_cache"] > 0
     assert report.approximate_factor > 0 and report.approximate_vs_exact > 0
+    large = report.resumed_vs_full["tiny-sd-large"]
+    assert large.resumed == phase.approximate and large.full >= 2  # the first and the seeded one
