@@ -78,3 +78,14 @@ def test_a_resumed_batch_runs_fewer_steps_for_less_time_and_energy(worker):
 def test_a_plan_that_cannot_resume_is_refused_not_run_in_full(worker):
     with pytest.raises(ValueError, match="cannot resume"):
         worker.run(BatchPlan("n", LARGE, 64, 64, (WorkItem("x", None, 1),), start_step=2))
+
+
+def test_only_history_free_first_order_schedulers_may_resume():
+    """A multistep solver would resume with a cold history: it keeps nothing to resume."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from wattserve.workers.denoise import resumable_steps
+
+    assert resumable_steps(DDIMScheduler(), 8) == 7
+    assert resumable_steps(DPMSolverMultistepScheduler(), 8) == 0
+    assert resumable_steps(EulerDiscreteScheduler(), 8) == 0  # rescales given latents
