@@ -290,9 +290,12 @@ def test_bench_command_prints_the_factor_and_draws_both_latency_curves(url, tmp_
 
 @pytest.mark.ray
 async def test_bench_with_approximate_reuse_runs_it_first_and_splits_its_saving(url):
-    """One unseeded prompt, re-asked after each answer: the approximate phase resumes."""
+    """One unseeded prompt, re-asked after each answer: the approximate phase resumes.
+
+    Its size is one no other test asks for, so its latent space starts empty.
+    """
     spaced = [TraceRequest(arrival_s=0.1 * i, prompt="an approximate harbour at noon",
-                           seed=None if i < 3 else 9, size="64x64", quality="high")
+                           seed=None if i < 3 else 9, size="88x56", quality="high")
               for i in range(4)]  # fmt: skip
     trace = Trace(mixed_trace(4, 1.0).header, tuple(spaced))
     # one at a time: each request is sent once the one before it has its answer

@@ -184,7 +184,9 @@ def test_32_distinct_concurrent_requests_are_batched(url):
 def test_an_approximate_repeat_resumes_from_the_first_ones_latent(url):
     """Issue 13's check: same prompt, unseeded, ``reuse: approximate``, twice."""
     with Client(url) as client:
-        ask = {"quality": "high", "reuse": "approximate"}
+        # a size no other test asks for: its latent space starts empty (every test here
+        # shares the anonymous pool, and random encoders find any prompt "similar")
+        ask = {"quality": "high", "reuse": "approximate", "size": "104x72"}
         first = client.generate("a lighthouse in approximate fog", **ask).receipts[0]
         second = client.generate("a lighthouse in approximate fog", **ask).receipts[0]
         rows = {r.request_id: r for r in client.ledger(limit=50)}
