@@ -66,26 +66,27 @@ class ApproximateReuse:
         return (found + [None] * count)[:count]
 
     def look(self, ctx: RequestContext, count: int) -> tuple[np.ndarray, list[Resume | None]]:
-        """The prompt's embedding, and each of ``count`` outputs' resume (None: in full).
-
-        The embedding is taken for exact requests too: their latents are kept for later.
-        """
+        """An approximate request's embedding, and each of ``count`` outputs' resume."""
         embedding = self.embedding(ctx.variant, ctx.request.prompt)
-        if ctx.reuse != "approximate":
-            return embedding, [None] * count
         return embedding, self.resumes(_space(ctx), embedding, ctx.variant, count)
 
     def keep(
         self,
         ctx: RequestContext,
-        embedding: np.ndarray,
+        embedding: np.ndarray | None,
         generated: Sequence[tuple[int, BatchedOutput]],
         resumed: Mapping[int, Resume],
     ) -> None:
-        """Store the generated outputs' kept latents; count the resumes that served."""
+        """Store the generated outputs' kept latents; count the resumes that served.
+
+        An exact request's embedding is taken here, after its batch, not before it: it is
+        needed only to keep its latents, and must not delay the output's queueing.
+        """
         for index, output in generated:
             if output.latents is None or output.variant != ctx.variant.name:
                 continue  # none kept, or moved to another variant's latent space
+            if embedding is None:
+                embedding = self.embedding(ctx.variant, ctx.request.prompt)
             with np.load(io.BytesIO(output.latents), allow_pickle=False) as arrays:
                 steps = tuple(sorted(int(name[1:]) for name in arrays.files))
             if steps:

@@ -355,7 +355,7 @@ class Scheduler:
         request, variant = ctx.request, ctx.variant
         deadline_s = ctx.arrived + request.deadline_s if request.deadline_s else None
         embedding, resumes = None, [None] * len(leaders)
-        if self.approximate is not None and request.policy != "baseline":
+        if self.approximate is not None and ctx.reuse == "approximate":
             embedding, resumes = await asyncio.to_thread(self.approximate.look, ctx, len(leaders))
         submissions = [
             self.batcher.submit(
@@ -402,7 +402,7 @@ class Scheduler:
             await self._fail_flights(ctx, [index], result.message)
         if self.cache is not None and generated:
             await asyncio.to_thread(self._store, ctx, generated)
-        if self.approximate is not None and embedding is not None and generated:
+        if self.approximate is not None and request.policy != "baseline" and generated:
             await asyncio.to_thread(self.approximate.keep, ctx, embedding, generated, resumed)
         await self._settle(ctx, generated, outcomes, resumed)
 
