@@ -28,8 +28,8 @@ serve: install
 # Two pytest processes: the multi-node and fault tests start clusters of their own and
 # need a process that is not already a driver of the shared local cluster the `ray` tests use.
 test: install
-	$(BIN)/pytest -q -m "not multinode and not fault"
-	$(BIN)/pytest -q -m "multinode or fault"
+	$(BIN)/pytest -q --durations=10 -m "not multinode and not fault"
+	$(BIN)/pytest -q --durations=10 -m "multinode or fault"
 
 test-fast: install
 	$(BIN)/pytest -q -m "not ray and not multinode and not fault"
