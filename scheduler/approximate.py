@@ -65,10 +65,20 @@ class ApproximateReuse:
         found.sort(key=lambda r: r.start_step if r else 0, reverse=True)
         return (found + [None] * count)[:count]
 
-    def look(self, ctx: RequestContext, count: int) -> tuple[np.ndarray, list[Resume | None]]:
-        """An approximate request's embedding, and each of ``count`` outputs' resume."""
-        embedding = self.embedding(ctx.variant, ctx.request.prompt)
-        return embedding, self.resumes(_space(ctx), embedding, ctx.variant, count)
+    def look(
+        self, ctx: RequestContext, count: int
+    ) -> tuple[np.ndarray | None, list[Resume | None]]:
+        """An approximate request's embedding, and each of ``count`` outputs' resume.
+
+        Reuse is an optimisation: when the encoder or the store fails, the outputs are
+        generated in full (and the failure logged), never refused.
+        """
+        try:
+            embedding = self.embedding(ctx.variant, ctx.request.prompt)
+            return embedding, self.resumes(_space(ctx), embedding, ctx.variant, count)
+        except Exception as exc:
+            log.warning("latent_lookup_failed", request_id=ctx.request_id, error=repr(exc))
+            return None, [None] * count
 
     def keep(
         self,
@@ -80,8 +90,21 @@ class ApproximateReuse:
         """Store the generated outputs' kept latents; count the resumes that served.
 
         An exact request's embedding is taken here, after its batch, not before it: it is
-        needed only to keep its latents, and must not delay the output's queueing.
+        needed only to keep its latents, and must not delay the output's queueing. A
+        failure to keep loses only later reuse: it is logged, the outputs are served.
         """
+        try:
+            self._keep(ctx, embedding, generated, resumed)
+        except Exception as exc:
+            log.warning("latent_keep_failed", request_id=ctx.request_id, error=repr(exc))
+
+    def _keep(
+        self,
+        ctx: RequestContext,
+        embedding: np.ndarray | None,
+        generated: Sequence[tuple[int, BatchedOutput]],
+        resumed: Mapping[int, Resume],
+    ) -> None:
         for index, output in generated:
             if output.latents is None or output.variant != ctx.variant.name:
                 continue  # none kept, or moved to another variant's latent space

@@ -87,3 +87,16 @@ async def test_exact_hits_cross_tenants_by_default_and_stay_in_pools_when_asked(
     pooled = (await scheduler.generate(ask(tenant="b", seed=4))).wattserve.receipts[0]
     again = (await scheduler.generate(ask(tenant="b", seed=4))).wattserve.receipts[0]
     assert (pooled.cache, again.cache) == ("miss", "hit")  # b's own copy, not a's
+
+
+async def test_a_failing_encoder_costs_reuse_never_the_request(catalog, inprocess_pool, tmp_path):
+    def broken(_variant, _prompt):
+        raise RuntimeError("encoder out of memory")
+
+    ledger = LedgerStore(f"sqlite:///{tmp_path}/ledger.db")
+    reuse = ApproximateReuse(LatentStore(ledger.engine, tmp_path / "latents"), broken)
+    scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger, approximate=reuse)
+    receipts = (await scheduler.generate(ask(reuse="approximate"))).wattserve.receipts
+    again = (await scheduler.generate(ask(reuse="approximate"))).wattserve.receipts
+    assert [r.cache for r in receipts + again] == ["miss", "miss"]  # served, in full
+    assert reuse.store.stats()["entries"] == 0
