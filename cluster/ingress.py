@@ -200,7 +200,7 @@ class SchedulerIngress(AdminRoutes):
             leases=self._leases,
             holder=self.replica_id,
             max_hold_s=config.power_hold_s,
-            approximate=self._approximate_reuse(config),
+            approximate=await asyncio.to_thread(self._approximate_reuse, config, catalog),
         )
         await asyncio.to_thread(self._ledger.heartbeat, self.replica_id)  # before any row
         self._keys = IdempotencyStore(
@@ -217,12 +217,19 @@ class SchedulerIngress(AdminRoutes):
         self._beater = loop.create_task(self._beat_forever())
         log.info("scheduler_ready", variants=catalog.names, revision=self._snapshot.revision)
 
-    def _approximate_reuse(self, config: ServingConfig) -> ApproximateReuse | None:
-        """The latent store beside the result cache, found by the variants' own encoders."""
+    def _approximate_reuse(
+        self, config: ServingConfig, catalog: Catalog
+    ) -> ApproximateReuse | None:
+        """The latent store beside the result cache, found by the variants' own encoders.
+
+        Blocking (the encoders load here, before traffic): run in a thread.
+        """
         if config.models_dir is None:
             return None
         store = LatentStore(self._ledger.engine, Path(config.cache_dir) / "latents")
-        return ApproximateReuse(store, PromptEncoders(Path(config.models_dir)).embed)
+        encoders = PromptEncoders(Path(config.models_dir))
+        encoders.warm(catalog.variants)
+        return ApproximateReuse(store, encoders.embed)
 
     # --- control plane ------------------------------------------------------------------
 
