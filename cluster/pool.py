@@ -27,12 +27,11 @@ from wattserve.cluster.admission import variant_nodes
 from wattserve.cluster.names import WORKER_DEPLOYMENT, variant_app_name
 from wattserve.policies.catalog import Catalog
 from wattserve.policies.plans import BatchOutput, BatchPlan
-from wattserve.scheduler.batcher import NoPlacement, WorkerDied
+from wattserve.scheduler.batcher import NO_REPLICA_RETRY_AFTER_S, NoPlacement, WorkerDied
 
 log = structlog.get_logger(__name__)
 
 PLACEMENT_CHECK_S = 0.5  # how often a call in flight looks whether its variant lost its nodes
-NO_PLACEMENT_RETRY_AFTER_S = 30.0  # about a node joining and a replica loading on it
 
 
 class ServeWorkerPool:
@@ -103,7 +102,7 @@ class ServeWorkerPool:
             raise NoPlacement(
                 f"no alive node can host {plan.variant} (batch {plan.batch_id}); "
                 "it is served again once a node of its type joins",
-                retry_after_s=NO_PLACEMENT_RETRY_AFTER_S,
+                retry_after_s=NO_REPLICA_RETRY_AFTER_S,
             )
 
 

@@ -6,7 +6,7 @@ exception, and so the HTTP status and body, a client sees::
 
     size, quality   400 InvalidRequest      (param "size" / "quality")
     model_unknown   404 NotFound            (param "model")
-    unavailable     503 ServiceUnavailable
+    unavailable     503 ServiceUnavailable  (Retry-After: a replica's start)
     deadline        429 AdmissionRejected   (param "deadline_s", Retry-After)
 """
 
@@ -22,6 +22,7 @@ from wattserve import (
     WattserveError,
 )
 from wattserve.policies.routing import RouteRefusal
+from wattserve.scheduler.batcher import NO_REPLICA_RETRY_AFTER_S
 
 DEFAULT_RETRY_AFTER_S = 1.0  # a deadline refusal always carries one; this only guards
 
@@ -34,7 +35,7 @@ def refusal_error(refusal: RouteRefusal) -> WattserveError:
         case "model_unknown":
             return NotFound(refusal.message, param=refusal.param)
         case "unavailable":
-            return ServiceUnavailable(refusal.message)
+            return ServiceUnavailable(refusal.message, retry_after_s=NO_REPLICA_RETRY_AFTER_S)
         case "deadline":
             retry_after_s = refusal.retry_after_s
             return AdmissionRejected(

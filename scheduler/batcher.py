@@ -47,6 +47,8 @@ DISPATCH_RETRY_S = 0.1  # after a failed dispatch step, try again this much late
 # a dead replica (process start and a pipeline load) takes 20-35 s on a loaded machine.
 WORKER_DEADLINE_FLOOR_S = 60.0
 WORKER_RETRY_AFTER_S = 10.0  # after a worker died twice: about a replica's restart
+# No replica up or none placeable: about a node joining and a replica loading on it
+NO_REPLICA_RETRY_AFTER_S = 30.0
 
 
 class WorkerPool(Protocol):

@@ -288,8 +288,12 @@ def test_the_only_node_of_a_variants_type_removed(
         admin.add_variant(B200_VARIANT)
     node_id = _join_b200(cluster, service)
     idle_w = _invariants.idle_power_w()
+    pid = replica_pid(variant_app_name(B200), WORKER_DEPLOYMENT)
     cluster.remove_node(node_id)
     removed_at = time.monotonic()
+    # A lost machine's processes die a moment after it: a request sent in that moment may
+    # still be served there. The claim is about what follows, once Ray knows it is lost.
+    poll("the B200 node marked dead and its replica gone", lambda: _lost(node_id, pid), 60)
     results = asyncio.run(load(service.url, 1, "draft", 700, retries=0, model=B200))
     (answer,) = results
     answered_s = time.monotonic() - removed_at
@@ -302,6 +306,18 @@ def test_the_only_node_of_a_variants_type_removed(
     figures.update(answered_s=round(answered_s, 1),
                    served_again_s_after_join=round(time.monotonic() - joined_at, 1))  # fmt: skip
     print("fault_figures", "variant_node_removed", json.dumps(figures))
+
+
+def _lost(node_id: str, pid: int) -> bool | None:
+    """True once Ray reports ``node_id`` dead and process ``pid`` has exited."""
+    import psutil
+
+    alive = any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+    try:
+        running = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        running = False
+    return None if alive or running else True
 
 
 def _join_b200(cluster: TypedCluster, service: LocalService) -> str:

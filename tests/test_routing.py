@@ -154,6 +154,8 @@ def test_each_refusal_kind_maps_to_its_one_error(refusal, error, status):
     assert (exc.message, exc.param) == (refusal.message, refusal.param)
     if refusal.kind == "deadline":
         assert exc.retry_after_s == 2.5
+    if refusal.kind == "unavailable":  # a replica may come: say when to try again
+        assert exc.retry_after_s is not None and exc.retry_after_s > 0
 
 
 def test_profile_ewma_latency_and_the_batch_an_output_would_join():
