@@ -27,6 +27,11 @@ FAST_HEALTH_CHECKS = {
     "health_check_failure_threshold": 5,
 }
 
+# The test bed's one proxy sits on the head (``start_serve``); Serve's proxy prefers
+# replicas on its own node, which would send every request to the head's scheduler
+# replica and starve the others. A real cluster has a proxy on every node.
+_ONE_PROXY_ROUTING = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+
 
 class TypedCluster:
     """A head (no device type) and one node per entry of ``types``."""
@@ -59,7 +64,7 @@ class TypedCluster:
         # Short: Ray's unix socket paths must stay below ~107 characters. RAY_TMPDIR keeps
         # Ray's "current cluster" file in it, not in the /tmp/ray others may read.
         self._root = Path(tempfile.mkdtemp(prefix="wsc", dir="/tmp"))
-        env = {**_PROCESS_ENV, "RAY_TMPDIR": str(self._root)}
+        env = {**_PROCESS_ENV, "RAY_TMPDIR": str(self._root), **_ONE_PROXY_ROUTING}
         self._env_before = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         self._cluster = Cluster(
