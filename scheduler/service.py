@@ -209,7 +209,8 @@ class Scheduler:
         assert variant is not None  # route() only returns catalog variants
         base = request.seed if request.seed is not None else self._rng.randrange(2**31)
         seeds = tuple((base + i) % (MAX_SEED + 1) for i in range(request.n))
-        baseline = request.policy == "baseline"  # no cache, no coalescing, batch of one
+        # the named baselines ("baseline", "competent") get no cache and no coalescing
+        baseline = request.policy != "default"
         mode = reuse_mode(
             request.reuse, request.seed is not None, self.policy.default_reuse, tenant_allowed=True
         )  # the ingress refused tenants without it
@@ -402,7 +403,7 @@ class Scheduler:
             await self._fail_flights(ctx, [index], result.message)
         if self.cache is not None and generated:
             await asyncio.to_thread(self._store, ctx, generated)
-        if self.approximate is not None and request.policy != "baseline" and generated:
+        if self.approximate is not None and request.policy == "default" and generated:
             await asyncio.to_thread(self.approximate.keep, ctx, embedding, generated, resumed)
         await self._settle(ctx, generated, outcomes, resumed)
 

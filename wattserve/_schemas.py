@@ -23,7 +23,7 @@ ReuseMode = Literal["exact", "approximate"]
 EnergySource = Literal["nvml-counter", "nvml-power", "simulated", "estimated"]
 # "pending" from the moment a request is accepted until its output is settled, once
 LedgerStatus = Literal["pending", "ok", "failed", "cancelled"]
-RequestPolicy = Literal["default", "baseline"]
+RequestPolicy = Literal["default", "baseline", "competent"]
 
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGES_PER_REQUEST = 8
@@ -139,7 +139,10 @@ class GenerationRequest(BaseModel):
     user: str | None = None
     tenant: str | None = None  # set by the service from the API key, never by the body
     # "baseline": what serving costs without wattserve — the highest-quality variant,
-    # batch size 1, no cache, no coalescing. For measuring savings, not for production.
+    # batch size 1, no cache, no coalescing. "competent": what an engineer would build by
+    # hand — each tier on a fixed variant (the cheapest whose declared quality meets it),
+    # dynamic batching, no cache, no coalescing, no power-awareness. Both for measuring
+    # savings, not for production.
     policy: RequestPolicy = "default"
     reuse: ReuseMode | None = None
 
