@@ -44,6 +44,7 @@ class _Entry:
     queued: QueuedOutput
     floor: float  # the quality floor a move must still meet
     moved: bool = False
+    background: bool = False  # audit work: only where no user output waits (see propose)
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,18 @@ class DispatchCore:
         floor: float = 0.0,
         solo: bool = False,
         start_step: int = 0,
+        background: bool = False,
     ) -> int:
-        """Queue one output; returns its ticket."""
+        """Queue one output; returns its ticket.
+
+        A ``background`` output (the shadow audit's) is planned only while no other output
+        waits for its variant, and its lease yields to the power cap: it never runs ahead
+        of user work. It never moves to another variant: its variant is the point.
+        """
         ticket = next(self._tickets)
         queued = QueuedOutput(ticket, variant, width_px, height_px, now_s, deadline_s, solo,
                               start_step)  # fmt: skip
-        entry = self._queue[ticket] = _Entry(queued, floor)
+        entry = self._queue[ticket] = _Entry(queued, floor, background=background)
         self._by_variant.setdefault(variant, {})[ticket] = entry
         return ticket
 
@@ -179,10 +186,7 @@ class DispatchCore:
         }
         # outputs for variants without a free replica cannot launch now
         queued = tuple(
-            e.queued
-            for name, n in free.items()
-            if n > 0
-            for e in self._by_variant.get(name, {}).values()
+            e.queued for name, n in free.items() if n > 0 for e in self._plannable(name)
         )
         if not queued:  # nothing can launch, so nothing to ask for, hold or refuse
             return Proposal(now_s, (), (), None)
@@ -201,7 +205,9 @@ class DispatchCore:
             entries = [self._queue[t].queued for t in tickets]
             oldest_s = min(q.enqueued_s for q in entries)
             variant = entries[0].variant
-            asks.append(LeaseAsk(key, variant, self._draw(variant), now_s - oldest_s))
+            background = all(self._queue[t].background for t in tickets)
+            asks.append(LeaseAsk(key, variant, self._draw(variant), now_s - oldest_s,
+                                 background=background))  # fmt: skip
         return Proposal(now_s, decision.launch, tuple(asks), decision.wake_at_s)
 
     def settle(self, proposal: Proposal, decisions: Sequence[LeaseDecision]) -> Step:
@@ -242,6 +248,12 @@ class DispatchCore:
 
     # --- internals --------------------------------------------------------------------
 
+    def _plannable(self, variant: str) -> list[_Entry]:
+        """What waits for ``variant``: its user outputs, or its background ones if none."""
+        waiting = list(self._by_variant.get(variant, {}).values())
+        users = [e for e in waiting if not e.background]
+        return users or waiting
+
     def _draw(self, variant: str) -> float:
         return self._draw_w.get(variant, 0.0)
 
@@ -262,7 +274,8 @@ class DispatchCore:
         queued = entry.queued
         held = HeldOutput(ticket, queued.variant, queued.enqueued_s, queued.deadline_s,
                           entry.moved)  # fmt: skip
-        cheaper = self._lower_draw_variant(queued, entry.floor)
+        # an audit is of its variant: it is held or dropped, never moved
+        cheaper = None if entry.background else self._lower_draw_variant(queued, entry.floor)
         fate = held_fate(held, now_s, self.max_hold_s, cheaper)
         if fate == "move" and cheaper is not None:
             del self._by_variant[queued.variant][ticket]

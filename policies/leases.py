@@ -66,7 +66,8 @@ from wattserve.policies.lease_index import Drawing, Due, Live
 
 # "unavailable" is never decided here: a scheduler says it when the book cannot be reached.
 RefusalReason = Literal[
-    "power_cap", "no_slot", "no_reading", "warming_up", "unknown_variant", "unavailable"
+    "power_cap", "no_slot", "no_reading", "warming_up", "unknown_variant", "unavailable",
+    "background",
 ]
 
 _RECONFIGURE_RETRY_S = 1.0  # unknown variant: a new configuration helps, not a new reading
@@ -81,6 +82,9 @@ class LeaseAsk:
     draw_w: float  # the batch's declared draw
     waited_s: float = 0.0  # age of its oldest output: an age, so callers' clocks never mix
     nodes: frozenset[str] = frozenset()  # node ids the variant can run on; empty: any
+    # background work (the shadow audit): decided after every other ask and, under a
+    # cap, granted only with room for a user batch as large beside it and no one refused
+    background: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,7 @@ class _Room:
     nodes: frozenset[str]  # every node in the reading
     free: dict[str, int]
     held_w: float = 0.0  # reserved in this decision for asks waiting longer
+    refused: bool = False  # an ask of this decision was refused to protect a cap
 
     def reach(self, ask: LeaseAsk) -> frozenset[str]:
         """The nodes the ask could land on."""
@@ -274,7 +279,7 @@ class LeaseBook:
         entries = [(now - ask.waited_s, i, ask, True) for i, ask in enumerate(asks)]
         others = [pair for memo in self._memos.values() for pair in memo.asks]
         entries += [(at, len(asks) + j, ask, False) for j, (at, ask) in enumerate(others)]
-        entries.sort(key=lambda entry: (entry[0], entry[1]))
+        entries.sort(key=lambda entry: (entry[2].background, entry[0], entry[1]))
         decided: dict[int, LeaseDecision] = {}
         for arrival_s, i, ask, own in entries:
             aged = now - arrival_s >= self._aging_s
@@ -287,6 +292,7 @@ class LeaseBook:
             (now - ask.waited_s, ask)
             for ask, answer in zip(asks, answers, strict=True)
             if answer.refusal is not None and answer.refusal.reason != "unknown_variant"
+            and not ask.background  # background work never reserves against anyone
         )
         self._memos[holder] = _Memo(now, refused)
         return answers
@@ -429,6 +435,13 @@ class LeaseBook:
         nodes = frozenset(() if reading is None else reading.node_w)
         return _Room(now, gate, self._cap_w, cluster_w, node_w, self._node_caps_w, nodes, free)
 
+    def _pressed(self, ask: LeaseAsk, room: _Room) -> bool:
+        """Whether the cap is under pressure for a background ask: anyone waits on it, or
+        a user batch as large as this one would not fit beside it."""
+        if room.refused or room.held_w or any(m.asks for m in self._memos.values()):
+            return True
+        return room.shortfall(replace(ask, draw_w=2 * ask.draw_w)) is not None
+
     def _decide(self, holder: str, ask: LeaseAsk, room: _Room, aged: bool) -> LeaseDecision:
         """Grant or refuse one of the caller's own asks, spending from ``room``."""
 
@@ -445,9 +458,13 @@ class LeaseBook:
             return no("no_slot", message, self._period_s)
         problem = room.shortfall(ask) if self._capped() else None
         if problem is not None:
+            room.refused = True
             if aged and problem[0] == "power_cap":
                 room.reserve(ask)
             return no(*problem, self._next_reading_in_s(room.now_s))
+        if ask.background and self._capped() and self._pressed(ask, room):
+            message = "background work yields to the power cap"
+            return no("background", message, self._next_reading_in_s(room.now_s))
         room.take(ask, held=False)
         now, seq = room.now_s, next(self._ids)
         lease_id, expires_s = f"{self._epoch}-{seq}", now + self._expiry_s

@@ -40,6 +40,8 @@ class BatchPlan:
     # after ``keep_steps`` (policies.latent_reuse.capture_steps) for later resumes.
     start_step: int = 0
     keep_steps: tuple[int, ...] = ()
+    # The shadow audit's work, not a user's: its energy is booked to the audit.
+    background: bool = False
 
 
 @dataclass(frozen=True)

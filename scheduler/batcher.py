@@ -108,6 +108,7 @@ class BatchFailed(WattserveError):
 class _Pending:
     item: WorkItem
     future: asyncio.Future[BatchedOutput]
+    background: bool = False
 
 
 class Batcher:
@@ -192,11 +193,14 @@ class Batcher:
         floor: float = 0.0,
         solo: bool = False,
         start_step: int = 0,
+        background: bool = False,
     ) -> BatchedOutput:
         """Queue one output and wait for it; raises ``BatchFailed`` if its batch fails.
 
         ``start_step`` > 0: ``item.latent`` is the latent to resume from after that many
-        steps, and the output batches only with others resuming there.
+        steps, and the output batches only with others resuming there. ``background``:
+        audit work, planned only while no user output waits for the variant and leased
+        only when the power cap has room to spare (``DispatchCore.submit``).
 
         Raises ``AdmissionRejected`` at once when ``max_queued`` outputs already wait.
         """
@@ -207,9 +211,9 @@ class Batcher:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch(), name="wattserve-batcher")
         ticket = self.core.submit(variant, width_px, height_px, self._clock(), deadline_s,
-                                  floor, solo, start_step)  # fmt: skip
+                                  floor, solo, start_step, background)  # fmt: skip
         future: asyncio.Future[BatchedOutput] = asyncio.get_running_loop().create_future()
-        self._pending[ticket] = _Pending(item, future)
+        self._pending[ticket] = _Pending(item, future, background)
         self._wakeup.set()
         try:
             return await asyncio.shield(future)
@@ -313,10 +317,13 @@ class Batcher:
     async def _run(self, launch: Launch, members: list[_Pending]) -> None:
         lease_id = launch.lease.lease_id if launch.lease is not None else None
         variant = self._catalog.get(launch.variant)
-        keep = capture_steps(variant.steps) if self.keep_latents and variant else ()
+        background = all(m.background for m in members)
+        keep = capture_steps(variant.steps) if self.keep_latents and variant and not background \
+            else ()
         plan = BatchPlan(
             self._new_batch_id(), launch.variant, launch.width_px, launch.height_px,
             tuple(m.item for m in members), lease_id, launch.start_step, keep,
+            background=background,
         )  # fmt: skip
         size = len(members)
         started = self._clock()

@@ -178,6 +178,8 @@ class Scheduler:
         per_output = output.joules / size
         if not plan.start_step:  # the profile prices full generations; a resume is cheaper
             self.profile.observe(plan.variant, size, per_output, round_trip_s)
+        if plan.background:  # an audit: its energy is the audit's, not served outputs'
+            return
         self.target.observe(per_output)
         self._set_wait()
         if self._metrics is not None:

@@ -88,3 +88,45 @@ def test_a_lease_granted_while_its_outputs_left_is_handed_back():
     assert core.withdraw(ticket)  # the request went away while the lease was asked for
     step = core.settle(proposal, decisions)
     assert step.launches == () and [lease.variant for lease in step.unused] == ["tiny-sd-turbo"]
+
+
+def test_background_work_never_launches_ahead_of_user_work_for_its_variant():
+    core, leases = DispatchCore(CATALOG, max_wait_s=0.0), book()
+    audit = core.submit("tiny-sd-large", 64, 64, now_s=0.0, deadline_s=None, background=True)
+    user = core.submit("tiny-sd-large", 64, 64, now_s=1.0, deadline_s=None)  # arrives later
+    first = core.step(1.0, leases).launches
+    assert [launch.tickets for launch in first] == [(user,)]  # the user's, though younger
+    assert first[0].lease is not None
+    core.finished("tiny-sd-large")
+    leases.release(first[0].lease.lease_id)
+    second = core.step(2.0, leases).launches
+    assert [launch.tickets for launch in second] == [(audit,)]  # only once no user waits
+
+
+def test_background_work_yields_to_the_cap_and_is_never_moved():
+    now = [0.0]
+    leases = book(cap_w=1000, now=now)
+    core = DispatchCore(CATALOG, max_wait_s=0.0, max_hold_s=5.0)
+    core.submit("tiny-sd-large", 64, 64, now_s=0.0, deadline_s=None, background=True)
+    leases.observe(PowerReading(0.0, 280.0))
+    # 720 W of room: a 450 W audit fits, but not beside a user batch as large: it yields
+    step = core.step(0.0, leases)
+    assert step.launches == () and step.rejected == () and step.moved == ()
+    assert step.wake_at_s is not None
+    now[0] = 0.2
+    leases.observe(PowerReading(0.2, 80.0))  # 920 W of room: room for both
+    assert len(core.step(0.2, leases).launches) == 1
+    uncapped, idle = book(), DispatchCore(CATALOG, max_wait_s=0.0)
+    idle.submit("tiny-sd-large", 64, 64, now_s=0.0, deadline_s=None, background=True)
+    assert len(idle.step(0.0, uncapped).launches) == 1  # no cap: nothing to yield to
+
+
+def test_background_work_yields_while_a_user_batch_is_refused_for_the_cap():
+    now = [0.0]
+    leases = book(cap_w=1400, now=now)
+    core = DispatchCore(CATALOG, max_wait_s=0.0, max_hold_s=5.0)
+    core.submit("tiny-sd-turbo", 64, 64, now_s=0.0, deadline_s=None, background=True)
+    core.submit("tiny-sd-large", 64, 64, now_s=0.0, deadline_s=None)
+    leases.observe(PowerReading(0.0, 1000.0))  # 400 W: the user's 450 W batch is refused
+    step = core.step(0.0, leases)
+    assert step.launches == ()  # and the 350 W audit, which would fit, yields
