@@ -5,10 +5,13 @@ or above the tier's floor and that are expected to finish within the request's d
 pick the one with the lowest expected joules per output at the batch it would join
 (from the online profile, seeded by the catalog prior); ties go to the higher quality,
 then the name. Every variant considered is returned with its estimate and, if it lost,
-why. When none can serve it, a ``RouteRefusal`` says why instead, as data: the request
-path maps it to an exception at its edge, a simulator counts it. Plain data over plain
-data, so the live scheduler and a simulator call the same code; power-budget terms plug
-in as further inputs.
+why. Two named baselines, for measuring savings, take paths of their own: ``baseline``
+(the highest-quality variant) and ``competent`` (each tier on the variant with the
+lowest declared J/image that meets its floor, fixed whatever the load). When none can
+serve it, a ``RouteRefusal`` says why instead, as data: the request path maps it to an
+exception at its edge, a simulator counts it. Plain data over plain data, so the live
+scheduler and a simulator call the same code; power-budget terms plug in as further
+inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from wattserve.policies.profile import VariantEstimate
 REASON_CHEAPEST_CAPABLE = "cheapest_capable"
 REASON_REQUESTED_MODEL = "requested_model"
 REASON_BASELINE = "baseline"
+REASON_COMPETENT = "competent"
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,8 @@ def route(
     if request.policy == "baseline":
         return _baseline(request, catalog, state)
     floor = policy.quality_floor(request.quality)
+    if request.policy == "competent":
+        return _competent(request, catalog, floor, state)
     candidates = tuple(_assess(v, request, floor, state) for v in catalog.variants)
     capable = [c for c in candidates if c.rejected_because is None]
     if not capable:
@@ -187,6 +193,26 @@ def _baseline(
     best = max(capable, key=lambda c: (c.quality_score, -(c.expected_latency_s or 0.0),
                                        c.variant))  # fmt: skip
     return RouteDecision(best.variant, REASON_BASELINE, best.expected_joules_per_image, candidates)
+
+
+def _competent(
+    request: GenerationRequest, catalog: Catalog, floor: float, state: RoutingState
+) -> RouteDecision | RouteRefusal:
+    """The hand-configured reference: each tier on one fixed variant, chosen from the catalog.
+
+    What an engineer would set up without wattserve: the variant with the lowest
+    *declared* J/image (the catalog prior at batch size 1) whose declared quality meets
+    the tier's floor at this size, among those up. Live estimates are left out on
+    purpose, so the choice never follows load or deadlines; ties go to the higher
+    quality, then the name.
+    """
+    declared = RoutingState(state.available)  # no estimates: priced at the prior, no latency
+    candidates = tuple(_assess(v, request, floor, declared) for v in catalog.variants)
+    capable = [c for c in candidates if c.rejected_because is None]
+    if not capable:
+        return _refuse(request, candidates, floor)
+    best = min(capable, key=lambda c: (c.expected_joules_per_image, -c.quality_score, c.variant))
+    return RouteDecision(best.variant, REASON_COMPETENT, best.expected_joules_per_image, candidates)
 
 
 def reference_variant(catalog: Catalog) -> VariantSpec:

@@ -12,6 +12,7 @@ from wattserve.policies.policy import Policy
 from wattserve.policies.profile import OVERHEAD_SAMPLES, EnergyProfile, VariantEstimate
 from wattserve.policies.routing import (
     REASON_CHEAPEST_CAPABLE,
+    REASON_COMPETENT,
     REASON_REQUESTED_MODEL,
     Candidate,
     RouteDecision,
@@ -178,6 +179,55 @@ def test_profile_ewma_latency_and_the_batch_an_output_would_join():
 def test_baseline_policy_always_takes_the_highest_quality_variant():
     decision = route(request(quality="draft", policy="baseline"), CATALOG, Policy(), ALL)
     assert (decision.variant, decision.reason) == ("tiny-sd-large", "baseline")
+
+
+@pytest.mark.parametrize(
+    ("tier", "variant"),
+    [("draft", "tiny-sd-turbo"), ("standard", "tiny-sd-medium"), ("high", "tiny-sd-large")],
+)
+def test_competent_maps_each_tier_to_the_cheapest_declared_variant_meeting_its_floor(tier, variant):
+    decision = route(request(quality=tier, policy="competent"), CATALOG, Policy(), ALL)
+    assert isinstance(decision, RouteDecision)
+    assert (decision.variant, decision.reason) == (variant, REASON_COMPETENT)
+    spec = CATALOG.get(variant)
+    assert decision.expected_joules_per_image == spec.energy_prior.at_batch_size(1)
+
+
+def test_competent_stays_on_its_variant_whatever_the_profile_or_the_deadline_says():
+    # measured: turbo is now dear and slow, medium cheap; the hand-set mapping ignores both
+    state = RoutingState(ALL.available, {
+        "tiny-sd-turbo": VariantEstimate(900.0, 1, expected_latency_s=30.0, measured=True),
+        "tiny-sd-medium": VariantEstimate(5.0, 1, expected_latency_s=0.1, measured=True),
+    })  # fmt: skip
+    draft = request(quality="draft", policy="competent", deadline_s=1.0)
+    decision = route(draft, CATALOG, Policy(), state)
+    assert decision.variant == "tiny-sd-turbo" and decision.expected_joules_per_image == 18.0
+    assert route(request(quality="draft", deadline_s=1.0), CATALOG, Policy(), state).variant == (
+        "tiny-sd-medium"
+    )  # the default policy does follow them
+    assert all(c.expected_latency_s is None for c in decision.candidates)
+
+
+def test_competent_ties_go_to_higher_quality_and_refusals_are_data():
+    tied = CATALOG.model_copy(
+        update={"variants": tuple(
+            v.model_copy(update={"energy_prior": CATALOG.variants[0].energy_prior})
+            for v in CATALOG.variants
+        )}
+    )  # fmt: skip
+    draft = request(quality="draft", policy="competent")
+    assert route(draft, tied, Policy(), ALL).variant == "tiny-sd-large"
+    # the mapping is chosen among the variants that are up: turbo down, draft goes to medium
+    up = RoutingState(frozenset({"tiny-sd-medium", "tiny-sd-large"}))
+    assert route(draft, CATALOG, Policy(), up).variant == "tiny-sd-medium"
+    down = route(request(quality="high", policy="competent"), CATALOG, Policy(),
+                 RoutingState(frozenset({"tiny-sd-turbo"})))  # fmt: skip
+    assert isinstance(down, RouteRefusal) and down.kind == "unavailable"
+    too_big = route(request(policy="competent", width_px=1024), CATALOG, Policy(), ALL)
+    assert isinstance(too_big, RouteRefusal) and too_big.kind == "size"
+    strict = Policy(quality_floors={"draft": 0.0, "standard": 0.5, "high": 0.95})
+    refusal = route(request(quality="high", policy="competent"), CATALOG, strict, ALL)
+    assert isinstance(refusal, RouteRefusal) and refusal.kind == "quality"
 
 
 def test_overhead_outside_batches_is_a_median_per_outcome_over_recent_requests():
