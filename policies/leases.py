@@ -436,8 +436,11 @@ class LeaseBook:
         return _Room(now, gate, self._cap_w, cluster_w, node_w, self._node_caps_w, nodes, free)
 
     def _pressed(self, ask: LeaseAsk, room: _Room) -> bool:
-        """Whether the cap is under pressure for a background ask: anyone waits on it, or
-        a user batch as large as this one would not fit beside it."""
+        """Whether a background ask must yield to the cap.
+
+        It must while anyone waits on the cap, or when a user batch as large as it would
+        not fit beside it.
+        """
         if room.refused or room.held_w or any(m.asks for m in self._memos.values()):
             return True
         return room.shortfall(replace(ask, draw_w=2 * ask.draw_w)) is not None

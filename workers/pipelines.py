@@ -168,3 +168,58 @@ def load_pipeline(variant: VariantSpec, models_dir: Path) -> Any:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+TINY_CLIP = "builtin:tiny-clip"
+
+
+def resolve_clip_model(source: str, models_dir: Path) -> str:
+    """Where the audit's CLIP model loads from: a local path, or the built-in tiny one.
+
+    ``builtin:tiny-clip`` is a random-weight CLIP (text tower with the tiny pipelines'
+    tokenizer, a 32 px vision tower) built once under ``models_dir``: its scores are
+    meaningless, its config says so, and the code path is the real one.
+    """
+    if source != TINY_CLIP:
+        return source
+    target = models_dir / "tiny-clip"
+    if (target / "config.json").exists():
+        return str(target)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-clip-", dir=models_dir))
+    try:
+        _build_tiny_clip(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _build_tiny_clip(path: Path) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from wattserve.telemetry.quality import RANDOM_WEIGHTS_MARKER
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer()
+    special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_attention_heads": 2, "num_hidden_layers": 2,
+                     "max_position_embeddings": _TOKENIZER_MAX_TOKENS,
+                     "bos_token_id": special[0], "eos_token_id": special[1],
+                     "pad_token_id": special[1]},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )  # fmt: skip
+    setattr(config, RANDOM_WEIGHTS_MARKER, True)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                       ).save_pretrained(path)  # fmt: skip
