@@ -185,9 +185,7 @@ class DispatchCore:
             name: count - self._in_flight.get(name, 0) for name, count in self._replicas.items()
         }
         # outputs for variants without a free replica cannot launch now
-        queued = tuple(
-            e.queued for name, n in free.items() if n > 0 for e in self._plannable(name)
-        )
+        queued = tuple(e.queued for name, n in free.items() if n > 0 for e in self._plannable(name))
         if not queued:  # nothing can launch, so nothing to ask for, hold or refuse
             return Proposal(now_s, (), (), None)
         decision = plan_batches(

@@ -66,7 +66,12 @@ from wattserve.policies.lease_index import Drawing, Due, Live
 
 # "unavailable" is never decided here: a scheduler says it when the book cannot be reached.
 RefusalReason = Literal[
-    "power_cap", "no_slot", "no_reading", "warming_up", "unknown_variant", "unavailable",
+    "power_cap",
+    "no_slot",
+    "no_reading",
+    "warming_up",
+    "unknown_variant",
+    "unavailable",
     "background",
 ]
 
@@ -291,7 +296,8 @@ class LeaseBook:
         refused = tuple(
             (now - ask.waited_s, ask)
             for ask, answer in zip(asks, answers, strict=True)
-            if answer.refusal is not None and answer.refusal.reason != "unknown_variant"
+            if answer.refusal is not None
+            and answer.refusal.reason != "unknown_variant"
             and not ask.background  # background work never reserves against anyone
         )
         self._memos[holder] = _Memo(now, refused)

@@ -318,8 +318,9 @@ class Batcher:
         lease_id = launch.lease.lease_id if launch.lease is not None else None
         variant = self._catalog.get(launch.variant)
         background = all(m.background for m in members)
-        keep = capture_steps(variant.steps) if self.keep_latents and variant and not background \
-            else ()
+        keep = (
+            capture_steps(variant.steps) if self.keep_latents and variant and not background else ()
+        )
         plan = BatchPlan(
             self._new_batch_id(), launch.variant, launch.width_px, launch.height_px,
             tuple(m.item for m in members), lease_id, launch.start_step, keep,
