@@ -49,6 +49,11 @@ class Policy:
     # Exact reuse (result cache, coalescing) across tenants is on by default; with this on
     # it stays inside the same pools too: a hit's speed tells that someone else asked.
     pool_exact_reuse: bool = False
+    # (variant, tier) pairs the shadow audit measured below tolerance (policies.audit):
+    # routing leaves ``demoted`` variants out of the tier, and ``approximate_demoted``
+    # variants serve the tier by full generations only, until the admin restores them.
+    demoted: frozenset[tuple[str, str]] = frozenset()
+    approximate_demoted: frozenset[tuple[str, str]] = frozenset()
 
     def quality_floor(self, tier: Quality) -> float:
         """Minimum catalog quality score a variant needs to serve ``tier``."""

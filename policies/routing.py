@@ -17,7 +17,7 @@ inputs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from wattserve import GenerationRequest
@@ -104,6 +104,17 @@ def _assess(
                      on if why_not else None)  # fmt: skip
 
 
+def _demoted(candidate: Candidate, tier: str, policy: Policy) -> Candidate:
+    """A capable candidate the shadow audit measured below tolerance for ``tier``: out.
+
+    Measured quality overrides declared quality; the admin can undo a demotion.
+    """
+    if candidate.rejected_because is None and (candidate.variant, tier) in policy.demoted:
+        why = f"audited below tolerance for {tier!r}"
+        return replace(candidate, rejected_because=why, rejected_on="quality")
+    return candidate
+
+
 def _refuse(
     request: GenerationRequest, candidates: tuple[Candidate, ...], floor: float
 ) -> RouteRefusal:
@@ -168,7 +179,10 @@ def route(
     floor = policy.quality_floor(request.quality)
     if request.policy == "competent":
         return _competent(request, catalog, floor, state)
-    candidates = tuple(_assess(v, request, floor, state) for v in catalog.variants)
+    candidates = tuple(
+        _demoted(_assess(v, request, floor, state), request.quality, policy)
+        for v in catalog.variants
+    )
     capable = [c for c in candidates if c.rejected_because is None]
     if not capable:
         return _refuse(request, candidates, floor)

@@ -216,7 +216,12 @@ class Scheduler:
         mode = reuse_mode(
             request.reuse, request.seed is not None, self.policy.default_reuse, tenant_allowed=True
         )  # the ingress refused tenants without it
-        approximate = mode == "approximate" and not baseline and self.approximate is not None
+        approximate = (
+            mode == "approximate"
+            and not baseline
+            and self.approximate is not None
+            and (variant.name, request.quality) not in self.policy.approximate_demoted
+        )
         # an approximate output is not the (prompt, seed) output: never cached or joined as one
         shareable = (
             not baseline

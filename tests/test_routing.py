@@ -251,3 +251,16 @@ def test_the_profile_keeps_lifetime_means_and_recent_medians_beside_its_averages
     assert row.joules_per_output == 37.5  # EWMA, recent-weighted: what routing reads
     assert row.mean_joules_per_output == 30.0  # what the ledger's totals add up to
     assert row.median_batch_latency_s == 0.2  # the slow outlier does not move it
+
+
+def test_a_variant_the_audit_demoted_leaves_only_its_tier_and_says_why():
+    policy = Policy(demoted=frozenset({("tiny-sd-turbo", "draft")}))
+    draft = route(request(quality="draft"), CATALOG, policy, ALL)
+    assert isinstance(draft, RouteDecision) and draft.variant != "tiny-sd-turbo"
+    (turbo,) = [c for c in draft.candidates if c.variant == "tiny-sd-turbo"]
+    assert turbo.rejected_because == "audited below tolerance for 'draft'"
+    named = route(request(quality="draft", model="tiny-sd-turbo"), CATALOG, policy, ALL)
+    assert isinstance(named, RouteDecision) and named.variant == "tiny-sd-turbo"  # asked for
+    only_turbo = Policy(demoted=frozenset({(v, "draft") for v in CATALOG.names}))
+    refused = route(request(quality="draft"), CATALOG, only_turbo, ALL)
+    assert isinstance(refused, RouteRefusal) and refused.kind == "quality"
