@@ -33,6 +33,7 @@ from wattserve._schemas import (
     RouteInfo,
     WattserveExtension,
 )
+from wattserve.policies.audit import audit_cause
 from wattserve.policies.catalog import Catalog
 from wattserve.policies.latent_reuse import reuse_mode, reuse_pool
 from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
@@ -42,6 +43,7 @@ from wattserve.policies.routing import RouteDecision, RouteRefusal, RoutingState
 from wattserve.policies.target import JoulesTarget
 from wattserve.scheduler._refusals import refusal_error
 from wattserve.scheduler.approximate import ApproximateReuse, Resume
+from wattserve.scheduler.audit import AuditJob, Auditor
 from wattserve.scheduler.batcher import (
     WORKER_DEADLINE_FLOOR_S,
     BatchedOutput,
@@ -121,8 +123,10 @@ class Scheduler:
         holder: str | None = None,
         worker_deadline_floor_s: float = WORKER_DEADLINE_FLOOR_S,
         approximate: ApproximateReuse | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self.catalog = catalog
+        self.auditor = auditor  # None: no shadow audit
         self.approximate = approximate  # None: no latents kept, every request exact
         self.holder = holder  # the replica id its pending ledger rows carry
         self.policy = policy
@@ -271,6 +275,7 @@ class Scheduler:
         rows = self._rows(ctx, outcomes)
         self._observe_overhead(ctx, outcomes, rows)
         await asyncio.to_thread(self.ledger.settle, rows)
+        self._offer_audits(ctx, outcomes)
         refused = [o for o in outcomes.values() if o.retry_after_s is not None]
         if refused:
             raise refused[0].refused_as(
@@ -288,6 +293,26 @@ class Scheduler:
                 request_id=ctx.request_id, route=route_info(ctx.decision), receipts=receipts
             ),
         )  # fmt: skip
+
+    def _offer_audits(self, ctx: RequestContext, outcomes: dict[int, Outcome]) -> None:
+        """Sample this request's outputs that are off the reference path for the audit."""
+        request = ctx.request
+        if self.auditor is None or request.policy != "default" or request.model is not None:
+            return  # measurement phases and pinned models: nothing routed to second-guess
+        as_baseline = request.model_copy(update={"policy": "baseline"})
+        reference = route(as_baseline, self.catalog, self.policy, self.routing_state())
+        if not isinstance(reference, RouteDecision):
+            return
+        for index, outcome in sorted(outcomes.items()):
+            cause = audit_cause(outcome.variant, reference.variant, outcome.cache)
+            if cause is None or outcome.png is None or outcome.error or not self.auditor.draw():
+                continue
+            self.auditor.offer(AuditJob(
+                ctx.request_id, index, request.tenant, request.quality, request.prompt,
+                request.negative_prompt, ctx.seeds[index], request.width_px, request.height_px,
+                outcome.variant, cause, reference.variant, outcome.steps_skipped, outcome.png,
+                self._clock(),
+            ), self.batcher)  # fmt: skip
 
     def _observe_overhead(
         self, ctx: RequestContext, outcomes: dict[int, Outcome], rows: list[LedgerRow]

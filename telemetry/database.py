@@ -20,6 +20,8 @@ version    change
 3          ``ledger.tenant`` (+ index): per-tenant ledgers, usage and quotas
 4          ``ledger.holder``, ``ledger_holders``, ``idempotency_keys``: rows from
            acceptance, the janitor, idempotent requests
+5          approximate reuse: ledger step columns, ``latent_cache``, reuse policy
+6          ``audits``: the shadow audit's book (issue 14)
 =========  ===================================================================
 
 **Writers never see "database is locked".** On SQLite every write transaction starts
@@ -285,10 +287,38 @@ def _v5_approximate_reuse(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+def _v6_audits(conn: sa.Connection) -> None:
+    """The shadow audit (issue 14): one row per audited output."""
+    md = sa.MetaData()
+    sa.Table(
+        "audits", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("created_at", sa.DateTime, nullable=False, index=True),
+        sa.Column("request_id", sa.String(64), nullable=False),
+        sa.Column("image_index", sa.Integer, nullable=False),
+        sa.Column("tenant", sa.String(64)),
+        sa.Column("tier", sa.String(16), nullable=False),
+        sa.Column("variant", sa.String(64), nullable=False),
+        sa.Column("cause", sa.String(32), nullable=False),
+        sa.Column("reference_variant", sa.String(64), nullable=False),
+        sa.Column("steps_skipped", sa.Integer, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("detail", sa.String(1000)),
+        sa.Column("batch_id", sa.String(64)),
+        sa.Column("joules", sa.Float, nullable=False),
+        sa.Column("energy_source", sa.String(16), nullable=False),
+        sa.Column("measure", sa.String(16)),
+        *(sa.Column(name, sa.Float) for name in
+          ("ssim", "psnr_db", "clip_served", "clip_reference", "clip_drop")),
+        sa.Column("random_weights", sa.Boolean, nullable=False),
+    )  # fmt: skip
+    md.create_all(conn)
+
+
 Migration = Callable[[sa.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _v1_ledger_and_cache, _v2_control_plane, _v3_ledger_tenant, _v4_pending_rows_and_idempotency,
-    _v5_approximate_reuse,
+    _v5_approximate_reuse, _v6_audits,
 )  # fmt: skip
 HEAD = len(MIGRATIONS)
 

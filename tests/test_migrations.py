@@ -12,6 +12,7 @@ import wattserve.scheduler.cache  # noqa: F401  (registers the result_cache mode
 import wattserve.scheduler.control_tables  # noqa: F401  (registers the control-plane models)
 import wattserve.scheduler.idempotency  # noqa: F401  (registers the idempotency_keys model)
 import wattserve.scheduler.latents  # noqa: F401  (registers the latent_cache model)
+import wattserve.telemetry.audits  # noqa: F401  (registers the audits model)
 from wattserve._admin import BudgetUpdate, TenantCreate
 from wattserve.scheduler.control_store import ControlStore
 from wattserve.telemetry.database import HEAD, SchemaError, make_engine, migrate, schema_version
