@@ -5,7 +5,7 @@ the demo and the tests do the same with outcomes of their own. Every joule stays
 its energy source: totals are also given per source, and a summary lists the sources it
 summed, so a figure mixing measured and simulated joules says so.
 
-Counting rules, the same in both phases:
+Counting rules, the same in every phase:
 
 * An *output* is one image. A request that fails (4xx, 5xx, or the service unreachable)
   counts its ``n`` outputs as failed; it has no receipts and no joules.
@@ -14,6 +14,10 @@ Counting rules, the same in both phases:
   so p50 is the median.
 * The batch-size distribution counts *batches* (distinct ``batch_id`` of generated
   outputs) by their size, so a batch of 8 counts once; its mean is the mean batch size.
+* J/output is given over two energies: *active*, the receipts' joules (what the batches
+  drew, charged to their outputs), and *all fleet energy* (``fleet``), every joule the
+  service's telemetry agents measured on all devices over the phase, idle draw included
+  (the difference of ``GET /v1/report``'s device books before and after it).
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel
 
 from wattserve import GeneratedImage, Receipt
-from wattserve._schemas import RequestPolicy, ReuseMode
+from wattserve._schemas import ReconciliationInfo, RequestPolicy, ReuseMode
 from wattserve.bench.trace import TraceRequest
 from wattserve.telemetry.savings import savings_by_cause
 
@@ -37,6 +42,46 @@ SAVINGS_NOTE = (
     "outputs cost more per image than the same variant's batch-1 outputs in this run (on a "
     "CPU, batching gives no speedup)."
 )
+
+FLEET_NOTE = (
+    "all fleet energy: every joule the service's telemetry agents measured on all its "
+    "devices (GET /v1/report, reconciliation.device_j) from just before a phase's first "
+    "request to just after its last answer, idle draw included, over the outputs served; "
+    "idle_joules is the part they attributed to no batch. Anything else the service ran in "
+    "that window counts too. None: the books could not be read (a tenant's API key may not)."
+)
+
+
+class FleetEnergy(BaseModel):
+    """All device energy the service measured over one phase, idle included."""
+
+    device_joules: float
+    idle_joules: float
+    window_s: float
+    mean_power_w: float | None
+    joules_per_output: float | None
+    energy_sources: list[str]  # the devices' sources (GET /v1/status)
+
+
+def fleet_energy(
+    before: ReconciliationInfo,
+    after: ReconciliationInfo,
+    window_s: float,
+    outputs: int,
+    sources: Sequence[str],
+) -> FleetEnergy | None:
+    """The books' growth between two readings; None if they went back (an agent restarted)."""
+    device_j, idle_j = after.device_j - before.device_j, after.idle_j - before.idle_j
+    if device_j < 0 or idle_j < 0:
+        return None
+    return FleetEnergy(
+        device_joules=round(device_j, 3),
+        idle_joules=round(idle_j, 3),
+        window_s=round(window_s, 3),
+        mean_power_w=round(device_j / window_s, 3) if window_s > 0 else None,
+        joules_per_output=round(device_j / outputs, 3) if outputs else None,
+        energy_sources=sorted(set(sources)),
+    )
 
 
 @dataclass(frozen=True)
@@ -66,6 +111,7 @@ class PhaseRun:
     outcomes: list[Outcome]
     wall_s: float  # from the replay's start to its last answer
     reuse: ReuseMode = "exact"  # what its unseeded requests asked for
+    fleet: FleetEnergy | None = None  # all device energy over it, where the books were read
 
 
 class SourceSummary(BaseModel):
@@ -123,6 +169,7 @@ class PhaseSummary(BaseModel):
     batch_sizes: dict[int, int]  # batch size -> number of batches
     mean_batch_size: float | None
     by_variant: dict[str, VariantSummary]
+    fleet: FleetEnergy | None = None  # J/output over all fleet energy (FLEET_NOTE)
 
 
 class SavingsSplit(BaseModel):
@@ -246,14 +293,26 @@ def summarize(run: PhaseRun) -> PhaseSummary:
         mean_batch_size=(round(sum(size * count for size, count in batches.items())
                                / batch_count, 3) if batch_count else None),
         by_variant=by_variant(receipts),
+        fleet=run.fleet,
     )  # fmt: skip
 
 
 def factor(baseline: PhaseSummary, achieved: PhaseSummary) -> float | None:
     """Baseline J/output over achieved J/output; None when either has no joules to divide."""
-    if not baseline.joules_per_output or not achieved.joules_per_output:
+    return _ratio(baseline.joules_per_output, achieved.joules_per_output)
+
+
+def fleet_factor(baseline: PhaseSummary, achieved: PhaseSummary) -> float | None:
+    """The factor over all fleet energy, idle included; None where either was not measured."""
+    if baseline.fleet is None or achieved.fleet is None:
         return None
-    return round(baseline.joules_per_output / achieved.joules_per_output, 4)
+    return _ratio(baseline.fleet.joules_per_output, achieved.fleet.joules_per_output)
+
+
+def _ratio(baseline_j: float | None, achieved_j: float | None) -> float | None:
+    if not baseline_j or not achieved_j:
+        return None
+    return round(baseline_j / achieved_j, 4)
 
 
 def split_savings(
@@ -277,3 +336,81 @@ def split_savings(
         by_cause_joules={k: round(v, 3) for k, v in split.by_cause_joules.items()},
         energy_sources=list(split.energy_sources),
     )
+
+
+class ResumedVsFull(BaseModel):
+    """One variant's generations in the approximate phase, resumed and full."""
+
+    resumed: int
+    resumed_joules_per_output: float | None
+    steps_skipped_mean: float | None
+    full: int
+    full_joules_per_output: float | None
+
+
+def resumed_vs_full(receipts: Sequence[Receipt]) -> dict[str, ResumedVsFull]:
+    """Per variant, the phase's resumed and full generations (hits and joins left out)."""
+    out = {}
+    for variant in sorted({r.variant for r in receipts}):
+        mine = [r for r in receipts if r.variant == variant]
+        resumed = [r for r in mine if r.cache == "approximate"]
+        full = [r for r in mine if r.cache == "miss"]
+
+        def mean(values: list[float]) -> float | None:
+            return round(sum(values) / len(values), 3) if values else None
+
+        out[variant] = ResumedVsFull(
+            resumed=len(resumed), resumed_joules_per_output=mean([r.joules for r in resumed]),
+            steps_skipped_mean=mean([float(r.steps_skipped) for r in resumed]),
+            full=len(full), full_joules_per_output=mean([r.joules for r in full]),
+        )  # fmt: skip
+    return out
+
+
+class RequestRecord(BaseModel):
+    """One request of one phase as sent, and what came back."""
+
+    index: int
+    arrival_s: float
+    sent_s: float
+    latency_s: float
+    prompt: str
+    seed: int | None
+    size: str
+    quality: str
+    n: int
+    tenant: str | None
+    status: Literal["ok", "failed"]
+    http_status: int | None
+    error: str | None
+    receipts: list[Receipt]
+
+
+class PhaseReport(BaseModel):
+    """A phase's summary and every request it sent, in trace order."""
+
+    summary: PhaseSummary
+    requests: list[RequestRecord]
+
+
+def records(run: PhaseRun) -> list[RequestRecord]:
+    """Every request of a phase as the report lists it."""
+    return [
+        RequestRecord(
+            index=o.index,
+            arrival_s=o.request.arrival_s,
+            sent_s=round(o.sent_s, 4),
+            latency_s=round(o.latency_s, 4),
+            prompt=o.request.prompt,
+            seed=o.request.seed,
+            size=o.request.size,
+            quality=o.request.quality,
+            n=o.request.n,
+            tenant=o.request.tenant,
+            status="ok" if o.ok else "failed",
+            http_status=o.http_status,
+            error=o.error,
+            receipts=list(o.receipts),
+        )
+        for o in run.outcomes
+    ]

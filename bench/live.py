@@ -3,10 +3,15 @@
 ``run_live`` sends a trace's requests through the async SDK at their arrival times
 (``arrival_s / speed`` after the start, at most ``max_in_flight`` outstanding), first
 with the service's default policy, then — once every answer is in — the *same* requests
-again with ``policy="baseline"``: the highest-quality variant that can make each size,
-a batch of one, no cache, no coalescing. Both phases run on the same service and the same
-machine minutes apart, so their ratio (the *factor*, baseline J/output over achieved
-J/output) holds on a noisy machine where absolute joules drift between runs.
+again under each named baseline: ``policy="baseline"`` (the conventional one: the
+highest-quality variant that can make each size, a batch of one, no cache, no
+coalescing) and ``policy="competent"`` (what an engineer would configure by hand: each
+tier on the variant with the lowest declared J/image meeting its floor, batched with the
+policy's cap and wait, no cache, no coalescing). All phases run on the same service and
+the same machine minutes apart, so their ratios (the *factors*, a baseline's J/output
+over achieved J/output) hold on a noisy machine where absolute joules drift between runs.
+Each phase also reads the service's device books before and after it, for J/output over
+all fleet energy, idle included, beside the receipts' active J/output.
 
 With ``reuse="approximate"`` one more phase comes first: the same requests with every
 unseeded one asking ``reuse: approximate`` (seeded ones stay exact, as the service's
@@ -34,6 +39,8 @@ serves the whole run). No Ray import here: this is a client of the service like 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import random
 import time
 from collections import Counter
@@ -45,19 +52,35 @@ import httpx
 from pydantic import BaseModel
 
 import wattserve
-from wattserve import AsyncClient, Receipt, TransportError, VariantInfo, WattserveError
-from wattserve._schemas import MAX_SEED, ClusterStatus, RequestPolicy, ReuseMode, parse_size
+from wattserve import AsyncClient, TransportError, VariantInfo, WattserveError
+from wattserve._schemas import (
+    MAX_SEED,
+    ClusterStatus,
+    ReconciliationInfo,
+    RequestPolicy,
+    ReuseMode,
+    parse_size,
+)
 from wattserve.bench._live_stats import (
+    FLEET_NOTE,
+    FleetEnergy,
     Outcome,
+    PhaseReport,
     PhaseRun,
     PhaseSummary,
+    RequestRecord,
+    ResumedVsFull,
     SavingsSplit,
     VariantSummary,
     batch_sizes,
     by_source,
     factor,
+    fleet_energy,
+    fleet_factor,
     percentile,
     receipts_of,
+    records,
+    resumed_vs_full,
     split_savings,
     summarize,
 )
@@ -66,11 +89,13 @@ from wattserve.policies.policy import Policy
 
 __all__ = [
     "ENERGY_NOTE",
+    "FleetEnergy",
     "LiveReport",
     "Outcome",
     "PhaseRun",
     "PhaseSummary",
     "ProgressFn",
+    "RequestRecord",
     "SavingsSplit",
     "VariantSummary",
     "batch_sizes",
@@ -78,6 +103,7 @@ __all__ = [
     "check_sizes",
     "choose_salt",
     "factor",
+    "fleet_factor",
     "percentile",
     "receipts_of",
     "replay",
@@ -97,14 +123,23 @@ ENERGY_NOTE = (
     "the batch."
 )
 BASELINE_NAME = (
-    "measured: the same requests replayed with policy=baseline on the same service right "
-    "after (the highest-quality variant that can make each size, batch size 1, no cache, "
-    "no coalescing), at the same arrival times"
+    "conventional baseline, measured: the same requests replayed with policy=baseline on the "
+    "same service right after (the highest-quality variant that can make each size, batch "
+    "size 1, no cache, no coalescing), at the same arrival times"
+)
+COMPETENT_NAME = (
+    "competent baseline, measured: the same requests replayed with policy=competent on the "
+    "same service (each tier on the variant with the lowest declared J/image whose declared "
+    "quality meets its floor, dynamic batching with the policy's cap and wait, no cache, no "
+    "coalescing; a power cap in force still applies, as a safety limit), at the same "
+    "arrival times"
 )
 FACTOR_NOTE = (
-    "baseline J/output / achieved J/output, both measured in this run on the same service; "
-    "above 1 means wattserve used less energy per output. J/output counts served outputs "
-    "only; failed outputs are listed per phase."
+    "a baseline's J/output / achieved J/output, both measured in this run on the same "
+    "service; above 1 means wattserve used less energy per output. factor and "
+    "competent_factor are over active energy (the receipts), fleet_factor and "
+    "competent_fleet_factor over all fleet energy, idle included (fleet_energy_note). "
+    "J/output counts served outputs only; failed outputs are listed per phase."
 )
 
 # Called with (policy of the phase, requests answered, requests in the phase).
@@ -131,61 +166,6 @@ class DeviceGroup(BaseModel):
     count: int
 
 
-class RequestRecord(BaseModel):
-    """One request of one phase as sent, and what came back."""
-
-    index: int
-    arrival_s: float
-    sent_s: float
-    latency_s: float
-    prompt: str
-    seed: int | None
-    size: str
-    quality: str
-    n: int
-    tenant: str | None
-    status: Literal["ok", "failed"]
-    http_status: int | None
-    error: str | None
-    receipts: list[Receipt]
-
-
-class PhaseReport(BaseModel):
-    """A phase's summary and every request it sent, in trace order."""
-
-    summary: PhaseSummary
-    requests: list[RequestRecord]
-
-
-class ResumedVsFull(BaseModel):
-    """One variant's generations in the approximate phase, resumed and full."""
-
-    resumed: int
-    resumed_joules_per_output: float | None
-    steps_skipped_mean: float | None
-    full: int
-    full_joules_per_output: float | None
-
-
-def resumed_vs_full(receipts: Sequence[Receipt]) -> dict[str, ResumedVsFull]:
-    """Per variant, the phase's resumed and full generations (hits and joins left out)."""
-    out = {}
-    for variant in sorted({r.variant for r in receipts}):
-        mine = [r for r in receipts if r.variant == variant]
-        resumed = [r for r in mine if r.cache == "approximate"]
-        full = [r for r in mine if r.cache == "miss"]
-
-        def mean(values: list[float]) -> float | None:
-            return round(sum(values) / len(values), 3) if values else None
-
-        out[variant] = ResumedVsFull(
-            resumed=len(resumed), resumed_joules_per_output=mean([r.joules for r in resumed]),
-            steps_skipped_mean=mean([float(r.steps_skipped) for r in resumed]),
-            full=len(full), full_joules_per_output=mean([r.joules for r in full]),
-        )  # fmt: skip
-    return out
-
-
 class LiveReport(BaseModel):
     """Everything ``wattserve bench`` measured, named so the figures can be checked."""
 
@@ -206,6 +186,12 @@ class LiveReport(BaseModel):
     baseline: PhaseReport | None
     factor: float | None
     factor_note: str = FACTOR_NOTE
+    competent_name: str = "not measured (--no-baseline or --no-competent)"
+    competent: PhaseReport | None = None
+    competent_factor: float | None = None
+    fleet_factor: float | None = None  # against the conventional baseline, idle included
+    competent_fleet_factor: float | None = None
+    fleet_energy_note: str = FLEET_NOTE
     savings: SavingsSplit
     # reuse="approximate": the phase with approximate reuse on, its factor against the same
     # baseline, exact J/output over its J/output, and its own savings split
@@ -326,14 +312,16 @@ async def run_live(
     speed: float = 1.0,
     max_in_flight: int = 64,
     baseline: bool = True,
+    competent: bool = True,
     api_key: str | None = None,
     salt: int | None = None,
     progress: ProgressFn | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     reuse: ReuseMode = "exact",
 ) -> LiveReport:
-    """Replay ``trace`` against the service at ``url``, then its baseline; report both.
+    """Replay ``trace`` against the service at ``url``, then its baselines; report all.
 
+    ``baseline=False`` skips both baselines; ``competent=False`` only the competent one.
     ``reuse="approximate"``: first a phase with approximate reuse on (module docstring).
 
     ``transport`` is the SDK's seam: tests answer without a service.
@@ -353,21 +341,53 @@ async def run_live(
         check_sizes(trace.requests, variants)
         status = await client.status()
         sent = salted(trace.requests, salt_info.offset)
+        phase = functools.partial(_phase, client, [d.source for d in status.devices],
+                                  speed=speed, max_in_flight=max_in_flight,
+                                  progress=progress)  # fmt: skip
         approximate = None
         if reuse == "approximate":
             own_salt = (salt_info.offset + MAX_SALT // 2) % MAX_SALT  # its own cache entries
-            approximate = await replay(client, salted(trace.requests, own_salt), speed=speed,
-                                       max_in_flight=max_in_flight, progress=progress,
-                                       reuse="approximate")  # fmt: skip
-        achieved = await replay(client, sent, speed=speed, max_in_flight=max_in_flight,
-                                progress=progress)  # fmt: skip
-        measured = None
-        if baseline:
-            measured = await replay(client, sent, policy="baseline", speed=speed,
-                                    max_in_flight=max_in_flight, progress=progress)  # fmt: skip
+            approximate = await phase(salted(trace.requests, own_salt), reuse="approximate")
+        achieved = await phase(sent)
+        measured = await phase(sent, policy="baseline") if baseline else None
+        hand_set = await phase(sent, policy="competent") if baseline and competent else None
     report = live_report(url, trace, variants, status, achieved, measured, salt_info,
                          speed=speed, max_in_flight=max_in_flight)  # fmt: skip
-    return with_approximate(report, approximate, variants)
+    return with_approximate(with_competent(report, hand_set), approximate, variants)
+
+
+async def _phase(
+    client: AsyncClient, sources: Sequence[str], requests: Sequence[TraceRequest], **replayed: Any
+) -> PhaseRun:
+    """One ``replay`` between two readings of the service's device books (``FLEET_NOTE``)."""
+    before, start = await _books(client), time.monotonic()
+    run = await replay(client, requests, **replayed)
+    after, window_s = await _books(client), time.monotonic() - start
+    if before is None or after is None:
+        return run
+    outputs = len(receipts_of(run.outcomes))
+    return dataclasses.replace(run, fleet=fleet_energy(before, after, window_s, outputs, sources))
+
+
+async def _books(client: AsyncClient) -> ReconciliationInfo | None:
+    """The service's device books now; None where it will not say (then no fleet figure)."""
+    try:
+        return (await client.report()).reconciliation
+    except WattserveError:  # a tenant's key may not read them; a service may predate them
+        return None
+
+
+def with_competent(report: LiveReport, run: PhaseRun | None) -> LiveReport:
+    """``report`` with the competent phase and the factors against it (if it ran)."""
+    if run is None:
+        return report
+    summary, achieved = summarize(run), report.achieved.summary
+    return report.model_copy(update={
+        "competent_name": COMPETENT_NAME,
+        "competent": PhaseReport(summary=summary, requests=records(run)),
+        "competent_factor": factor(summary, achieved),
+        "competent_fleet_factor": fleet_factor(summary, achieved),
+    })  # fmt: skip
 
 
 def with_approximate(
@@ -383,7 +403,7 @@ def with_approximate(
     prior = next((v.joules_per_image_prior for v in variants if v.id == reference), None)
     exact = report.achieved.summary
     return report.model_copy(update={
-        "approximate": PhaseReport(summary=summary, requests=_records(run)),
+        "approximate": PhaseReport(summary=summary, requests=records(run)),
         "approximate_factor": factor(report.baseline.summary, summary) if report.baseline
         else None,
         "approximate_vs_exact": factor(exact, summary),
@@ -404,7 +424,7 @@ def live_report(
     speed: float,
     max_in_flight: int,
 ) -> LiveReport:
-    """Assemble the report from the two phases and what the service said about itself."""
+    """The report of the default and conventional phases and what the service said of itself."""
     achieved_summary = summarize(achieved)
     baseline_summary = summarize(measured) if measured else None
     reference = _reference(measured, variants)
@@ -425,14 +445,15 @@ def live_report(
         ],
         quality_floors=dict(Policy().quality_floors),
         variant_quality={v.id: v.quality_score for v in sorted(variants, key=lambda v: v.id)},
-        achieved=PhaseReport(summary=achieved_summary, requests=_records(achieved)),
+        achieved=PhaseReport(summary=achieved_summary, requests=records(achieved)),
         baseline_name=BASELINE_NAME if measured else "not measured (--no-baseline)",
         baseline=(
-            PhaseReport(summary=baseline_summary, requests=_records(measured))
+            PhaseReport(summary=baseline_summary, requests=records(measured))
             if measured and baseline_summary
             else None
         ),
         factor=factor(baseline_summary, achieved_summary) if baseline_summary else None,
+        fleet_factor=fleet_factor(baseline_summary, achieved_summary) if baseline_summary else None,
         savings=split_savings(receipts_of(achieved.outcomes), reference, prior),
     )
 
@@ -447,26 +468,3 @@ def _reference(measured: PhaseRun | None, variants: Sequence[VariantInfo]) -> st
     if used:
         return used.most_common(1)[0][0]
     return max(variants, key=lambda v: (v.quality_score, v.id)).id
-
-
-def _records(run: PhaseRun) -> list[RequestRecord]:
-    """Every request of a phase as the report lists it."""
-    return [
-        RequestRecord(
-            index=o.index,
-            arrival_s=o.request.arrival_s,
-            sent_s=round(o.sent_s, 4),
-            latency_s=round(o.latency_s, 4),
-            prompt=o.request.prompt,
-            seed=o.request.seed,
-            size=o.request.size,
-            quality=o.request.quality,
-            n=o.request.n,
-            tenant=o.request.tenant,
-            status="ok" if o.ok else "failed",
-            http_status=o.http_status,
-            error=o.error,
-            receipts=list(o.receipts),
-        )
-        for o in run.outcomes
-    ]

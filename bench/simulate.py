@@ -30,6 +30,13 @@ and only outputs resuming at the same step share a batch. Its receipt says
 ``approximate``, with the steps, steps skipped and similarity. Resumed batches do not
 feed the energy profile: routing prices full generations.
 
+Two named baselines run on the same code, by the request policy the live service knows
+(``GenerationRequest.policy``): ``baseline``, the highest-quality variant at batch size 1;
+and ``competent``, each tier on a fixed variant (``policies.routing``'s declared-price
+mapping), batched with the policy's cap and wait. Neither gets the cache, coalescing or
+approximate reuse; the competent run is also not power-aware: no cap and no J/output
+target act on it (the conventional baseline runs under the cap, as before).
+
 Events are processed in time order (finishes before arrivals at equal times), and the
 dispatcher steps after each group of events at one instant, as the live dispatcher
 wakes on each arrival and finish.
@@ -47,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from wattserve import GenerationRequest
-from wattserve._schemas import MAX_SEED, parse_size
+from wattserve._schemas import MAX_SEED, RequestPolicy, parse_size
 from wattserve.bench.fleet import IDLE_W, VariantCost, place, with_replicas
 from wattserve.bench.trace import TraceRequest
 from wattserve.policies.catalog import Catalog, VariantSpec
@@ -124,6 +131,7 @@ class _Slot:
 @dataclass
 class _State:
     core: DispatchCore
+    target_j: float | None  # the J/output target this run holds (None: none)
     book: LeaseBook  # the admission service's decisions: power budget and replica slots
     profile: EnergyProfile
     target: JoulesTarget
@@ -202,8 +210,10 @@ class FleetSimulation:
 
     # --- setup ------------------------------------------------------------------------
 
-    def requests(self, trace: Sequence[TraceRequest], baseline: bool) -> list[GenerationRequest]:
-        """The trace as the scheduler's requests (the baseline policy when ``baseline``)."""
+    def requests(
+        self, trace: Sequence[TraceRequest], policy: RequestPolicy = "default"
+    ) -> list[GenerationRequest]:
+        """The trace as the scheduler's requests, each under the request ``policy``."""
         sizes: dict[str, tuple[int, int]] = {}
         deadline_s = self.policy.default_deadline_s  # as live, for requests that name none
         made = []
@@ -212,8 +222,7 @@ class FleetSimulation:
             made.append(GenerationRequest.model_construct(
                 prompt=r.prompt, negative_prompt=None, width_px=width_px, height_px=height_px,
                 n=r.n, seed=r.seed, quality=r.quality, deadline_s=deadline_s, model=None,
-                user=None, tenant=r.tenant, policy="baseline" if baseline else "default",
-                reuse=None,
+                user=None, tenant=r.tenant, policy=policy, reuse=None,
             ))  # fmt: skip
         return made
 
@@ -256,8 +265,8 @@ class FleetSimulation:
 
     # --- the run ----------------------------------------------------------------------
 
-    def run(self, trace: Sequence[TraceRequest], *, baseline: bool = False) -> RunResult:
-        """Simulate ``trace`` to completion; every output gets exactly one receipt.
+    def run(self, trace: Sequence[TraceRequest], *, policy: RequestPolicy = "default") -> RunResult:
+        """Simulate ``trace`` under ``policy`` to completion; one receipt per output.
 
         The cyclic garbage collector is paused for the run: a million-request run holds
         millions of live objects, which the collector would rescan over and over (a
@@ -266,14 +275,14 @@ class FleetSimulation:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._run(trace, baseline)
+            return self._run(trace, policy)
         finally:
             if collecting:
                 gc.enable()
 
-    def _run(self, trace: Sequence[TraceRequest], baseline: bool) -> RunResult:
+    def _run(self, trace: Sequence[TraceRequest], policy: RequestPolicy) -> RunResult:
         started = time.perf_counter()
-        requests = self.requests(trace, baseline)
+        requests = self.requests(trace, policy)
         placement = self.placement(requests)
         catalog = with_replicas(self.catalog, placement)
         profile = EnergyProfile(catalog)
@@ -281,10 +290,11 @@ class FleetSimulation:
             core=DispatchCore(catalog, max_batch_size=self.policy.max_batch_size,
                               max_wait_s=self.policy.max_wait_s, max_hold_s=self.max_hold_s,
                               joules_bounds=profile.joules_bounds),
-            book=self._book(catalog),
+            target_j=None if policy == "competent" else self.target_j,
+            book=self._book(catalog, None if policy == "competent" else self.cap_w),
             profile=profile, target=JoulesTarget(), catalog=catalog, costs=self.costs,
             names=frozenset(catalog.names), rng=random.Random(RNG_SEED),
-            latents=self._latent_store(trace) if not baseline else None,
+            latents=self._latent_store(trace) if policy == "default" else None,
         )  # fmt: skip
         receipts: list[SimReceipt] = []
         power: list[tuple[float, float]] = [(0.0, self.gpus * self.idle_w)]
@@ -312,7 +322,7 @@ class FleetSimulation:
             if power[-1][1] != fleet_w:
                 power.append((now, fleet_w))
         return RunResult(
-            policy="baseline" if baseline else "default", receipts=receipts,
+            policy=policy, receipts=receipts,
             placement=placement, duration_s=now, idle_j=idle_j, power_w=power, moved=moved,
             wall_s=time.perf_counter() - started,
             latents={**st.latents.stats, "bytes": st.latents.bytes} if st.latents else {},
@@ -327,14 +337,14 @@ class FleetSimulation:
 
         return LatentStore(PromptSimilarity([r.prompt for r in trace]), self.latent_max_bytes)
 
-    def _book(self, catalog: Catalog) -> LeaseBook:
-        """The lease book as the admission service keeps it, on the simulated clock.
+    def _book(self, catalog: Catalog, cap_w: float | None) -> LeaseBook:
+        """The lease book as the admission service keeps it under ``cap_w``, simulated clock.
 
         Its readings are exact (the simulated fleet's power at the step), so it needs no
         warm-up; a batch's draw counts as not yet measured for two sample periods, as live.
         """
         book = LeaseBook(clock=lambda: self._now_s, sample_period_s=SAMPLE_PERIOD_S, warm_up=False)
-        book.configure(cap_w=self.cap_w, replicas=replica_slots(catalog))
+        book.configure(cap_w=cap_w, replicas=replica_slots(catalog))
         return book
 
     def _power_w(self, st: _State) -> float:
@@ -352,7 +362,7 @@ class FleetSimulation:
         spec = st.catalog.get(decision.variant)
         assert spec is not None
         floor = self.policy.quality_floor(request.quality)
-        baseline = request.policy == "baseline"
+        baseline = request.policy != "default"  # either named baseline: no reuse of any kind
         # every tenant may use approximate reuse here: the simulator has no tenancy
         mode = reuse_mode(request.reuse, request.seed is not None, self.reuse, True)
         approximate = not baseline and mode == "approximate" and st.latents is not None
@@ -390,7 +400,7 @@ class FleetSimulation:
                                               st.bands(spec))  # fmt: skip
             deadline_s = now + request.deadline_s if request.deadline_s else None  # as live
             ticket = st.core.submit(spec.name, request.width_px, request.height_px, now,
-                                    deadline_s, floor, solo=baseline,
+                                    deadline_s, floor, solo=request.policy == "baseline",
                                     start_step=slot.resume.skip if slot.resume else 0)  # fmt: skip
             st.slots[ticket] = slot
         return done
@@ -448,7 +458,7 @@ class FleetSimulation:
         if not launch.start_step:  # routing prices full generations
             st.profile.observe(launch.variant, size, energy_j / size, latency_s)
         st.target.observe(energy_j / size)
-        st.core.max_wait_s = st.target.max_wait_s(self.policy, self.target_j)
+        st.core.max_wait_s = st.target.max_wait_s(self.policy, st.target_j)
         spec = st.catalog.get(launch.variant)
         assert spec is not None
         skipped = launch.start_step

@@ -1,4 +1,4 @@
-"""``wattserve bench``: replay a trace against a running service and its baseline in one run.
+"""``wattserve bench``: replay a trace against a running service and its baselines in one run.
 
 A thin shell over ``bench.live.run_live``: build the trace (a preset, generated in memory
 at a pace the CPU demo service keeps up with, or a trace file), replay it with progress
@@ -44,7 +44,8 @@ DEFAULT_RATE_PER_S = 2.0  # arrivals/s for a preset: what the CPU demo service k
 DEMO_PROMPTS = "demo_prompts.txt"
 PHASE_LABELS: dict[RequestPolicy, str] = {
     "default": "generating",
-    "baseline": "baseline (no wattserve savings)",
+    "baseline": "conventional baseline (no wattserve savings)",
+    "competent": "competent baseline (fixed tier variants, batched, no reuse)",
 }
 
 
@@ -96,7 +97,14 @@ def bench(
     ] = 1.0,
     max_in_flight: Annotated[int, typer.Option(help="Requests outstanding at most.")] = 64,
     no_baseline: Annotated[
-        bool, typer.Option("--no-baseline", help="Skip the baseline phase (no factor).")
+        bool, typer.Option("--no-baseline", help="Skip both baseline phases (no factors).")
+    ] = False,
+    no_competent: Annotated[
+        bool,
+        typer.Option(
+            "--no-competent",
+            help="Skip the competent baseline's phase (fixed tier variants, batched, no reuse).",
+        ),
     ] = False,
     salt: Annotated[
         int | None,
@@ -123,7 +131,7 @@ def bench(
     api_key: ApiKeyOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Replay a trace against a running service, then its baseline; print the factor."""
+    """Replay a trace against a running service, then its baselines; print the factors."""
     if no_salt and salt is not None:
         fail("--salt and --no-salt contradict each other: give one", code=2)
     if reuse not in ("exact", "approximate"):
@@ -135,7 +143,7 @@ def bench(
         with progress_bars(Console(stderr=True)) as progress, errors():
             report = asyncio.run(
                 run_live(url, replayed, speed=speed, max_in_flight=max_in_flight,
-                         baseline=not no_baseline, api_key=api_key,
+                         baseline=not no_baseline, competent=not no_competent, api_key=api_key,
                          salt=0 if no_salt else salt, progress=progress,
                          reuse=cast(ReuseMode, reuse))
             )  # fmt: skip
@@ -202,8 +210,10 @@ def _latency_figure(report: LiveReport, out: Path) -> str:
     except ImportError:
         return "no figure: matplotlib is not installed; pip install 'wattserve[serve]'"
     phases = {"wattserve": report.achieved}
+    if report.competent is not None:
+        phases["competent baseline"] = report.competent
     if report.baseline is not None:
-        phases["baseline"] = report.baseline
+        phases["conventional baseline"] = report.baseline
     latencies_s = {
         name: [r.latency_s for r in phase.requests if r.status == "ok"]
         for name, phase in phases.items()
@@ -214,6 +224,7 @@ def _latency_figure(report: LiveReport, out: Path) -> str:
         "energy_source": "measured by the service: "
         + ", ".join(report.achieved.summary.energy_sources),
         "baseline": report.baseline_name,
+        "competent": report.competent_name if report.competent else None,
         "quality_floors": report.quality_floors,
     }
     path = latency_png(caption, latencies_s, "latency (s, client side, from scheduled arrival)",
@@ -222,18 +233,21 @@ def _latency_figure(report: LiveReport, out: Path) -> str:
 
 
 def _print_summary(report: LiveReport, out: Path, figure: str) -> None:
-    """The two phases side by side, per variant, then the factor and what it rests on."""
+    """The phases side by side, per variant, then the factors and what they rest on."""
     phases = [("wattserve", report.achieved.summary)]
     if report.approximate is not None:
         phases.insert(0, ("approximate", report.approximate.summary))
+    if report.competent is not None:
+        phases.append(("competent baseline", report.competent.summary))
     if report.baseline is not None:
-        phases.append(("baseline", report.baseline.summary))
+        phases.append(("conventional baseline", report.baseline.summary))
     header = report.trace
     table(
         f"{header.preset or 'trace'} x {header.requests} against {report.url}",
-        ["run", "outputs", "failed", "J/output", "source", "p50 s", "p95 s", "p99 s", "out/s",
-         "generated", "coalesced", "hits", "avg batch"],
-        [[name, s.outputs, s.outputs_failed, s.joules_per_output, ",".join(s.energy_sources),
+        ["run", "outputs", "failed", "J/output", "J/output incl. idle", "source", "p50 s",
+         "p95 s", "p99 s", "out/s", "generated", "coalesced", "hits", "avg batch"],
+        [[name, s.outputs, s.outputs_failed, s.joules_per_output,
+          s.fleet.joules_per_output if s.fleet else None, ",".join(s.energy_sources),
           s.latency_s.p50, s.latency_s.p95, s.latency_s.p99, s.throughput_outputs_per_s,
           s.generated, s.coalesced, s.cache_hits, s.mean_batch_size] for name, s in phases],
     )  # fmt: skip
@@ -244,17 +258,7 @@ def _print_summary(report: LiveReport, out: Path, figure: str) -> None:
         [[v] + [cell for _, s in phases for cell in _variant_cells(s.by_variant.get(v))]
          for v in variants],
     )  # fmt: skip
-    achieved = report.achieved.summary
-    if report.factor is not None and report.baseline is not None:
-        base = report.baseline.summary
-        console.print(
-            f"factor {report.factor:.2f}x vs its in-run baseline: {base.joules_per_output:,.1f} "
-            f"J/output measured with policy=baseline (highest-quality variant, batch 1, no "
-            f"cache) vs {achieved.joules_per_output:,.1f} J/output with wattserve "
-            f"({1 - 1 / report.factor:.0%} less; {', '.join(achieved.energy_sources)})"
-        )
-    else:
-        console.print(f"no factor: baseline {report.baseline_name}")
+    _print_factors(report)
     _print_approximate(report)
     split = report.savings
     causes = ", ".join(f"{k} {v:,.0f} J" for k, v in split.by_cause_joules.items())
@@ -269,6 +273,36 @@ def _print_summary(report: LiveReport, out: Path, figure: str) -> None:
         f"{report.speed:g}x; hardware {_hardware(report)}; quality floors {floors}; "
         f"seeds salted by {report.salt.offset} ({report.salt.chosen}); wrote {out} {figure}"
     )
+
+
+def _print_factors(report: LiveReport) -> None:
+    """The factor against each baseline that ran, over active and over all fleet energy."""
+    achieved = report.achieved.summary
+    measured = [
+        ("conventional", report.baseline, report.factor, report.fleet_factor,
+         "policy=baseline: highest-quality variant, batch 1, no cache"),
+        ("competent", report.competent, report.competent_factor, report.competent_fleet_factor,
+         "policy=competent: fixed variant per tier, batched, no cache"),
+    ]  # fmt: skip
+    if report.baseline is None:
+        console.print(f"no factor: baseline {report.baseline_name}")
+    for name, phase, active, fleet, what in measured:
+        if phase is None or active is None:
+            continue
+        base = phase.summary
+        idle = ""
+        if fleet is not None and base.fleet and achieved.fleet:
+            idle = (
+                f"; {fleet:.2f}x over all fleet energy incl. idle "
+                f"({base.fleet.joules_per_output:,.1f} vs {achieved.fleet.joules_per_output:,.1f}"
+                " J/output, from the service's device books)"
+            )
+        console.print(
+            f"factor {active:.2f}x vs its in-run {name} baseline: {base.joules_per_output:,.1f} "
+            f"J/output measured with {what} vs {achieved.joules_per_output:,.1f} J/output with "
+            f"wattserve ({1 - 1 / active:.0%} less, active energy; "
+            f"{', '.join(achieved.energy_sources)}){idle}"
+        )
 
 
 def _print_approximate(report: LiveReport) -> None:

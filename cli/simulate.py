@@ -1,8 +1,9 @@
-"""``wattserve simulate``: a trace over a simulated fleet, against baseline and oracle.
+"""``wattserve simulate``: a trace over a simulated fleet, against two baselines and oracle.
 
 A thin shell over ``bench.simulate`` / ``bench.sim_report``: build or read the trace,
 price the catalog's variants on the fleet's GPU from the ML.ENERGY data, run achieved and
-baseline, print the comparison and write the JSON report. Wrong input is one ``error:``
+both baselines (conventional and competent), print the comparison and write the JSON
+report. Wrong input is one ``error:``
 line and exit 2.
 """
 
@@ -104,7 +105,7 @@ def simulate(
     ] = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Simulate a trace on a fleet: factor vs baseline, achieved/oracle, the waterfall."""
+    """Simulate a trace on a fleet: factors vs both baselines, achieved/oracle, the waterfall."""
     catalog = catalog or REAL_CATALOG
     data_dir = data_dir or DEFAULT_DATA_DIR
     try:
@@ -174,23 +175,9 @@ def simulate(
     if json_out:
         print_json(report)
         return
-    got, base = report["achieved"], report["baseline_run"]
-    oracle_per = report["oracle_joules"] / max(report["distinct_outputs"], 1)
-    table(
-        f"{header.get('preset') or trace} on {fleet} (simulated: {provenance})",
-        ["run", "outputs", "refused", "J/output", "p50 s", "p99 s", "mean batch"],
-        [
-            ["achieved", got["outputs"], got["refused"], got["joules_per_output"] or 0.0,
-             got["latency_s"]["p50"] or 0.0, got["latency_s"]["p99"] or 0.0,
-             got["mean_batch_size"] or 0.0],
-            ["baseline", base["outputs"], base["refused"], base["joules_per_output"] or 0.0,
-             base["latency_s"]["p50"] or 0.0, base["latency_s"]["p99"] or 0.0,
-             base["mean_batch_size"] or 0.0],
-            ["oracle (per distinct output)", report["distinct_outputs"], 0, oracle_per, 0.0,
-             0.0, 0.0],
-        ],
-    )  # fmt: skip
-    table("waterfall (J)", ["step", "joules"],
+    got = report["achieved"]
+    _print_runs(report, f"{header.get('preset') or trace} on {fleet} (simulated: {provenance})")
+    table(f"waterfall (J, {report['waterfall_basis']})", ["step", "joules"],
           [[k, v] for k, v in report["waterfall_joules"].items()])  # fmt: skip
     baseline_j = report["waterfall_joules"]["baseline"] or 1.0
     table("savings by cause (J, share of the priced baseline)", ["cause", "joules", "share"],
@@ -208,14 +195,36 @@ def simulate(
         typer.echo(
             f"achieved refused {got['refused']} of {got['outputs'] + got['refused']} outputs "
             "(a quality floor no variant on this fleet meets, a deadline, or the power cap); "
-            "the factor and achieved/oracle are per output served"
+            "the factors and achieved/oracle are per output served"
         )
     figures = f" and {', '.join(report['plots'])}" if report["plots"] else f" ({NO_FIGURES})"
     typer.echo(
-        f"factor vs baseline {report['factor_vs_baseline']:.2f}x; achieved/oracle "
-        f"{report['achieved_over_oracle']:.2f}; baseline: {report['baseline']}; wrote {out}"
-        f"{figures}"
+        f"factor vs conventional baseline {_x(report['factor_vs_baseline'])}, vs competent "
+        f"baseline {_x(report['factor_vs_competent'])} (active energy); over all fleet energy "
+        f"incl. idle {_x(report['fleet_factor_vs_baseline'])} and "
+        f"{_x(report['fleet_factor_vs_competent'])}; achieved/oracle "
+        f"{report['achieved_over_oracle']:.2f}"
     )
+    typer.echo(f"{report['baseline']}\n{report['competent']}\nwrote {out}{figures}")
+
+
+def _x(factor: float | None) -> str:
+    return "-" if factor is None else f"{factor:.2f}x"
+
+
+def _print_runs(report: dict, title: str) -> None:
+    """The three runs and the oracle, J/output over active and over all fleet energy."""
+    oracle_per = report["oracle_joules"] / max(report["distinct_outputs"], 1)
+    rows = [[name, s["outputs"], s["refused"], s["joules_per_output"] or 0.0,
+             s["fleet_joules_per_output"] or 0.0, s["latency_s"]["p50"] or 0.0,
+             s["latency_s"]["p99"] or 0.0, s["mean_batch_size"] or 0.0]
+            for name, s in (("achieved", report["achieved"]),
+                            ("competent baseline", report["competent_run"]),
+                            ("conventional baseline", report["baseline_run"]))]  # fmt: skip
+    rows.append(["oracle (per distinct output)", report["distinct_outputs"], 0, oracle_per,
+                 None, 0.0, 0.0, 0.0])  # fmt: skip
+    table(title, ["run", "outputs", "refused", "J/output active", "J/output incl. idle",
+                  "p50 s", "p99 s", "mean batch"], rows)  # fmt: skip
 
 
 def _reuse_options(reuse: str, latent_cache_mb: float | None) -> int | None:

@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wattserve import AsyncClient, Receipt, VariantInfo
+from wattserve._schemas import ReconciliationInfo
 from wattserve.bench.live import (
     Outcome,
     PhaseRun,
@@ -17,6 +18,8 @@ from wattserve.bench.live import (
     check_sizes,
     choose_salt,
     factor,
+    fleet_energy,
+    fleet_factor,
     percentile,
     replay,
     run_live,
@@ -124,6 +127,29 @@ def test_factor_is_baseline_over_achieved_joules_per_output():
     assert factor(baseline, all_hits) is None
 
 
+def books(device_j, idle_j):
+    return ReconciliationInfo(
+        device_j=device_j, attributed_j=device_j - idle_j, idle_j=idle_j, unattributed_j=0.0,
+        pending_j=0.0, gap_s=0.0, error_pct=0.0,
+    )  # fmt: skip
+
+
+def test_fleet_energy_is_the_growth_of_the_device_books_over_the_outputs_served():
+    energy = fleet_energy(books(1000.0, 300.0), books(1900.0, 500.0), 3.0, 4, ["simulated"] * 2)
+    assert (energy.device_joules, energy.idle_joules) == (900.0, 200.0)
+    assert energy.joules_per_output == 225.0 and energy.mean_power_w == 300.0
+    assert energy.energy_sources == ["simulated"]
+    assert fleet_energy(books(1000.0, 300.0), books(10.0, 5.0), 3.0, 4, []) is None  # restarted
+    assert fleet_energy(books(0.0, 0.0), books(50.0, 50.0), 1.0, 0, []).joules_per_output is None
+    one = [Outcome(0, request(), 0, 1, (receipt(joules=100),))]
+    cheap = summarize(PhaseRun("default", one, 1, fleet=fleet_energy(
+        books(0, 0), books(150, 50), 1, 1, [])))  # fmt: skip
+    dear = summarize(PhaseRun("baseline", one, 1, fleet=fleet_energy(
+        books(0, 0), books(450, 50), 1, 1, [])))  # fmt: skip
+    assert cheap.fleet.joules_per_output == 150.0 and fleet_factor(dear, cheap) == 3.0
+    assert fleet_factor(dear, summarize(PhaseRun("default", one, 1))) is None  # not measured
+
+
 def test_salting_moves_every_seed_by_one_offset_so_repeats_stay_repeats():
     trace = [request(seed=5), request(seed=9), request(seed=5),
              request(seed=None)]  # fmt: skip
@@ -152,10 +178,28 @@ def png():
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def fake_service(seen):
-    """A service that refuses seed 13, serves the rest: large at batch 1 for the baseline."""
+PRICES = {"baseline": ("large", 400.0), "competent": ("medium", 100.0),
+          "default": ("turbo", 20.0)}  # fmt: skip
+
+
+def fake_service(seen, books_readable=True):
+    """A service that refuses seed 13, serves the rest: large at batch 1 for the baseline.
+
+    Its device books grow by what it served plus 50 J of idle draw per reading.
+    """
+    served = {"j": 0.0, "readings": 0}
 
     def handler(http: httpx.Request) -> httpx.Response:
+        if http.url.path == "/v1/report":
+            if not books_readable:
+                return httpx.Response(403, json={"error": {"message": "no", "type": "x"}})
+            served["readings"] += 1
+            idle_j = 50.0 * served["readings"]
+            return httpx.Response(200, json={
+                "reconciliation": books(served["j"] + idle_j, idle_j).model_dump(),
+                "target": {"joules_per_output_target": None, "rolling_joules_per_output": None,
+                           "over_target": False},
+                "variants": []})  # fmt: skip
         if http.url.path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [
                 variant_info("large", 0.9, prior=400.0).model_dump(),
@@ -173,9 +217,9 @@ def fake_service(seen):
         seen.append(body)
         if body["seed"] % 100 == 13:
             return httpx.Response(429, json={"error": {"message": "over budget", "type": "x"}})
-        baseline = body.get("policy") == "baseline"
-        got = receipt(variant="large" if baseline else "turbo", joules=400.0 if baseline else 20.0,
-                      seed=body["seed"], batch=f"b{len(seen)}")  # fmt: skip
+        variant, joules = PRICES[body.get("policy", "default")]
+        served["j"] += joules
+        got = receipt(variant=variant, joules=joules, seed=body["seed"], batch=f"b{len(seen)}")
         route = {"variant": got.variant, "reason": "x", "expected_joules_per_output": 1.0,
                  "candidates": []}  # fmt: skip
         return httpx.Response(200, json={
@@ -201,16 +245,27 @@ async def test_replay_never_drops_a_request_and_keeps_trace_order():
     assert all(o.images == () for o in run.outcomes)  # not kept unless asked
 
 
-async def test_run_live_reports_both_phases_the_factor_and_what_it_rests_on():
+async def test_run_live_reports_every_phase_the_factors_and_what_they_rest_on():
     seen: list[dict] = []
     trace = Trace(mixed_trace(3, 1.0).header, (request(seed=1), request(seed=13), request(seed=1)))
     report = await run_live("http://ws", trace, speed=1000.0, salt=100,
                             transport=fake_service(seen))  # fmt: skip
-    assert [body["seed"] for body in seen] == [101, 113, 101] * 2  # salted, both phases
+    assert [body["seed"] for body in seen] == [101, 113, 101] * 3  # salted, every phase
+    assert [body.get("policy", "default") for body in seen[::3]] == [
+        "default", "baseline", "competent"]  # fmt: skip
     achieved, baseline = report.achieved.summary, report.baseline.summary
+    competent = report.competent.summary
     assert (achieved.outputs, achieved.outputs_failed) == (2, 1)
     assert baseline.by_variant["large"].outputs == 2 and baseline.batch_sizes == {1: 2}
-    assert report.factor == 20.0
+    assert report.factor == 20.0 and report.competent_factor == 5.0
+    assert competent.by_variant["medium"].outputs == 2
+    assert report.competent_name.startswith("competent baseline, measured: ")
+    # all fleet energy: each phase's outputs' joules plus 50 J idle between its two readings
+    assert (achieved.fleet.device_joules, achieved.fleet.idle_joules) == (90.0, 50.0)
+    assert achieved.fleet.joules_per_output == 45.0 and baseline.fleet.joules_per_output == 425.0
+    assert report.fleet_factor == pytest.approx(425 / 45, abs=1e-4)
+    assert report.competent_fleet_factor == pytest.approx(125 / 45, abs=1e-4)
+    assert achieved.fleet.energy_sources == ["simulated"]
     assert report.savings.reference == "large"  # the variant the baseline phase used
     assert "estimated" in report.savings.energy_sources  # no batch-1 large: priced from prior
     assert [(d.name, d.count) for d in report.hardware] == [("sim-H100", 2)]
@@ -218,6 +273,16 @@ async def test_run_live_reports_both_phases_the_factor_and_what_it_rests_on():
     assert report.trace.preset == "mixed" and report.salt.chosen == "given"
     assert [r.status for r in report.baseline.requests] == ["ok", "failed", "ok"]
     json.loads(report.model_dump_json())
+
+
+async def test_without_the_books_the_factors_stand_and_no_fleet_figure_is_made_up():
+    seen: list[dict] = []
+    trace = Trace(mixed_trace(2, 1.0).header, (request(seed=1), request(seed=2)))
+    report = await run_live("http://ws", trace, speed=1000.0, competent=False,
+                            transport=fake_service(seen, books_readable=False))  # fmt: skip
+    assert len(seen) == 4 and report.competent is None and report.competent_factor is None
+    assert report.factor == 20.0 and report.fleet_factor is None
+    assert report.achieved.summary.fleet is None and report.baseline.summary.fleet is None
 
 
 async def test_run_live_refuses_a_size_before_generating_anything():
@@ -261,11 +326,21 @@ async def test_bench_against_the_live_service_measures_its_baseline(url):
     trace = mixed_trace(10, 50.0)
     report = await run_live(url, trace, speed=10.0, max_in_flight=16)
     achieved, baseline = report.achieved.summary, report.baseline.summary
+    competent = report.competent.summary
     assert report.factor is not None and report.factor > 0
+    assert report.competent_factor is not None and report.competent_factor > 0
     assert list(baseline.by_variant) == [report.savings.reference]
     assert baseline.batch_sizes == {1: baseline.generated} and baseline.cache_hits == 0
     assert baseline.coalesced == 0
-    for phase in (report.achieved, report.baseline):
+    assert competent.cache_hits == competent.coalesced == 0
+    assert competent.generated == competent.outputs
+    tiers = {"draft": "tiny-sd-turbo", "standard": "tiny-sd-medium", "high": "tiny-sd-large"}
+    for r in report.competent.requests:  # each tier on its cheapest declared variant
+        assert {rc.variant for rc in r.receipts} == {tiers[r.quality]}
+    for summary in (achieved, baseline, competent):  # the device books, idle included
+        assert summary.fleet is not None and summary.fleet.device_joules > 0
+        assert summary.fleet.joules_per_output >= summary.fleet.idle_joules / summary.outputs
+    for phase in (report.achieved, report.baseline, report.competent):
         assert [r.index for r in phase.requests] == list(range(10))
         assert all(r.status == "ok" for r in phase.requests)
         assert all(rc.energy_source for r in phase.requests for rc in r.receipts)
@@ -282,7 +357,9 @@ def test_bench_command_prints_the_factor_and_draws_both_latency_curves(url, tmp_
         "50", "--out", str(out),
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "vs its in-run baseline" in result.output
+    said = " ".join(result.output.split())
+    assert "vs its in-run conventional baseline" in said
+    assert "vs its in-run competent baseline" in said
     figure = tmp_path / "b-latency.png"
     assert figure.read_bytes()[:4] == b"\x89PNG" and str(figure) in result.output.replace("\n", "")
     assert json.loads(out.read_text())["factor"] > 0
