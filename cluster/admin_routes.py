@@ -40,13 +40,13 @@ from wattserve._admin import (
     VariantAdd,
     VariantList,
 )
+from wattserve.policies.catalog import parse_variant_entry
 from wattserve.policies.routing import reference_variant
 from wattserve.policies.tenancy import Caller
 from wattserve.scheduler._http import api, parse_body
 from wattserve.scheduler.control_store import (
     ControlSnapshot,
     ControlStore,
-    parse_variant_entry,
     policy_values,
 )
 from wattserve.scheduler.service import Scheduler

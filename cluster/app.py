@@ -65,6 +65,7 @@ def ingress_app(settings: Settings, admin_token: str | None) -> Application:
         coalescers=settings.coalescers,
         power_hold_s=settings.power_hold_s,
         models_dir=str(settings.models_dir),
+        audit_clip_model=settings.audit_clip_model,
         settings=settings,
     )
     ingress = SchedulerIngress.options(num_replicas=settings.scheduler_replicas)

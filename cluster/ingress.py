@@ -45,6 +45,7 @@ from wattserve._schemas import (
 )
 from wattserve.cluster.admin_routes import AdminRoutes, AdminService
 from wattserve.cluster.admission import RemoteLeases, node_agents
+from wattserve.cluster.audit_routes import AuditRoutes, start_audit
 from wattserve.cluster.pool import ServeWorkerPool
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import Catalog
@@ -114,6 +115,8 @@ class ServingConfig:
     # The variants' files, for the prompt encoders of approximate reuse (None: no latents
     # are kept and every request is served exactly).
     models_dir: str | None = None
+    # The shadow audit's CLIP model (a local path or ``builtin:tiny-clip``; None: no CLIP).
+    audit_clip_model: str | None = None
     # Where the in-cluster control plane gets its settings if no one has started it yet
     # (``serve deploy``, a RayService: no ``wattserve serve`` driver ran first).
     settings: Settings | None = None
@@ -154,7 +157,7 @@ MAX_ONGOING_REQUESTS = 8192
     health_check_period_s=HEALTH_CHECK_PERIOD_S,
 )  # fmt: skip
 @serve.ingress(api)
-class SchedulerIngress(AdminRoutes):
+class SchedulerIngress(AdminRoutes, AuditRoutes):
     """HTTP API: OpenAI-shaped image generation, models, ledger, status, usage, admin."""
 
     async def __init__(self, db_url: str, config: ServingConfig) -> None:
@@ -187,6 +190,10 @@ class SchedulerIngress(AdminRoutes):
         catalog = self._snapshot.catalog()
         self._leases = RemoteLeases(self.replica_id, catalog, self._capped)
         await asyncio.to_thread(self._pool.set_variants, catalog)
+        auditor, self.audit = await asyncio.to_thread(
+            start_audit, self._ledger.engine, db_url, config.audit_clip_model, config.models_dir,
+            lambda: self._snapshot, lambda: self.refresh(force=True),
+        )  # fmt: skip
         self._scheduler = Scheduler(
             catalog,
             policy,
@@ -201,6 +208,7 @@ class SchedulerIngress(AdminRoutes):
             holder=self.replica_id,
             max_hold_s=config.power_hold_s,
             approximate=await asyncio.to_thread(self._approximate_reuse, config, catalog),
+            auditor=auditor,
         )
         await asyncio.to_thread(self._ledger.heartbeat, self.replica_id)  # before any row
         self._keys = IdempotencyStore(
@@ -420,6 +428,7 @@ class SchedulerIngress(AdminRoutes):
             nodes=nodes,
             devices=devices,
             admission=await self._leases.info(),
+            demotions=[d for d in self._snapshot.demotions if d.restored_at is None],
         ).model_dump(mode="json")
 
     @api.get("/v1/report")

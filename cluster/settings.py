@@ -18,6 +18,9 @@ WATTSERVE_JOULES_PER_OUTPUT_TARGET  J/output target (seed)     none
 WATTSERVE_SCHEDULER_REPLICAS  scheduler (ingress) replicas    ``1``
 WATTSERVE_POWER_HOLD_S  how long a request waits for power   ``5``
                        under the cap before its 429
+WATTSERVE_AUDIT_CLIP_MODEL  local CLIP model for the shadow    none (no CLIP scores)
+                       audit's text-image scores (a path, or
+                       ``builtin:tiny-clip``: random weights)
 WATTSERVE_ADMIN_TOKEN  admin API token                        generated into the state dir
 =====================  =====================================  ==========================
 
@@ -61,6 +64,7 @@ class Settings:
     joules_per_output_target: float | None = None
     scheduler_replicas: int = 1
     power_hold_s: float = 5.0
+    audit_clip_model: str | None = None  # None: the audit scores pixels only
 
     @property
     def coalescers(self) -> int:
@@ -102,6 +106,7 @@ class Settings:
             joules_per_output_target=float(target) if target else None,
             scheduler_replicas=int(os.environ.get("WATTSERVE_SCHEDULER_REPLICAS") or 1),
             power_hold_s=float(os.environ.get("WATTSERVE_POWER_HOLD_S") or 5.0),
+            audit_clip_model=os.environ.get("WATTSERVE_AUDIT_CLIP_MODEL") or None,
         )
 
 

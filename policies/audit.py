@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from wattserve._admin import DemotionKind  # what a demotion takes away
+
 AuditCause = Literal["variant_choice", "approximate", "cache"]
 Measure = Literal["ssim", "psnr_db", "clip_drop"]
 Outcome = Literal["pass", "fail", "undecided"]
-# What a demotion takes away: the variant for the tier, or its approximate reuse there.
-DemotionKind = Literal["variant", "approximate"]
 
 MIN_SAMPLES = 8  # no verdict on fewer scored pairs than this
 CONFIDENCE = 0.95

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from wattserve import WattserveError
+from wattserve import InvalidRequest, WattserveError
 
 BUILTIN_PREFIX = "builtin:"
 TASK_TEXT_TO_IMAGE = "text-to-image"
@@ -288,3 +288,22 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
     if duplicates:
         raise CatalogError(f"catalog {file}: field 'name': duplicate variant {duplicates[0]!r}")
     return Catalog(source_path=str(file), variants=tuple(variants))
+
+
+def parse_variant_entry(text: str) -> VariantSpec:
+    """One ``[[variant]]`` table (or bare variant table) of TOML text, validated."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest(f"toml: not valid TOML: {exc}", param="toml") from exc
+    entries = raw.get("variant", raw)
+    if isinstance(entries, list):
+        if len(entries) != 1:
+            raise InvalidRequest("toml: give exactly one [[variant]] table", param="toml")
+        entries = entries[0]
+    try:
+        return VariantSpec.model_validate(entries)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err["loc"]) or "(table)"
+        raise InvalidRequest(f"variant field '{where}': {err['msg']}", param=where) from exc

@@ -54,10 +54,24 @@ class Policy:
     # variants serve the tier by full generations only, until the admin restores them.
     demoted: frozenset[tuple[str, str]] = frozenset()
     approximate_demoted: frozenset[tuple[str, str]] = frozenset()
+    # Shadow audit: the share of off-reference outputs regenerated on the reference
+    # (0 disables; tenants may have their own rate), and the tolerances its verdicts
+    # judge against: the CLIP score drop a cheaper variant may cost, and the SSIM to the
+    # reference a same-model pair (approximate reuse, a cache hit) must keep.
+    audit_rate: float = 0.02
+    tenant_audit_rates: dict[str, float] = field(default_factory=dict)
+    audit_clip_drop_max: float = 0.02
+    audit_ssim_min: float = 0.6
 
     def quality_floor(self, tier: Quality) -> float:
         """Minimum catalog quality score a variant needs to serve ``tier``."""
         return self.quality_floors[tier]
+
+    def audit_rate_for(self, tenant: str | None) -> float:
+        """The audit rate of ``tenant``'s outputs: its own where set, else the policy's."""
+        if tenant is None:
+            return self.audit_rate
+        return self.tenant_audit_rates.get(tenant, self.audit_rate)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class Tenant:
     revoked: bool = False
     approximate_reuse: bool = True  # may its requests resume from similar prompts' latents
     reuse_pool: str | None = None  # the named pool it shares latents in (None: its own)
+    audit_rate: float | None = None  # its outputs' shadow-audit rate (None: the policy's)
 
 
 def day_window(now: datetime) -> tuple[datetime, datetime]:

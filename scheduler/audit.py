@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from wattserve.policies.audit import AuditCause, measure_for
+from wattserve.policies.audit import AuditCause, measure_for, sampled
 from wattserve.policies.plans import WorkItem
 from wattserve.scheduler.batcher import BatchedOutput, Batcher
 from wattserve.telemetry.audits import AuditRow, AuditStore
@@ -29,9 +29,13 @@ from wattserve.telemetry.quality import ClipScorer, image_similarity
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_RATE = 0.02
 MAX_QUEUED = 32
 WINDOW_S = 300.0
+
+
+# What else happens to a recorded audit (metrics, the demotion judgement); blocking,
+# called on a thread.
+AuditSink = Callable[[AuditRow], None]
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,14 @@ class Auditor:
         self,
         store: AuditStore,
         *,
-        rate: float = DEFAULT_RATE,
         clip: ClipScorer | None = None,
+        after: AuditSink | None = None,
         max_queued: int = MAX_QUEUED,
         window_s: float = WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        self.store, self.rate, self.clip = store, rate, clip
+        self.store, self.clip, self._after = store, clip, after
         self.window_s = window_s
         self._clock = clock
         self._rng = rng or random.Random()
@@ -79,9 +83,9 @@ class Auditor:
         self.idle = asyncio.Event()  # set while nothing is queued or running
         self.idle.set()
 
-    def draw(self, rate: float | None = None) -> bool:
-        """Whether one output is audited (``rate``: a tenant's own, else the auditor's)."""
-        return self._rng.random() < (self.rate if rate is None else rate)
+    def draw(self, rate: float) -> bool:
+        """Whether one output is audited at ``rate`` (the policy's, or its tenant's own)."""
+        return sampled(rate, self._rng.random())
 
     def offer(self, job: AuditJob, batcher: Batcher) -> bool:
         """Queue ``job`` (False, counted, when the queue is full); start the task once."""
@@ -101,7 +105,7 @@ class Auditor:
             job = await self._queue.get()
             try:
                 row = await self._audit(job, batcher)
-                await asyncio.to_thread(self.store.record, row)
+                await asyncio.to_thread(self._book, row)
                 log.info("audit_recorded", request_id=job.request_id, status=row.status,
                          variant=job.variant, cause=job.cause, measure=row.measure)  # fmt: skip
             except Exception as exc:  # one bad audit must not stop the others
@@ -110,6 +114,11 @@ class Auditor:
             finally:
                 if self._queue.empty():
                     self.idle.set()
+
+    def _book(self, row: AuditRow) -> None:
+        self.store.record(row)
+        if self._after is not None:
+            self._after(row)
 
     async def _audit(self, job: AuditJob, batcher: Batcher) -> AuditRow:
         left_s = self.window_s - (self._clock() - job.queued_s)

@@ -15,16 +15,15 @@ is gone). A deploy that fails is ``failed`` with the reason in ``detail``.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from pydantic import ValidationError
 
 from wattserve import Conflict, InvalidRequest, NotFound
 from wattserve._admin import (
     BudgetUpdate,
+    DemotionInfo,
     PolicyUpdate,
     TenantCreate,
     TenantInfo,
@@ -42,7 +41,9 @@ from wattserve.scheduler.control_tables import (
     TenantRow,
     VariantDrainRow,
     VariantRow,
+    bump_revision,
 )
+from wattserve.scheduler.demotions import in_force, read_demotions
 from wattserve.telemetry.database import write_transaction
 
 CLUSTER_SCOPE = "cluster"
@@ -67,6 +68,7 @@ class ControlSnapshot:
     policy_updated_at: datetime | None
     tenants: dict[str, Tenant] = field(default_factory=dict)  # by key hash, active only
     variants: tuple[tuple[VariantSpec, str], ...] = ()  # (spec, state), every state
+    demotions: tuple[DemotionInfo, ...] = ()  # the audit's, in force and restored
 
     def budget_info(self) -> BudgetInfo:
         """The budget as the wire shows it."""
@@ -86,25 +88,6 @@ class ControlSnapshot:
     def in_state(self, state: str) -> list[str]:
         """Names of the variants in ``state``."""
         return [spec.name for spec, s in self.variants if s == state]
-
-
-def parse_variant_entry(text: str) -> VariantSpec:
-    """One ``[[variant]]`` table (or bare variant table) of TOML text, validated."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidRequest(f"toml: not valid TOML: {exc}", param="toml") from exc
-    entries = raw.get("variant", raw)
-    if isinstance(entries, list):
-        if len(entries) != 1:
-            raise InvalidRequest("toml: give exactly one [[variant]] table", param="toml")
-        entries = entries[0]
-    try:
-        return VariantSpec.model_validate(entries)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(part) for part in err["loc"]) or "(table)"
-        raise InvalidRequest(f"variant field '{where}': {err['msg']}", param=where) from exc
 
 
 class ControlStore:
@@ -134,6 +117,7 @@ class ControlStore:
                 sa.select(TenantRow).where(TenantRow.revoked_at.is_(None))  # type: ignore[union-attr]
             ).all()
             variants = conn.execute(sa.select(VariantRow).order_by(VariantRow.name)).all()
+            demotions = read_demotions(conn)
         cluster = next((b for b in budgets if b.scope == CLUSTER_SCOPE), None)
         nodes = {
             b.scope.removeprefix(NODE_SCOPE_PREFIX): b.cap_w
@@ -155,12 +139,19 @@ class ControlStore:
         live = [_tenant_from_row(TenantRow.model_validate(t._mapping)) for t in tenants]
         by_key = {t.key_hash: t for t in live}
         pools = {t.name: t.reuse_pool for t in by_key.values() if t.reuse_pool is not None}
+        rates = {t.name: t.audit_rate for t in by_key.values() if t.audit_rate is not None}
+        policy = replace(
+            policy, reuse_pools=pools, tenant_audit_rates=rates,  # tenants' own settings
+            demoted=in_force(demotions, "variant"),  # the audit's measured verdicts
+            approximate_demoted=in_force(demotions, "approximate"),
+        )  # fmt: skip
         return ControlSnapshot(
             revision=revision,
             budget=budget,
             budget_updated_at=budget_at,
-            policy=replace(policy, reuse_pools=pools),  # tenants sharing latents by name
+            policy=policy,
             policy_updated_at=policy_at,
+            demotions=tuple(demotions),
             tenants=by_key,
             variants=tuple(
                 (VariantSpec.model_validate_json(v.spec_json), v.state) for v in variants
@@ -203,12 +194,6 @@ class ControlStore:
 
     # --- writes -----------------------------------------------------------------------
 
-    def _bump(self, conn: sa.Connection, now: datetime) -> int:
-        conn.execute(
-            sa.update(ControlMetaRow).values(revision=ControlMetaRow.revision + 1, updated_at=now)
-        )
-        return int(conn.execute(sa.select(ControlMetaRow.revision)).scalar_one())
-
     def set_budget(self, update: BudgetUpdate) -> None:
         """Apply the fields set in ``update`` (``null`` clears) to one scope, atomically."""
         fields = update.model_fields_set - {"node"}
@@ -221,7 +206,7 @@ class ControlStore:
         scope = CLUSTER_SCOPE if update.node is None else NODE_SCOPE_PREFIX + update.node
         now = _utcnow()
         with write_transaction(self.engine) as conn:
-            revision = self._bump(conn, now)
+            revision = bump_revision(conn, now)
             row = conn.execute(sa.select(BudgetRow).where(BudgetRow.scope == scope)).first()
             values = dict(row._mapping) if row else {"scope": scope, "cap_w": None,
                                                       "joules_per_output_target": None}  # fmt: skip
@@ -244,7 +229,7 @@ class ControlStore:
             if exists:
                 return False
             now = _utcnow()
-            revision = self._bump(conn, now)
+            revision = bump_revision(conn, now)
             conn.execute(sa.insert(BudgetRow).values(
                 scope=CLUSTER_SCOPE, cap_w=cap_w, joules_per_output_target=joules_per_output_target,
                 updated_at=now, revision=revision,
@@ -267,13 +252,13 @@ class ControlStore:
             raise InvalidRequest("nothing to change: give at least one policy field")
         non_nullable = {"default_quality", "max_wait_ms", "share_unseeded", "cache_max_bytes",
                         "allow_anonymous", "idempotency_ttl_s", "default_reuse",
-                        "pool_exact_reuse"}  # fmt: skip
+                        "pool_exact_reuse", *_AUDIT_FIELDS}  # fmt: skip
         for name in fields & non_nullable:
             if getattr(update, name) is None:
                 raise InvalidRequest(f"{name}: may not be null", param=name)
         now = _utcnow()
         with write_transaction(self.engine) as conn:
-            revision = self._bump(conn, now)
+            revision = bump_revision(conn, now)
             row = conn.execute(sa.select(PolicyRow).where(PolicyRow.name == DEFAULT_POLICY)).first()
             values = dict(row._mapping) if row else policy_values(Policy())
             for name in fields:
@@ -292,12 +277,13 @@ class ControlStore:
             qualities=",".join(dict.fromkeys(create.qualities)),
             rate_limit_per_min=create.rate_limit_per_min, created_at=now,
             approximate_reuse=create.approximate_reuse, reuse_pool=create.reuse_pool,
+            audit_rate=create.audit_rate,
         )  # fmt: skip
         with write_transaction(self.engine) as conn:
             taken = conn.execute(sa.select(TenantRow.name).where(TenantRow.name == create.name))
             if taken.first():
                 raise Conflict(f"a tenant named {create.name!r} already exists", param="name")
-            self._bump(conn, now)
+            bump_revision(conn, now)
             conn.execute(sa.insert(TenantRow).values(**row.model_dump()))
         return _tenant_info(row), api_key
 
@@ -314,7 +300,7 @@ class ControlStore:
             values["qualities"] = ",".join(dict.fromkeys(values["qualities"]))
         with write_transaction(self.engine) as conn:
             self._live_tenant(conn, name)
-            self._bump(conn, _utcnow())
+            bump_revision(conn, _utcnow())
             conn.execute(sa.update(TenantRow).where(TenantRow.name == name).values(**values))
         return self.tenant(name)
 
@@ -323,7 +309,7 @@ class ControlStore:
         now = _utcnow()
         with write_transaction(self.engine) as conn:
             self._live_tenant(conn, name)
-            self._bump(conn, now)
+            bump_revision(conn, now)
             conn.execute(sa.update(TenantRow).where(TenantRow.name == name).values(revoked_at=now))
         return self.tenant(name)
 
@@ -346,7 +332,7 @@ class ControlStore:
             known = set(conn.execute(sa.select(VariantRow.name)).scalars())
             new = [v for v in catalog.variants if v.name not in known]
             if new:
-                self._bump(conn, now)
+                bump_revision(conn, now)
                 conn.execute(sa.insert(VariantRow), [
                     {"name": v.name, "spec_json": v.model_dump_json(), "state": "active",
                      "origin": catalog.source_path, "detail": None, "updated_at": now}
@@ -362,7 +348,7 @@ class ControlStore:
             state = row.scalar()
             if state is not None and state != "retired":
                 raise Conflict(f"variant {spec.name!r} already exists ({state})", param="name")
-            self._bump(conn, now)
+            bump_revision(conn, now)
             conn.execute(sa.delete(VariantRow).where(VariantRow.name == spec.name))
             conn.execute(sa.delete(VariantDrainRow).where(VariantDrainRow.variant == spec.name))
             conn.execute(sa.insert(VariantRow).values(
@@ -398,7 +384,7 @@ class ControlStore:
 
     def _set_state(self, conn: sa.Connection, name: str, state: str, detail: str | None) -> None:
         now = _utcnow()
-        self._bump(conn, now)
+        bump_revision(conn, now)
         conn.execute(
             sa.update(VariantRow)
             .where(VariantRow.name == name)
@@ -435,7 +421,11 @@ def _policy_from_row(row: PolicyRow) -> Policy:
         ),
         default_reuse=row.default_reuse or "exact",  # type: ignore[arg-type]
         pool_exact_reuse=bool(row.pool_exact_reuse),
+        **{name: getattr(row, name) for name in _AUDIT_FIELDS if getattr(row, name) is not None},
     )
+
+
+_AUDIT_FIELDS = ("audit_rate", "audit_clip_drop_max", "audit_ssim_min")  # None: the default
 
 
 def policy_values(policy: Policy) -> dict:
@@ -452,6 +442,7 @@ def policy_values(policy: Policy) -> dict:
         "idempotency_ttl_s": policy.idempotency_ttl_s,
         "default_reuse": policy.default_reuse,
         "pool_exact_reuse": policy.pool_exact_reuse,
+        **{name: getattr(policy, name) for name in _AUDIT_FIELDS},
     }
 
 
@@ -466,6 +457,7 @@ def _tenant_from_row(row: TenantRow) -> Tenant:
         revoked=row.revoked_at is not None,
         approximate_reuse=row.approximate_reuse is not False,
         reuse_pool=row.reuse_pool,
+        audit_rate=row.audit_rate,
     )
 
 
@@ -479,6 +471,7 @@ def _tenant_info(row: TenantRow) -> TenantInfo:
         rate_limit_per_min=row.rate_limit_per_min,
         approximate_reuse=row.approximate_reuse is not False,
         reuse_pool=row.reuse_pool,
+        audit_rate=row.audit_rate,
         state="revoked" if row.revoked_at else "active",
         created_at=row.created_at,
         revoked_at=row.revoked_at,

@@ -51,6 +51,9 @@ class PolicyRow(SQLModel, table=True):
     idempotency_ttl_s: float | None = None  # None (rows before schema 4): the default
     default_reuse: str | None = Field(default=None, max_length=16)  # None: exact
     pool_exact_reuse: bool | None = None  # None (rows before schema 5): off
+    audit_rate: float | None = None  # None (rows before schema 7): the defaults
+    audit_clip_drop_max: float | None = None
+    audit_ssim_min: float | None = None
     updated_at: datetime
     revision: int
 
@@ -71,6 +74,7 @@ class TenantRow(SQLModel, table=True):
     # pool it shares latents in (None: a pool of its own)
     approximate_reuse: bool | None = None
     reuse_pool: str | None = Field(default=None, max_length=64)
+    audit_rate: float | None = None  # None: the policy's
     created_at: datetime
     revoked_at: datetime | None = None
 
@@ -96,3 +100,26 @@ class VariantDrainRow(SQLModel, table=True):
     variant: str = Field(primary_key=True, max_length=64)
     replica: str = Field(primary_key=True, max_length=128)
     drained_at: datetime
+
+
+class DemotionRow(SQLModel, table=True):
+    """A (variant, tier) the shadow audit demoted, with its evidence; restored by the admin."""
+
+    __tablename__ = "demotions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    variant: str = Field(max_length=64)
+    tier: str = Field(max_length=16)
+    kind: str = Field(max_length=16)  # variant | approximate
+    evidence_json: str = Field(sa_type=sa.Text)
+    demoted_at: datetime
+    restored_at: datetime | None = None
+    revision: int
+
+
+def bump_revision(conn: sa.Connection, now: datetime) -> int:
+    """Bump the single control revision inside ``conn``'s transaction; the new revision."""
+    conn.execute(
+        sa.update(ControlMetaRow).values(revision=ControlMetaRow.revision + 1, updated_at=now)
+    )
+    return int(conn.execute(sa.select(ControlMetaRow.revision)).scalar_one())

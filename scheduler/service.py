@@ -305,7 +305,8 @@ class Scheduler:
             return
         for index, outcome in sorted(outcomes.items()):
             cause = audit_cause(outcome.variant, reference.variant, outcome.cache)
-            if cause is None or outcome.png is None or outcome.error or not self.auditor.draw():
+            rate = self.policy.audit_rate_for(request.tenant)
+            if cause is None or outcome.png is None or outcome.error or not self.auditor.draw(rate):
                 continue
             self.auditor.offer(AuditJob(
                 ctx.request_id, index, request.tenant, request.quality, request.prompt,

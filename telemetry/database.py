@@ -22,6 +22,7 @@ version    change
            acceptance, the janitor, idempotent requests
 5          approximate reuse: ledger step columns, ``latent_cache``, reuse policy
 6          ``audits``: the shadow audit's book (issue 14)
+7          ``demotions``; audit rate and tolerances in ``policies``, ``tenants``
 =========  ===================================================================
 
 **Writers never see "database is locked".** On SQLite every write transaction starts
@@ -315,10 +316,30 @@ def _v6_audits(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+def _v7_demotions(conn: sa.Connection) -> None:
+    """Audit feedback (issue 14): demotions as control-plane rows, the audit's knobs."""
+    for column in ("audit_rate FLOAT", "audit_clip_drop_max FLOAT", "audit_ssim_min FLOAT"):
+        conn.execute(sa.text(f"ALTER TABLE policies ADD COLUMN {column}"))
+    conn.execute(sa.text("ALTER TABLE tenants ADD COLUMN audit_rate FLOAT"))
+    md = sa.MetaData()
+    sa.Table(
+        "demotions", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("variant", sa.String(64), nullable=False),
+        sa.Column("tier", sa.String(16), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("evidence_json", sa.Text, nullable=False),
+        sa.Column("demoted_at", sa.DateTime, nullable=False),
+        sa.Column("restored_at", sa.DateTime),
+        sa.Column("revision", sa.Integer, nullable=False),
+    )  # fmt: skip
+    md.create_all(conn)
+
+
 Migration = Callable[[sa.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _v1_ledger_and_cache, _v2_control_plane, _v3_ledger_tenant, _v4_pending_rows_and_idempotency,
-    _v5_approximate_reuse, _v6_audits,
+    _v5_approximate_reuse, _v6_audits, _v7_demotions,
 )  # fmt: skip
 HEAD = len(MIGRATIONS)
 

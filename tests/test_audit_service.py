@@ -18,6 +18,8 @@ from wattserve.telemetry.ledger import LedgerStore
 from wattserve.telemetry.quality import ClipScorer
 from wattserve.workers.pipelines import TINY_CLIP, resolve_clip_model
 
+ALWAYS = Policy(audit_rate=1.0)  # every off-reference output audited
+
 
 def request(**kw):
     return GenerationRequest(**{"prompt": "a red cube", "width_px": 64, "height_px": 64, **kw})
@@ -54,8 +56,8 @@ async def test_a_cheap_output_is_regenerated_on_the_reference_scored_and_booked(
     catalog, inprocess_pool, stores, clip
 ):
     ledger, audits = stores
-    auditor = Auditor(audits, rate=1.0, clip=clip)
-    scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger, auditor=auditor)
+    auditor = Auditor(audits, clip=clip)
+    scheduler = Scheduler(catalog, ALWAYS, inprocess_pool, ledger, auditor=auditor)
     response = await scheduler.generate(request(seed=5, quality="draft"))
     assert response.wattserve.receipts[0].variant == "tiny-sd-turbo"
     await asyncio.wait_for(auditor.idle.wait(), 120)
@@ -77,8 +79,8 @@ async def test_the_reference_own_outputs_and_baseline_requests_are_not_audited(
     catalog, inprocess_pool, stores
 ):
     ledger, audits = stores
-    auditor = Auditor(audits, rate=1.0)
-    scheduler = Scheduler(catalog, Policy(), inprocess_pool, ledger, auditor=auditor)
+    auditor = Auditor(audits)
+    scheduler = Scheduler(catalog, ALWAYS, inprocess_pool, ledger, auditor=auditor)
     await scheduler.generate(request(seed=6, quality="high"))  # the reference itself
     await scheduler.generate(request(seed=7, quality="draft", policy="baseline"))
     await asyncio.wait_for(auditor.idle.wait(), 60)
@@ -88,8 +90,9 @@ async def test_the_reference_own_outputs_and_baseline_requests_are_not_audited(
 async def test_audit_work_never_runs_ahead_of_user_work(catalog, inprocess_pool, stores):
     ledger, audits = stores
     pool = GatedPool(inprocess_pool)
-    auditor = Auditor(audits, rate=1.0)
-    scheduler = Scheduler(catalog, Policy(max_wait_s=0.0), pool, ledger, auditor=auditor)
+    auditor = Auditor(audits)
+    policy = Policy(max_wait_s=0.0, audit_rate=1.0)
+    scheduler = Scheduler(catalog, policy, pool, ledger, auditor=auditor)
     first = asyncio.create_task(scheduler.generate(request(seed=8, quality="high")))
     await poll_async(lambda: pool.order[:1] == [("tiny-sd-large", False)])  # holds large
     await scheduler.generate(request(seed=9, quality="draft"))  # turbo: its audit queues
@@ -109,8 +112,9 @@ async def test_an_audit_without_spare_capacity_in_its_window_is_dropped_and_coun
 ):
     ledger, audits = stores
     pool = GatedPool(inprocess_pool)
-    auditor = Auditor(audits, rate=1.0, window_s=0.5)
-    scheduler = Scheduler(catalog, Policy(max_wait_s=0.0), pool, ledger, auditor=auditor)
+    auditor = Auditor(audits, window_s=0.5)
+    policy = Policy(max_wait_s=0.0, audit_rate=1.0)
+    scheduler = Scheduler(catalog, policy, pool, ledger, auditor=auditor)
     first = asyncio.create_task(scheduler.generate(request(seed=11, quality="high")))
     await poll_async(lambda: bool(pool.order))
     await scheduler.generate(request(seed=12, quality="draft"))
@@ -123,10 +127,16 @@ async def test_an_audit_without_spare_capacity_in_its_window_is_dropped_and_coun
 
 
 def test_sampling_draws_at_the_rate(tmp_path):
-    auditor = Auditor(AuditStore(f"sqlite:///{tmp_path}/a.db"), rate=0.1, rng=random.Random(1))
-    drawn = sum(auditor.draw() for _ in range(5000))
+    auditor = Auditor(AuditStore(f"sqlite:///{tmp_path}/a.db"), rng=random.Random(1))
+    drawn = sum(auditor.draw(0.1) for _ in range(5000))
     assert 400 < drawn < 600  # binomial(5000, 0.1): 500 +- 21
-    assert sum(auditor.draw(rate=0.0) for _ in range(100)) == 0  # a tenant's own rate
+    assert sum(auditor.draw(0.0) for _ in range(100)) == 0  # 0 disables
+
+
+def test_a_tenants_own_rate_overrides_the_policys():
+    policy = Policy(audit_rate=0.5, tenant_audit_rates={"acme": 0.0})
+    assert policy.audit_rate_for("acme") == 0.0
+    assert policy.audit_rate_for("other") == 0.5 and policy.audit_rate_for(None) == 0.5
 
 
 async def poll_async(ready, timeout_s: float = 60.0) -> None:

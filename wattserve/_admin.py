@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from wattserve._schemas import LedgerEntry, Quality, ReuseMode
+from wattserve._schemas import DemotionInfo, DemotionKind, LedgerEntry, Quality, ReuseMode
 
 ADMIN_TOKEN_FILE = "admin-token"  # in the state dir ($WATTSERVE_HOME), mode 0600
 ADMIN_TOKEN_ENV = "WATTSERVE_ADMIN_TOKEN"
@@ -31,6 +31,7 @@ JoulesPerOutput = Annotated[
     float, Field(strict=True, gt=0, le=MAX_JOULES_PER_OUTPUT, allow_inf_nan=False)
 ]
 KiloJoules = Annotated[float, Field(strict=True, gt=0, le=MAX_KJ, allow_inf_nan=False)]
+AuditRate = Annotated[float, Field(strict=False, ge=0, le=1, allow_inf_nan=False)]
 # a named pool of approximate reuse that tenants share kept latents in
 ReusePool = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 
@@ -84,6 +85,9 @@ class PolicyInfo(BaseModel):
     idempotency_ttl_s: float  # how long an Idempotency-Key replays its finished request
     default_reuse: ReuseMode = "exact"  # of an unseeded request that names none
     pool_exact_reuse: bool = False  # whether exact reuse (cache, coalescing) stays in pools
+    audit_rate: float = 0.02  # share of off-reference outputs the shadow audit regenerates
+    audit_clip_drop_max: float = 0.02  # CLIP score drop a cheaper variant may cost
+    audit_ssim_min: float = 0.6  # SSIM to the reference a same-model pair must keep
     updated_at: datetime | None
     revision: int
 
@@ -110,6 +114,13 @@ class PolicyUpdate(_Body):
     ) = None
     default_reuse: ReuseMode | None = None
     pool_exact_reuse: StrictBool | None = None
+    audit_rate: AuditRate | None = None
+    audit_clip_drop_max: (
+        Annotated[float, Field(strict=False, ge=-1, le=1, allow_inf_nan=False)] | None
+    ) = None
+    audit_ssim_min: (
+        Annotated[float, Field(strict=False, ge=-1, le=1, allow_inf_nan=False)] | None
+    ) = None
 
 
 # --- tenants -------------------------------------------------------------------------
@@ -135,6 +146,7 @@ class TenantInfo(BaseModel):
     rate_limit_per_min: int | None
     approximate_reuse: bool = True
     reuse_pool: str | None = None
+    audit_rate: float | None = None  # None: the policy's
     state: TenantState
     created_at: datetime
     revoked_at: datetime | None
@@ -151,6 +163,7 @@ class TenantCreate(_Body):
     rate_limit_per_min: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
     approximate_reuse: StrictBool = True
     reuse_pool: ReusePool | None = None
+    audit_rate: AuditRate | None = None  # None: the policy's
 
     @field_validator("name")
     @classmethod
@@ -167,6 +180,7 @@ class TenantUpdate(_Body):
     rate_limit_per_min: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None
     approximate_reuse: StrictBool | None = None
     reuse_pool: ReusePool | None = None  # null: back to a pool of its own
+    audit_rate: AuditRate | None = None  # null: back to the policy's
 
 
 class TenantCreated(BaseModel):
@@ -283,3 +297,52 @@ class AdminLedgerPage(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[LedgerEntry]
+
+
+# --- shadow audit --------------------------------------------------------------------
+
+
+class DemotionRestore(_Body):
+    """``POST /admin/demotions/restore``: undo a demotion (the audit starts afresh)."""
+
+    variant: StrictStr
+    tier: Quality
+    kind: DemotionKind = "variant"
+
+
+class ScoreInterval(BaseModel):
+    """One score over an audit group: sample size, mean and 95 % interval."""
+
+    n: int
+    mean: float
+    ci95: list[float | None]  # None: too few to bound
+
+
+class AuditGroup(BaseModel):
+    """Audits of one (served variant, cause, tier) and their verdict."""
+
+    variant: str
+    cause: str  # variant_choice | approximate | cache
+    tier: str
+    reference_variants: list[str]
+    audited: int
+    dropped: int
+    failed: int
+    joules: float
+    scores: dict[str, ScoreInterval]
+    verdict: Literal["pass", "fail", "undecided"]
+    measure: str | None  # the score the verdict rests on (None: no score compares them)
+    tolerance: float | None
+    why: str
+    random_weight_scores: bool  # CLIP scores from random weights: the numbers mean nothing
+
+
+class AuditReport(BaseModel):
+    """Response of ``GET /admin/audit``."""
+
+    audit_rate: float
+    tolerances: dict[str, float]  # measure -> limit
+    clip_model: str | None  # None: no CLIP configured, cross-model pairs get no verdict
+    audit_joules: dict[str, float]  # by energy source: what proving the savings cost
+    groups: list[AuditGroup]
+    demotions: list[DemotionInfo]  # in force and restored, newest first

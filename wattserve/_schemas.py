@@ -337,6 +337,22 @@ class AdmissionInfo(BaseModel):
     lease_round_trip_ms_p99: float | None
 
 
+DemotionKind = Literal["variant", "approximate"]
+
+
+class DemotionInfo(BaseModel):
+    """A (variant, tier) the audit measured below tolerance: a control-plane change."""
+
+    id: int
+    variant: str
+    tier: Quality
+    kind: DemotionKind  # variant: out of the tier; approximate: full generations only
+    evidence: dict  # the audit group's verdict, scores and intervals when it was decided
+    demoted_at: datetime
+    restored_at: datetime | None = None  # set when the admin restored it
+    revision: int
+
+
 class ClusterStatus(BaseModel):
     """Response of ``GET /v1/status``: live power, from the per-node telemetry agents."""
 
@@ -346,6 +362,7 @@ class ClusterStatus(BaseModel):
     nodes: list[NodeInfo]
     devices: list[DeviceInfo]
     admission: AdmissionInfo | None = None  # None: the admission service did not answer
+    demotions: list[DemotionInfo] = []  # the audit's, in force: routing acts on them
 
 
 class ReconciliationInfo(BaseModel):
