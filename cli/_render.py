@@ -20,8 +20,15 @@ from rich.table import Table
 from rich.text import Text
 
 from wattserve import LedgerEntry, VariantInfo
-from wattserve._admin import PolicyInfo, TenantInfo, VariantRecord, WindowReport
-from wattserve._schemas import BudgetInfo, ClusterStatus, EnergyReport
+from wattserve._admin import (
+    AuditGroup,
+    AuditReport,
+    PolicyInfo,
+    TenantInfo,
+    VariantRecord,
+    WindowReport,
+)
+from wattserve._schemas import BudgetInfo, ClusterStatus, DemotionInfo, EnergyReport
 
 T = TypeVar("T")
 
@@ -135,6 +142,9 @@ def policy(info: PolicyInfo) -> None:
         ("idempotency key TTL s", info.idempotency_ttl_s),
         ("default reuse", info.default_reuse),
         ("exact reuse in pools only", info.pool_exact_reuse),
+        ("audit rate", info.audit_rate),
+        ("audit tolerances", f"CLIP drop <= {info.audit_clip_drop_max:g}, "
+                             f"SSIM >= {info.audit_ssim_min:g}"),
         ("last changed", f"{when(info.updated_at)} (revision {info.revision})"),
     ])  # fmt: skip
 
@@ -229,9 +239,10 @@ def window_report(found: WindowReport) -> None:
     table(
         f"savings against {s.baseline} (energy sources: {', '.join(s.energy_sources) or '-'})",
         ["outputs", "baseline J/output", "baseline J", "achieved J", "saved J",
-         *(f"{cause} J" for cause in s.by_cause_joules)],
+         *(f"{cause} J" for cause in s.by_cause_joules), "audit J", "net saved J"],
         [[s.outputs, s.baseline_joules_per_output, s.baseline_joules, s.achieved_joules,
-          saved, *s.by_cause_joules.values()]],
+          saved, *s.by_cause_joules.values(), sum(s.audit_joules.values()),
+          s.net_saved_joules]],
     )  # fmt: skip
 
 
@@ -262,3 +273,44 @@ def status(found: ClusterStatus) -> None:
           d.power_limit_w] for d in found.devices],
     )  # fmt: skip
     budget(found.budget)
+    if found.demotions:
+        demotions(found.demotions, "demoted by the shadow audit (routing acts on these)")
+
+
+def demotions(found: Sequence[DemotionInfo], title: str = "demotions") -> None:
+    """The audit's demotions, with the verdict each rests on."""
+    table(
+        title,
+        ["variant", "tier", "kind", "evidence", "demoted", "restored", "revision"],
+        [[d.variant, d.tier, d.kind, d.evidence.get("why"), when(d.demoted_at),
+          when(d.restored_at) if d.restored_at else "in force", d.revision]
+         for d in found],
+    )  # fmt: skip
+
+
+def audit(found: AuditReport) -> None:
+    """Audit groups with their scores and verdicts, then the demotions."""
+
+    def score(group: AuditGroup, name: str) -> str:
+        iv = group.scores.get(name)
+        if iv is None:
+            return ""
+        low, high = iv.ci95
+        bounds = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+        return f"{iv.mean:.3f}{bounds}"
+
+    clip = found.clip_model or "none (cross-model pairs get no verdict)"
+    random = any(g.random_weight_scores for g in found.groups)
+    table(
+        f"shadow audit at rate {found.audit_rate:g}; CLIP: {clip}"
+        + (" (random weights: CLIP scores mean nothing)" if random else ""),
+        ["variant", "cause", "tier", "audited", "dropped", "SSIM", "PSNR dB", "CLIP drop",
+         "verdict", "on", "J"],
+        [[g.variant, g.cause, g.tier, g.audited, g.dropped, score(g, "ssim"),
+          score(g, "psnr_db"), score(g, "clip_drop"), g.verdict, g.measure or "-", g.joules]
+         for g in found.groups],
+    )  # fmt: skip
+    spent = ", ".join(f"{j:,.1f} J {src}" for src, j in found.audit_joules.items()) or "0 J"
+    console.print(f"audit energy (a cost of proving the savings): {spent}")
+    if found.demotions:
+        demotions(found.demotions)

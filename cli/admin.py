@@ -66,6 +66,10 @@ ApproximateReuse = Annotated[
     typer.Option("--approximate-reuse/--no-approximate-reuse",
                  help="Whether its requests may resume from similar prompts' latents."),
 ]  # fmt: skip
+AuditRate = Annotated[
+    float | None,
+    typer.Option("--audit-rate", help="Share of its off-reference outputs audited, 0-1."),
+]
 ReusePool = Annotated[
     str | None, typer.Option(help="A named pool whose tenants share kept latents.")
 ]
@@ -194,6 +198,15 @@ def policy_set(
             help="Keep exact reuse (cache hits, coalescing) inside reuse pools too.",
         ),
     ] = None,  # fmt: skip
+    audit_rate: Annotated[
+        float | None, typer.Option(help="Share of off-reference outputs audited, 0-1 (0: off).")
+    ] = None,
+    audit_clip_drop_max: Annotated[
+        float | None, typer.Option(help="Audit tolerance: CLIP score drop a variant may cost.")
+    ] = None,
+    audit_ssim_min: Annotated[
+        float | None, typer.Option(help="Audit tolerance: SSIM a same-model pair must keep.")
+    ] = None,
     url: UrlOption = DEFAULT_BASE_URL,
     token: TokenOption = None,
     home: HomeOption = None,
@@ -213,6 +226,9 @@ def policy_set(
         **pick(idempotency_ttl_s, False, "--idempotency-ttl-s", ""),
         **pick(default_reuse, False, "--default-reuse", ""),
         **pick(pool_exact_reuse, False, "--pool-exact-reuse", ""),
+        **pick(audit_rate, False, "--audit-rate", ""),
+        **pick(audit_clip_drop_max, False, "--audit-clip-drop-max", ""),
+        **pick(audit_ssim_min, False, "--audit-ssim-min", ""),
     }  # fmt: skip
     if not change:
         fail("nothing to change: give at least one option (see --help)", code=2)
@@ -235,6 +251,7 @@ def tenant_create_cmd(
     rate_limit_per_min: RateLimit = None,
     approximate_reuse: ApproximateReuse = None,
     reuse_pool: ReusePool = None,
+    audit_rate: AuditRate = None,
     url: UrlOption = DEFAULT_BASE_URL,
     token: TokenOption = None,
     home: HomeOption = None,
@@ -245,7 +262,7 @@ def tenant_create_cmd(
                               "qualities": parse_qualities(quality),
                               "rate_limit_per_min": rate_limit_per_min,
                               "approximate_reuse": approximate_reuse,
-                              "reuse_pool": reuse_pool}  # fmt: skip
+                              "reuse_pool": reuse_pool, "audit_rate": audit_rate}  # fmt: skip
     with bad_input():
         tenant_create(name, **limits)
     with open_admin(url, token, home) as client, errors():
@@ -307,6 +324,10 @@ def tenant_set(
     no_reuse_pool: Annotated[
         bool, typer.Option("--no-reuse-pool", help="Back to a reuse pool of its own.")
     ] = False,
+    audit_rate: AuditRate = None,
+    no_audit_rate: Annotated[
+        bool, typer.Option("--no-audit-rate", help="Back to the policy's audit rate.")
+    ] = False,
     url: UrlOption = DEFAULT_BASE_URL,
     token: TokenOption = None,
     home: HomeOption = None,
@@ -321,6 +342,7 @@ def tenant_set(
         **pick(rate_limit_per_min, no_rate_limit, "--rate-limit-per-min", "--no-rate-limit"),
         **pick(approximate_reuse, False, "--approximate-reuse", ""),
         **pick(reuse_pool, no_reuse_pool, "--reuse-pool", "--no-reuse-pool"),
+        **pick(audit_rate, no_audit_rate, "--audit-rate", "--no-audit-rate"),
     }
     tiers = parse_qualities(quality)
     if tiers is not None:

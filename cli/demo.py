@@ -8,6 +8,7 @@ per-variant energy table and writes ``demo-report.json`` and a PNG contact sheet
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw
 
 import wattserve
 from wattserve import AsyncClient, GeneratedImage, Quality, WattserveError
+from wattserve._admin import AuditReport
 from wattserve._schemas import DEFAULT_SIZE
 from wattserve.bench.live import (
     ENERGY_NOTE,
@@ -31,11 +33,19 @@ from wattserve.bench.live import (
     summarize,
 )
 from wattserve.bench.trace import TraceRequest
+from wattserve.cli._demo_audit import (
+    DEMO_AUDIT_RATE,
+    audit_section,
+    audited,
+    finished_audit,
+    print_audit,
+)
 from wattserve.cli._render import console, table
 from wattserve.cli.bench import progress_bars
 from wattserve.cluster.runtime import LocalService, free_port
 from wattserve.cluster.settings import Settings
 from wattserve.policies.catalog import Catalog
+from wattserve.workers.pipelines import TINY_CLIP
 
 TIER_MIX: tuple[tuple[Quality, float], ...] = (("draft", 0.4), ("standard", 0.35), ("high", 0.25))
 REPEAT_RATE = 0.3
@@ -136,6 +146,10 @@ def run_demo(
 ) -> dict:
     """Start a local service, drive the workload against it, stop it; return the report."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # keep the demo's output readable
+    # the audit's CLIP scores: the configured model, else the built-in random-weight one
+    settings = dataclasses.replace(
+        settings, audit_clip_model=settings.audit_clip_model or TINY_CLIP
+    )
     service = LocalService(settings, port=free_port())
     started = time.monotonic()
     console.print(f"starting local Ray + Serve (state: {settings.home}) ...")
@@ -145,24 +159,49 @@ def run_demo(
         assert service.catalog is not None
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        report = drive_workload(url, service.catalog, out_dir, requests, concurrency, seed)
+        report = drive_workload(url, service.catalog, out_dir, requests, concurrency, seed,
+                                admin_token=service.admin_token)  # fmt: skip
     finally:
         service.stop()
     _print_summary(report)
+    if report.get("audit") is not None:
+        print_audit(AuditReport.model_validate(report["audit"]["report"]))
     return report
 
 
 def drive_workload(
-    url: str, catalog: Catalog, out_dir: Path, requests: int, concurrency: int, seed: int
+    url: str,
+    catalog: Catalog,
+    out_dir: Path,
+    requests: int,
+    concurrency: int,
+    seed: int,
+    *,
+    admin_token: str | None = None,
+    audit_rate: float = DEMO_AUDIT_RATE,
 ) -> dict:
-    """Send the demo workload to a running service; write the report and contact sheet."""
+    """Send the demo workload to a running service; write the report and contact sheet.
+
+    With ``admin_token`` the run is shadow-audited at ``audit_rate`` (``_demo_audit``).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     workload = build_workload(demo_prompts(), requests, seed)
-    achieved, measured = asyncio.run(_replay_both(url, workload, concurrency))
+    audit = None
+    if admin_token is None:
+        achieved, measured = asyncio.run(_replay_both(url, workload, concurrency))
+    else:
+        with audited(url, admin_token, audit_rate) as admin:
+            achieved, measured = asyncio.run(_replay_both(url, workload, concurrency))
+            found = finished_audit(admin)
+        audit = audit_section(found, audit_rate)
     summary, baseline = summarize(achieved), summarize(measured)
     images = [image for outcome in achieved.outcomes for image in outcome.images]
-    reference = max(catalog.variants, key=lambda v: v.quality_score).name
-    savings = split_savings(receipts_of(achieved.outcomes), reference)
+    top = max(catalog.variants, key=lambda v: v.quality_score)
+    reference = top.name
+    # priced from the run's own batch-1 outputs of the reference; from its catalog prior
+    # (labeled estimated) when it made none at batch 1 (an audit held its replica busy)
+    savings = split_savings(receipts_of(achieved.outcomes), reference,
+                            top.energy_prior.at_batch_size(1))  # fmt: skip
     report = {
         "wattserve_version": wattserve.__version__,
         "created_at": datetime.now(UTC).isoformat(),
@@ -192,7 +231,9 @@ def drive_workload(
             "name": savings.baseline_name,
             "joules_per_image": savings.baseline_joules_per_output,
             "joules": savings.baseline_joules,
-            "priced_from": "mean measured batch-1 joules of that variant in this same run",
+            "priced_from": "the catalog prior (estimated)"
+            if "prior" in savings.baseline_name
+            else "mean measured batch-1 joules of that variant in this same run",
         },
         "baseline_measured": {
             "name": "the same workload with policy=baseline: highest-quality variant, batch "
@@ -209,6 +250,7 @@ def drive_workload(
             "by_cause_joules": savings.by_cause_joules,
             "note": savings.note,
         },
+        "audit": audit,  # None: not audited (no admin token)
         "contact_sheet": str(out_dir / SHEET_NAME),
         "requests": [
             {
@@ -253,7 +295,7 @@ def _print_summary(report: dict) -> None:
     )
     console.print(
         f"split by cause against the priced baseline ({base['name']}, "
-        f"{base['joules_per_image']:,.1f} J/image from this run's own batch-1 outputs): "
+        f"{base['joules_per_image']:,.1f} J/image priced from {base['priced_from']}): "
         f"{saved['fraction']:.0%} = {causes}"
     )
     report_path = Path(report["contact_sheet"]).with_name(REPORT_NAME)

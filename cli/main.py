@@ -47,6 +47,7 @@ from wattserve.cli._common import (
 )
 from wattserve.cli._render import print_json, table
 from wattserve.cli.admin import budget_app, policy_app, tenant_app, variants_app
+from wattserve.cli.audit import audit_app
 from wattserve.cli.bench import bench
 from wattserve.cli.simulate import simulate
 from wattserve.cli.trace import trace_app
@@ -62,6 +63,7 @@ app.add_typer(budget_app, name="budget")
 app.add_typer(policy_app, name="policy")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(trace_app, name="trace")
+app.add_typer(audit_app, name="audit")
 app.command()(simulate)
 app.command()(bench)
 

@@ -40,6 +40,7 @@ from wattserve._admin import (
     VariantAdd,
     VariantList,
 )
+from wattserve.cluster.audit_routes import AuditService
 from wattserve.policies.catalog import parse_variant_entry
 from wattserve.policies.routing import reference_variant
 from wattserve.policies.tenancy import Caller
@@ -86,6 +87,7 @@ class AdminRoutes:
     """``/admin/*`` routes over ``self.admin`` (the ingress sets it at start)."""
 
     admin: AdminService
+    audit: AuditService  # the audit routes' service (a sibling mixin's)
 
     # --- budgets ------------------------------------------------------------------------
 
@@ -269,6 +271,7 @@ class AdminRoutes:
         if since is not None and until is not None and since >= until:
             raise InvalidRequest("since must be before until", param="since")
         rows = await asyncio.to_thread(self.admin.ledger.window, since, until, tenant)
+        audit = await asyncio.to_thread(self.audit.joules, since, until) if tenant is None else {}
         catalog = self.admin.scheduler.catalog
         reference = reference_variant(catalog)
         report = window_report(
@@ -279,5 +282,6 @@ class AdminRoutes:
             target=self.admin.snapshot().budget.joules_per_output_target,
             reference=reference.name,
             reference_prior_j=reference.energy_prior.at_batch_size(1),
+            audit_joules=audit,
         )
         return report.model_dump(mode="json")

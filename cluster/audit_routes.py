@@ -39,6 +39,7 @@ class AuditService:
     clip_model: str | None  # as configured (None: no CLIP scores)
     snapshot: Callable[[], ControlSnapshot]
     apply_now: Callable[[], Awaitable[ControlSnapshot]]
+    auditor: Auditor
 
     def report(self, since: datetime | None) -> AuditReport:
         """The audit book (since ``since``) against the policy's tolerances. Blocking."""
@@ -52,7 +53,13 @@ class AuditService:
             audit_joules={k: round(v, 3) for k, v in audit_joules(rows).items()},
             groups=[AuditGroup(**g) for g in audit_report(rows, limits, MIN_SAMPLES)],
             demotions=self.demotions.all(),
+            pending=self.auditor.pending,
+            overflowed=self.auditor.overflowed,
         )
+
+    def joules(self, since: datetime | None, until: datetime | None) -> dict[str, float]:
+        """The audit's energy by source in a window (blocking)."""
+        return audit_joules(self.store.rows(since=since, until=until))
 
     def after_audit(self, row: AuditRow, metrics: AuditMetrics | None) -> None:
         """Count a recorded audit and judge its group (blocking: the auditor's thread)."""
@@ -75,13 +82,15 @@ def start_audit(
     from wattserve.workers.pipelines import resolve_clip_model
 
     store = AuditStore(db_url)
-    service = AuditService(store, Demotions(engine, store), clip_model, snapshot, apply_now)
     clip = None
     if clip_model is not None:
         where = Path(models_dir) if models_dir else Path.home() / ".wattserve" / "models"
         clip = ClipScorer(resolve_clip_model(clip_model, where))
     metrics = AuditMetrics()
     auditor = Auditor(store, clip=clip, after=lambda row: service.after_audit(row, metrics))
+    service = AuditService(
+        store, Demotions(engine, store), clip_model, snapshot, apply_now, auditor
+    )
     log.info("audit_ready", clip_model=clip_model,
              random_weights=clip.random_weights if clip else None)  # fmt: skip
     return auditor, service

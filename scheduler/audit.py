@@ -80,8 +80,14 @@ class Auditor:
         self._queue: asyncio.Queue[AuditJob] = asyncio.Queue(max_queued)
         self._task: asyncio.Task[None] | None = None
         self.overflowed = 0  # jobs not queued because the queue was full
+        self._running = 0
         self.idle = asyncio.Event()  # set while nothing is queued or running
         self.idle.set()
+
+    @property
+    def pending(self) -> int:
+        """Audits queued or running here, not yet in the book."""
+        return self._queue.qsize() + self._running
 
     def draw(self, rate: float) -> bool:
         """Whether one output is audited at ``rate`` (the policy's, or its tenant's own)."""
@@ -103,6 +109,7 @@ class Auditor:
     async def _run(self, batcher: Batcher) -> None:
         while True:
             job = await self._queue.get()
+            self._running = 1
             try:
                 row = await self._audit(job, batcher)
                 await asyncio.to_thread(self._book, row)
@@ -112,6 +119,7 @@ class Auditor:
                 log.error("audit_failed", request_id=job.request_id,
                           error=f"{type(exc).__name__}: {exc}")  # fmt: skip
             finally:
+                self._running = 0
                 if self._queue.empty():
                     self.idle.set()
 

@@ -66,11 +66,13 @@ class AuditStore:
         with write_transaction(self.engine) as conn:
             conn.execute(sa.insert(AuditRow).values(**row.model_dump(exclude={"id"})))
 
-    def rows(self, since: datetime | None = None) -> list[AuditRow]:
-        """Every audit (since ``since``), oldest first."""
+    def rows(self, since: datetime | None = None, until: datetime | None = None) -> list[AuditRow]:
+        """Every audit in ``[since, until)``, oldest first."""
         query = sa.select(AuditRow).order_by(AuditRow.id)  # type: ignore[arg-type]
         if since is not None:
             query = query.where(AuditRow.created_at >= since)  # type: ignore[arg-type]
+        if until is not None:
+            query = query.where(AuditRow.created_at < until)  # type: ignore[arg-type]
         with self.engine.connect() as conn:
             return [AuditRow.model_validate(r._mapping) for r in conn.execute(query)]
 

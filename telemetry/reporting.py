@@ -54,12 +54,15 @@ def window_report(
     target: float | None,
     reference: str,
     reference_prior_j: float,
+    audit_joules: dict[str, float] | None = None,
 ) -> WindowReport:
     """Totals and savings of ``rows`` (one window of the ledger).
 
     Savings are against the named baseline of ``telemetry.savings``: every successful
     output on the ``reference`` variant at batch 1, priced from the window's own batch-1
     outputs of that variant, or from its catalog prior (labelled estimated) if it has none.
+    ``audit_joules`` (by source) is the shadow audit's energy in the window: it belongs to
+    no output, and the net saving subtracts it.
     """
     ok = [r for r in rows if r.status == "ok"]
     joules = sum(r.joules for r in rows)
@@ -81,6 +84,10 @@ def window_report(
             baseline_joules_per_output=None, outputs=0, baseline_joules=None,
             achieved_joules=0.0, by_cause_joules={}, energy_sources=[],
         )  # fmt: skip
+    audit = {k: round(v, 3) for k, v in (audit_joules or {}).items()}
+    spent = savings.achieved_joules + sum(audit.values())
+    net = None if savings.baseline_joules is None else savings.baseline_joules - spent
+    savings = savings.model_copy(update={"audit_joules": audit, "net_saved_joules": net})
     return WindowReport(
         since=since,
         until=until,

@@ -20,8 +20,9 @@ def test_workload_is_deterministic_mixed_and_repeats():
 
 
 @pytest.mark.ray
-def test_demo_report_covers_every_variant_with_labeled_receipts(url, catalog, tmp_path):
-    report = drive_workload(url, catalog, tmp_path, requests=9, concurrency=3, seed=5)
+def test_demo_report_covers_every_variant_with_labeled_receipts(service, url, catalog, tmp_path):
+    report = drive_workload(url, catalog, tmp_path, requests=9, concurrency=3, seed=5,
+                            admin_token=service.admin_token, audit_rate=1.0)  # fmt: skip
     assert set(report["variants"]) == set(catalog.names)
     on_disk = json.loads((tmp_path / "demo-report.json").read_text())
     receipts = [r for req in on_disk["requests"] for r in req["receipts"]]
@@ -40,3 +41,15 @@ def test_demo_report_covers_every_variant_with_labeled_receipts(url, catalog, tm
     causes = on_disk["savings"]["by_cause_joules"]
     assert sum(causes.values()) == pytest.approx(on_disk["savings"]["joules"], abs=0.01)
     assert Image.open(tmp_path / "demo-contact-sheet.png").size[0] > 0
+    audit = on_disk["audit"]  # every off-reference output audited, scores labeled
+    assert audit["rate"] == 1.0 and audit["still_pending"] == 0
+    assert audit["random_weight_scores"] and "mean nothing" in audit["note"]
+    groups = audit["report"]["groups"]
+    off_reference = [
+        r for r in receipts if r["variant"] != "tiny-sd-large" and r["cache"] == "miss"
+    ]
+    assert sum(g["audited"] + g["dropped"] for g in groups) >= len(off_reference) > 0
+    assert {g["variant"] for g in groups} >= {r["variant"] for r in off_reference}
+    scored = [g for g in groups if g["audited"]]
+    assert scored and all("ssim" in g["scores"] and "clip_drop" in g["scores"] for g in scored)
+    assert all(j > 0 for j in audit["joules"].values()) and audit["joules"]

@@ -115,8 +115,8 @@ class PolicyUpdate(_Body):
     default_reuse: ReuseMode | None = None
     pool_exact_reuse: StrictBool | None = None
     audit_rate: AuditRate | None = None
-    audit_clip_drop_max: (
-        Annotated[float, Field(strict=False, ge=-1, le=1, allow_inf_nan=False)] | None
+    audit_clip_drop_max: (  # a drop of cosine similarities: within [-2, 2]
+        Annotated[float, Field(strict=False, ge=-2, le=2, allow_inf_nan=False)] | None
     ) = None
     audit_ssim_min: (
         Annotated[float, Field(strict=False, ge=-1, le=1, allow_inf_nan=False)] | None
@@ -251,6 +251,10 @@ class SavingsInfo(BaseModel):
     achieved_joules: float
     by_cause_joules: dict[str, float]
     energy_sources: list[str]
+    # What proving the savings cost: the shadow audit's reference runs in the window, by
+    # source; net_saved_joules = baseline - achieved - audit (None: no baseline price).
+    audit_joules: dict[str, float] = Field(default_factory=dict)
+    net_saved_joules: float | None = None
 
 
 class WindowReport(BaseModel):
@@ -346,3 +350,5 @@ class AuditReport(BaseModel):
     audit_joules: dict[str, float]  # by energy source: what proving the savings cost
     groups: list[AuditGroup]
     demotions: list[DemotionInfo]  # in force and restored, newest first
+    pending: int = 0  # audits queued or running on the replica that answered
+    overflowed: int = 0  # audits that replica could not queue (its queue was full)

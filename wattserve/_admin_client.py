@@ -32,7 +32,9 @@ from wattserve._admin import (
     ADMIN_TOKEN_ENV,
     ADMIN_TOKEN_FILE,
     AdminLedgerPage,
+    AuditReport,
     BudgetUpdate,
+    DemotionRestore,
     PolicyInfo,
     PolicyUpdate,
     ProfileList,
@@ -50,7 +52,14 @@ from wattserve._admin import (
 )
 from wattserve._client import DEFAULT_BASE_URL, _SyncClient
 from wattserve._exceptions import InvalidRequest, Unauthorized, WattserveError
-from wattserve._schemas import BudgetInfo, LedgerEntry, LedgerStatus, Quality
+from wattserve._schemas import (
+    BudgetInfo,
+    DemotionInfo,
+    DemotionKind,
+    LedgerEntry,
+    LedgerStatus,
+    Quality,
+)
 
 __all__ = [  # the names other modules (the CLI, the server) may rely on
     "ADMIN_TOKEN_ENV",
@@ -208,13 +217,15 @@ def tenant_create(
     rate_limit_per_min: int | None = None,
     approximate_reuse: bool | None = None,
     reuse_pool: str | None = None,
+    audit_rate: float | None = None,
 ) -> dict[str, Any]:
     """Body of ``POST /admin/tenants`` (limits left None are not set)."""
     data: dict[str, Any] = {"name": name}
     optional = {"daily_kj": daily_kj, "monthly_kj": monthly_kj,
                 "qualities": None if qualities is None else list(qualities),
                 "rate_limit_per_min": rate_limit_per_min,
-                "approximate_reuse": approximate_reuse, "reuse_pool": reuse_pool}  # fmt: skip
+                "approximate_reuse": approximate_reuse, "reuse_pool": reuse_pool,
+                "audit_rate": audit_rate}  # fmt: skip
     data.update({k: v for k, v in optional.items() if v is not None})
     return validated(TenantCreate, data)
 
@@ -370,11 +381,13 @@ class AdminClient(_SyncClient):
         rate_limit_per_min: int | None = None,
         approximate_reuse: bool | None = None,
         reuse_pool: str | None = None,
+        audit_rate: float | None = None,
     ) -> TenantCreated:
         """Create a tenant; the result holds its API key, which is never shown again.
 
         ``approximate_reuse=False`` keeps its requests exact; ``reuse_pool`` names a pool
-        whose tenants resume from each other's kept latents (default: its own pool).
+        whose tenants resume from each other's kept latents (default: its own pool);
+        ``audit_rate`` is its outputs' shadow-audit rate (default: the policy's).
         """
         body = tenant_create(
             name,
@@ -384,6 +397,7 @@ class AdminClient(_SyncClient):
             rate_limit_per_min=rate_limit_per_min,
             approximate_reuse=approximate_reuse,
             reuse_pool=reuse_pool,
+            audit_rate=audit_rate,
         )
         return self._parse(TenantCreated, self._request("POST", "/admin/tenants", json=body))
 
@@ -477,6 +491,19 @@ class AdminClient(_SyncClient):
         """Outputs, joules and savings by cause, per variant and tenant, in a window."""
         params = report_params(since=since, until=until, tenant=tenant)
         return self._parse(WindowReport, self._request("GET", "/admin/report", params=params))
+
+    def audit(self, *, since: datetime | None = None) -> AuditReport:
+        """The shadow audit per (variant, cause, tier): scores, intervals, verdicts."""
+        params = report_params(since=since, until=None, tenant=None)
+        return self._parse(AuditReport, self._request("GET", "/admin/audit", params=params))
+
+    def restore_demotion(
+        self, variant: str, tier: Quality, kind: DemotionKind = "variant"
+    ) -> DemotionInfo:
+        """Undo a demotion in force: routing uses the pair again, audited afresh."""
+        body = validated(DemotionRestore, {"variant": variant, "tier": tier, "kind": kind})
+        found = self._request("POST", "/admin/demotions/restore", json=body)
+        return self._parse(DemotionInfo, found)
 
     def profiles(self) -> ProfileList:
         """The energy profile one scheduler replica has learned (for ``wattserve simulate``)."""
