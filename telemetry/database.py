@@ -294,7 +294,7 @@ def _v6_audits(conn: sa.Connection) -> None:
     sa.Table(
         "audits", md,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("created_at", sa.DateTime, nullable=False, index=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
         sa.Column("request_id", sa.String(64), nullable=False),
         sa.Column("image_index", sa.Integer, nullable=False),
         sa.Column("tenant", sa.String(64)),
@@ -329,8 +329,8 @@ def _v7_demotions(conn: sa.Connection) -> None:
         sa.Column("tier", sa.String(16), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("evidence_json", sa.Text, nullable=False),
-        sa.Column("demoted_at", sa.DateTime, nullable=False),
-        sa.Column("restored_at", sa.DateTime),
+        sa.Column("demoted_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("restored_at", sa.DateTime(timezone=True)),
         sa.Column("revision", sa.Integer, nullable=False),
     )  # fmt: skip
     md.create_all(conn)

@@ -50,7 +50,10 @@ def test_a_measured_failure_demotes_the_variant_visibly_and_the_admin_restores_i
                 made = client.generate(PROMPT, size=SIZE, seed=seed, quality=TIER)
                 assert made.receipts[0].variant != "tiny-sd-large"  # off the reference
                 seed += 1
-                time.sleep(0.2)
+                # one audit at a time, never beside a user batch: other tests' routing
+                # rests on the profile these batches teach (a shared simulated device
+                # splits its draw between overlapping batches)
+                poll(lambda: admin.audit().pending == 0)
             (demotion,) = in_force(client)
             cheap = demotion.variant
             assert demotion.kind == "variant" and demotion.evidence["verdict"] == "fail"

@@ -18,6 +18,7 @@ import wattserve.scheduler.cache  # noqa: F401  (registers the result_cache mode
 import wattserve.scheduler.control_tables  # noqa: F401  (registers the control-plane models)
 import wattserve.scheduler.idempotency  # noqa: F401  (registers the idempotency_keys model)
 import wattserve.scheduler.latents  # noqa: F401  (registers the latent_cache model)
+import wattserve.telemetry.audits  # noqa: F401  (registers the audits model)
 from tests import _postgres
 from tests._postgres import THREADS, run_threads
 from tests.test_migrations import V1_LEDGER_ROW
@@ -83,7 +84,8 @@ def test_fresh_migration_on_postgres_builds_exactly_the_tables_the_models_declar
     got, want = schema(migrated), schema(declared)
     assert set(got) == set(want) == {
         "ledger", "result_cache", "control_meta", "budgets", "policies", "tenants", "variants",
-        "variant_drains", "ledger_holders", "idempotency_keys", "latent_cache",
+        "variant_drains", "ledger_holders", "idempotency_keys", "latent_cache", "audits",
+        "demotions",
     }  # fmt: skip
     for table in want:
         assert got[table] == want[table], table
