@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from wattserve.policies.audit import AuditCause, measure_for, sampled
+from wattserve.policies.audit import AuditCause, audit_cause, measure_for, sampled
 from wattserve.policies.plans import WorkItem
 from wattserve.scheduler.batcher import BatchedOutput, Batcher
+from wattserve.scheduler.outcomes import Outcome, RequestContext
 from wattserve.telemetry.audits import AuditRow, AuditStore
 from wattserve.telemetry.quality import ClipScorer, image_similarity
 
@@ -92,6 +93,27 @@ class Auditor:
     def draw(self, rate: float) -> bool:
         """Whether one output is audited at ``rate`` (the policy's, or its tenant's own)."""
         return sampled(rate, self._rng.random())
+
+    def offer_request(
+        self,
+        ctx: RequestContext,
+        outcomes: dict[int, Outcome],
+        reference_variant: str,
+        rate: float,
+        batcher: Batcher,
+    ) -> None:
+        """Offer, each drawn at ``rate``, a settled request's off-reference outputs."""
+        request = ctx.request
+        for index, outcome in sorted(outcomes.items()):
+            cause = audit_cause(outcome.variant, reference_variant, outcome.cache)
+            if cause is None or outcome.png is None or outcome.error or not self.draw(rate):
+                continue
+            self.offer(AuditJob(
+                ctx.request_id, index, request.tenant, request.quality, request.prompt,
+                request.negative_prompt, ctx.seeds[index], request.width_px, request.height_px,
+                outcome.variant, cause, reference_variant, outcome.steps_skipped, outcome.png,
+                self._clock(),
+            ), batcher)  # fmt: skip
 
     def offer(self, job: AuditJob, batcher: Batcher) -> bool:
         """Queue ``job`` (False, counted, when the queue is full); start the task once."""

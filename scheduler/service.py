@@ -33,7 +33,6 @@ from wattserve._schemas import (
     RouteInfo,
     WattserveExtension,
 )
-from wattserve.policies.audit import audit_cause
 from wattserve.policies.catalog import Catalog
 from wattserve.policies.latent_reuse import reuse_mode, reuse_pool
 from wattserve.policies.plans import BatchOutput, BatchPlan, WorkItem
@@ -43,7 +42,7 @@ from wattserve.policies.routing import RouteDecision, RouteRefusal, RoutingState
 from wattserve.policies.target import JoulesTarget
 from wattserve.scheduler._refusals import refusal_error
 from wattserve.scheduler.approximate import ApproximateReuse, Resume
-from wattserve.scheduler.audit import AuditJob, Auditor
+from wattserve.scheduler.audit import Auditor
 from wattserve.scheduler.batcher import (
     WORKER_DEADLINE_FLOOR_S,
     BatchedOutput,
@@ -301,19 +300,9 @@ class Scheduler:
             return  # measurement phases and pinned models: nothing routed to second-guess
         as_baseline = request.model_copy(update={"policy": "baseline"})
         reference = route(as_baseline, self.catalog, self.policy, self.routing_state())
-        if not isinstance(reference, RouteDecision):
-            return
-        for index, outcome in sorted(outcomes.items()):
-            cause = audit_cause(outcome.variant, reference.variant, outcome.cache)
+        if isinstance(reference, RouteDecision):
             rate = self.policy.audit_rate_for(request.tenant)
-            if cause is None or outcome.png is None or outcome.error or not self.auditor.draw(rate):
-                continue
-            self.auditor.offer(AuditJob(
-                ctx.request_id, index, request.tenant, request.quality, request.prompt,
-                request.negative_prompt, ctx.seeds[index], request.width_px, request.height_px,
-                outcome.variant, cause, reference.variant, outcome.steps_skipped, outcome.png,
-                self._clock(),
-            ), self.batcher)  # fmt: skip
+            self.auditor.offer_request(ctx, outcomes, reference.variant, rate, self.batcher)
 
     def _observe_overhead(
         self, ctx: RequestContext, outcomes: dict[int, Outcome], rows: list[LedgerRow]
