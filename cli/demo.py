@@ -298,5 +298,13 @@ def _print_summary(report: dict) -> None:
         f"{base['joules_per_image']:,.1f} J/image priced from {base['priced_from']}): "
         f"{saved['fraction']:.0%} = {causes}"
     )
+    audit = report.get("audit")
+    if audit is not None:
+        spent_j = sum(audit["joules"].values())
+        net_j = measured["joules"] - report["totals"]["joules"] - spent_j
+        console.print(
+            f"the shadow audit's {spent_j:,.0f} J (a cost of proving the savings, booked apart) "
+            f"leaves {net_j:,.0f} J saved net against the measured baseline run"
+        )
     report_path = Path(report["contact_sheet"]).with_name(REPORT_NAME)
     console.print(f"wrote {report_path} and {report['contact_sheet']}")
