@@ -84,6 +84,7 @@ class BatchedOutput:
     energy_source: EnergySource
     start_step: int = 0  # resumed from a kept latent after this many steps
     latents: bytes | None = None  # this output's kept latents (``.npz``), if any
+    launched_at: float | None = None  # the batcher's clock when its batch launched
 
 
 class WorkerTimeout(ServiceUnavailable):
@@ -359,6 +360,7 @@ class Batcher:
                     member.future.set_result(BatchedOutput(
                         png, plan.variant, moved, plan.batch_id, size,
                         output.joules / size, output.energy_source, plan.start_step, kept,
+                        started,
                     ))  # fmt: skip
         finally:
             if lease_id is not None:

@@ -63,6 +63,7 @@ class Outcome:
     steps_skipped: int = 0
     similarity: float | None = None
     reuse_source: str | None = None  # only when the same tenant paid for the source
+    launch_ms: float | None = None  # arrival to its batch's launch: generated outputs only
 
 
 def coalesced(shared: SharedOutput, error: str | None = None) -> Outcome:
@@ -102,6 +103,7 @@ def ledger_rows(
             status=_status(outcome),
             error=outcome.error,
             latency_ms=latency_ms,
+            launch_ms=outcome.launch_ms,
             seed=ctx.seeds[index],
             width_px=request.width_px,
             height_px=request.height_px,

@@ -457,6 +457,8 @@ class Scheduler:
                 similarity=round(resume.similarity, 6) if resume else None,
                 reuse_source=resume.entry_id if resume and resume.owner == ctx.request.tenant
                 else None,
+                launch_ms=None if result.launched_at is None
+                else round((result.launched_at - ctx.arrived) * 1000, 3),
             )  # fmt: skip
 
     def _store(self, ctx: RequestContext, generated: list[tuple[int, BatchedOutput]]) -> None:

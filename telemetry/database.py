@@ -336,10 +336,15 @@ def _v7_demotions(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+def _v8_launch_time(conn: sa.Connection) -> None:
+    """Each output's time from arrival to its batch's launch (issue 15: the miss path)."""
+    conn.execute(sa.text("ALTER TABLE ledger ADD COLUMN launch_ms FLOAT"))
+
+
 Migration = Callable[[sa.Connection], None]
 MIGRATIONS: tuple[Migration, ...] = (
     _v1_ledger_and_cache, _v2_control_plane, _v3_ledger_tenant, _v4_pending_rows_and_idempotency,
-    _v5_approximate_reuse, _v6_audits, _v7_demotions,
+    _v5_approximate_reuse, _v6_audits, _v7_demotions, _v8_launch_time,
 )  # fmt: skip
 HEAD = len(MIGRATIONS)
 

@@ -66,6 +66,7 @@ class LedgerRow(SQLModel, table=True):
     status: str = Field(index=True, max_length=16)
     error: str | None = Field(default=None, max_length=1000)
     latency_ms: float
+    launch_ms: float | None = None  # arrival to its batch's launch (schema 8)
     seed: int = Field(sa_type=sa.BigInteger)
     width_px: int
     height_px: int
@@ -92,7 +93,7 @@ class LedgerHolder(SQLModel, table=True):
 
 _SETTLE_FIELDS = (
     "finished_at", "variant", "route_reason", "batch_id", "batch_size", "joules",
-    "energy_source", "cache", "status", "error", "latency_ms",
+    "energy_source", "cache", "status", "error", "latency_ms", "launch_ms",
     "steps", "steps_skipped", "similarity", "reuse_source",
 )  # fmt: skip
 

@@ -98,6 +98,7 @@ async def test_repeat_is_a_cache_hit_with_zero_joules_even_after_restart(
     assert [sha(again, i) for i in range(2)] == [sha(first, i) for i in range(2)]
     for receipt in again.wattserve.receipts:
         assert (receipt.cache, receipt.joules, receipt.route_reason) == ("hit", 0.0, "cache_hit")
+        assert receipt.launch_ms is None  # no batch of its own
         assert receipt.batch_id == f"hit:{first.wattserve.request_id}.{receipt.image_index}"
 
 

@@ -42,9 +42,11 @@ async def test_receipts_match_ledger_rows_and_energy_is_labeled(catalog, inproce
     assert receipts[0].batch_size == 2 and receipts[0].batch_id == receipts[1].batch_id
     # latency is measured on the injected clock, from arrival to completion
     assert receipts[0].latency_ms > 0 and receipts[0].latency_ms == receipts[1].latency_ms
+    # the batch launched after arrival and before the answer: the split of that latency
+    assert 0 < receipts[0].launch_ms < receipts[0].latency_ms
     rows = ledger.for_request(response.wattserve.request_id)
-    assert [(r.joules, r.status, r.user) for r in rows] == [
-        (x.joules, "ok", "u1") for x in receipts
+    assert [(r.joules, r.status, r.user, r.launch_ms) for r in rows] == [
+        (x.joules, "ok", "u1", x.launch_ms) for x in receipts
     ]
     assert len(response.data) == 2
 

@@ -159,6 +159,9 @@ class Receipt(BaseModel):
     energy_source: EnergySource
     cache: CacheStatus
     latency_ms: float
+    # arrival to the launch of the batch that made it (None: no batch of its own: a hit,
+    # a coalesced output); the rest of latency_ms is the batch's run and the way back
+    launch_ms: float | None = None
     seed: int
     route_reason: str
     width_px: int
@@ -257,6 +260,7 @@ class LedgerEntry(BaseModel):
     status: LedgerStatus
     error: str | None
     latency_ms: float
+    launch_ms: float | None = None
     seed: int
     width_px: int
     height_px: int
