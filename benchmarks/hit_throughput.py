@@ -16,13 +16,18 @@ ratio of wattserve's requests/s to the bare app's (median over rounds) and of th
 p99s, the ledger check (one final ``ok`` row per 200, none pending) and the miss path's
 own overhead: for ``--miss-requests`` unseen requests at the same concurrency, the time
 from arrival to the launch of each output's batch (``launch_ms`` in the ledger) at
-p50/p99, beside the batch's own run time.
+p50/p99, beside the batch's own run time; under load that includes the wait for the
+variant's replica to finish the batch before, so the same is also measured for 16
+requests sent one at a time, where it is the scheduler's path and batching window alone.
 
     python benchmarks/hit_throughput.py                  # 15 s per phase, -c 16
     python benchmarks/hit_throughput.py --profile        # + py-spy of the ingress replica
-"""
 
-from __future__ import annotations
+With ``--profile`` one more wattserve phase runs under py-spy (``--gil``: the samples say
+where the replica's one interpreter spends its time), kept out of the ratios.
+
+No ``from __future__ import annotations``: FastAPI must see the real ``Request`` class.
+"""
 
 import argparse
 import asyncio
@@ -31,9 +36,11 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -51,6 +58,7 @@ from wattserve import AdminClient
 from wattserve.cluster.runtime import LocalService, free_port
 from wattserve.cluster.settings import Settings
 
+LINE = re.compile(r":\d+\)$")
 ROUTE = "/v1/images/generations"
 BARE_PREFIX = "/bare"
 BODY = {"prompt": "a lighthouse at dusk, front door benchmark", "size": "64x64",
@@ -118,6 +126,12 @@ def wait_settled(engine: sa.Engine, timeout_s: float = 30) -> Counter[str]:
     return counts
 
 
+def py_spy() -> str:
+    """The py-spy beside this interpreter (pip install py-spy), else the one on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
+
+
 def ingress_pid() -> int:
     """PID of the (single) scheduler replica's process, found through its actor."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -126,36 +140,42 @@ def ingress_pid() -> int:
     return int(ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=30))
 
 
-def top_frames(collapsed: str, limit: int = 15) -> list[dict[str, Any]]:
-    """Functions by share of samples that have them on the stack (py-spy's raw format)."""
-    inclusive: Counter[str] = Counter()
+def top_frames(collapsed: str, limit: int = 20, leaf_only: bool = False) -> list[dict[str, Any]]:
+    """Functions by share of samples with them on the stack, or at its top (``leaf_only``).
+
+    ``collapsed``: py-spy's raw format, a ``frame;frame;... count`` line per stack.
+    """
+    shares: Counter[str] = Counter()
     total = 0
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         total += int(count)
-        for frame in set(stack.split(";")):
-            inclusive[frame] += int(count)
+        frames = [LINE.sub(")", frame) for frame in stack.split(";")]  # a function, not a line
+        for frame in {frames[-1]} if leaf_only else set(frames):
+            shares[frame] += int(count)
     return [{"frame": frame, "share": round(n / total, 3)}
-            for frame, n in inclusive.most_common(limit)]  # fmt: skip
+            for frame, n in shares.most_common(limit)]  # fmt: skip
 
 
 def profiled_hey(url: str, token: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """A wattserve phase with py-spy sampling the ingress replica the whole time."""
     spy = subprocess.Popen(
-        ["py-spy", "record", "--pid", str(ingress_pid()), "--duration", str(int(args.duration_s)),
-         "--format", "raw", "--rate", "200", "--output", str(out), "--nonblocking"],
+        [py_spy(), "record", "--pid", str(ingress_pid()), "--duration", str(int(args.duration_s)),
+         "--format", "raw", "--rate", "100", "--gil", "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     result = hey(url, token, args.duration_s, args.concurrency)
     _, err = spy.communicate(timeout=120)
     if spy.returncode != 0:
         return {**result, "profile_error": err.strip()[-400:]}
-    return {**result, "profile": str(out), "profile_top": top_frames(out.read_text())}
+    collapsed = out.read_text()
+    return {**result, "stacks": str(out), "top_inclusive": top_frames(collapsed),
+            "top_self": top_frames(collapsed, leaf_only=True)}  # fmt: skip
 
 
-async def miss_phase(url: str, token: str, requests: int, concurrency: int) -> list[str]:
+async def miss_phase(url: str, token: str, requests: int, concurrency: int, tag: str) -> list[str]:
     """``requests`` unseen requests, ``concurrency`` at a time; their request ids."""
     gate = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {token}"}
@@ -163,7 +183,7 @@ async def miss_phase(url: str, token: str, requests: int, concurrency: int) -> l
 
         async def one(i: int) -> str:
             async with gate:
-                body = {**BODY, "prompt": f"miss {i}: {BODY['prompt']}"}
+                body = {**BODY, "prompt": f"{tag} miss {i}: {BODY['prompt']}"}
                 response = await client.post(ROUTE, json=body)
                 response.raise_for_status()
                 return str(response.json()["wattserve"]["request_id"])
@@ -218,29 +238,33 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         for round_ in range(args.rounds):
             for name, url in urls.items():
                 before = wait_settled(engine)
-                if name == "wattserve" and args.profile and round_ == 0:
-                    result = profiled_hey(url, token, args, home / "ingress.pyspy.txt")
-                else:
-                    result = hey(url, token, args.duration_s, args.concurrency)
+                result = hey(url, token, args.duration_s, args.concurrency)
                 if name == "wattserve":
                     after = wait_settled(engine)
                     result["ledger"] = {k: after[k] - before[k] for k in ("ok", "pending")}
                     result["ledger"]["lost"] = result["status_codes"].get("200", 0) - (
-                        after["ok"] - before["ok"])
+                        after["ok"] - before["ok"]
+                    )
                 phases.append({"phase": name, "round": round_, **result})
-        ids = asyncio.run(miss_phase(service.url, token, args.miss_requests, args.concurrency))
-        miss = miss_overhead(engine, ids)
-        profile_copy = None
-        if args.profile and (home / "ingress.pyspy.txt").exists():
-            profile_copy = args.out.with_suffix(".pyspy.txt")
-            shutil.copy(home / "ingress.pyspy.txt", profile_copy)
+        profile = None
+        if args.profile:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            profile = profiled_hey(urls["wattserve"], token, args,
+                                   args.out.with_suffix(".pyspy.txt"))  # fmt: skip
+        miss = None
+        if args.miss_requests:  # under the same concurrency, then one at a time (no queue)
+            ids = asyncio.run(miss_phase(service.url, token, args.miss_requests,
+                                         args.concurrency, "loaded"))  # fmt: skip
+            alone = asyncio.run(miss_phase(service.url, token, 16, 1, "alone"))
+            miss = {"concurrency": args.concurrency, **miss_overhead(engine, ids),
+                    "one_at_a_time": miss_overhead(engine, alone)}  # fmt: skip
     finally:
         service.stop()
-    return summarize(args, phases, miss, profile_copy)
+    return summarize(args, phases, miss, profile)
 
 
-def summarize(args: argparse.Namespace, phases: list[dict[str, Any]], miss: dict[str, Any],
-              profile: Path | None) -> dict[str, Any]:  # fmt: skip
+def summarize(args: argparse.Namespace, phases: list[dict[str, Any]], miss: dict[str, Any] | None,
+              profile: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     """The report: phases, the ratios (median over rounds), the checks, the machine."""
     by = {name: [p for p in phases if p["phase"] == name] for name in ("bare", "wattserve")}
     rps = [w["requests_per_s"] / b["requests_per_s"] for b, w in zip(*by.values(), strict=True)]
@@ -257,7 +281,7 @@ def summarize(args: argparse.Namespace, phases: list[dict[str, Any]], miss: dict
         "ledger_rows_lost": sum(p["ledger"]["lost"] for p in by["wattserve"]),
         "phases": phases,
         "miss_path": miss,
-        "profile": str(profile) if profile else None,
+        "profile": profile,
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
                     "python": platform.python_version(), "ray": ray.__version__,
                     "platform": platform.platform(), "hey": "hey" if hey_version else None},
@@ -277,7 +301,7 @@ def main() -> None:
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed: apt-get install hey (or go install "
                          "github.com/rakyll/hey@latest)")  # fmt: skip
-    if args.profile and shutil.which("py-spy") is None:
+    if args.profile and shutil.which(py_spy()) is None:
         raise SystemExit("--profile needs py-spy: pip install py-spy")
     home = Path(tempfile.mkdtemp(prefix="wshits"))
     try:
@@ -285,8 +309,21 @@ def main() -> None:
     finally:
         shutil.rmtree(home, ignore_errors=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("throughput_ratio", "p99_ratio", "all_200",
-                                              "ledger_rows_lost", "miss_path")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "throughput_ratio",
+                    "p99_ratio",
+                    "all_200",
+                    "ledger_rows_lost",
+                    "miss_path",
+                )
+            },
+            indent=2,
+        )
+    )
     print(f"report: {args.out}")
 
 

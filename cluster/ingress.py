@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import ray
 import structlog
 from fastapi import Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 import wattserve
@@ -37,6 +37,7 @@ from wattserve._schemas import (
     EnergyReport,
     Health,
     ImageGenerationBody,
+    ImageGenerationResponse,
     LedgerPage,
     ModelList,
     ReconciliationInfo,
@@ -172,7 +173,7 @@ class SchedulerIngress(AdminRoutes, AuditRoutes):
         self._control = ControlStore(self._ledger.engine)
         self._snapshot: ControlSnapshot = await asyncio.to_thread(self._control.snapshot)
         policy = self._snapshot.policy
-        result_cache = ResultCache(
+        self._cache = result_cache = ResultCache(
             self._ledger.engine,
             Path(config.cache_dir),
             max_bytes=policy.cache_max_bytes,
@@ -260,6 +261,7 @@ class SchedulerIngress(AdminRoutes, AuditRoutes):
             await asyncio.sleep(REFRESH_S)
             try:
                 await self.refresh()
+                await asyncio.to_thread(self._cache.flush_touches)  # the hits' last-used times
                 if time.monotonic() - watched_at >= NODES_WATCH_S:  # nodes come and go
                     await asyncio.to_thread(self._pool.watch_nodes)
                     watched_at = time.monotonic()
@@ -369,7 +371,7 @@ class SchedulerIngress(AdminRoutes, AuditRoutes):
             raise Forbidden(mode.message, param="reuse")
         generation = generation.model_copy(update={"reuse": mode})
 
-        async def produce() -> dict:
+        async def produce() -> ImageGenerationResponse:
             if caller.tenant is not None:
                 await self._admit_tenant(caller.tenant, generation.quality)
             model = generation.model
@@ -377,15 +379,19 @@ class SchedulerIngress(AdminRoutes, AuditRoutes):
                 # added (or made active) through another replica since this one's last
                 # refresh: read the revision before calling the model unknown
                 await self.refresh()
-            response = await self._scheduler.generate(generation)
-            return response.model_dump(mode="json")
+            return await self._scheduler.generate(generation)
 
         key = request.headers.get("idempotency-key")
-        if key is None:
-            return await produce()
+        if key is None:  # pydantic's encoder, once: no dict of the body for FastAPI to walk
+            response = await produce()
+            return Response(response.model_dump_json(), media_type="application/json")
+
+        async def produce_stored() -> dict:
+            return (await produce()).model_dump(mode="json")
+
         status, answer = await run_once(
             self._keys, caller.name or f"({caller.kind})", check_key(key),
-            body.model_dump(mode="json"), policy.idempotency_ttl_s, produce,
+            body.model_dump(mode="json"), policy.idempotency_ttl_s, produce_stored,
             wait_s=JOIN_WAIT_S,
         )  # fmt: skip
         return answer if status == 200 else JSONResponse(answer, status_code=status)

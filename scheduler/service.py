@@ -52,6 +52,7 @@ from wattserve.scheduler.batcher import (
 )
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.coalescing import Flights, LeaderGone, LocalFlights, SharedOutput
+from wattserve.scheduler.group_commit import GroupCommit
 from wattserve.scheduler.identity import flight_key, output_key, pooled_key
 from wattserve.scheduler.leases import LeaseGate, LocalLeases
 from wattserve.scheduler.outcomes import (
@@ -131,6 +132,7 @@ class Scheduler:
         self.policy = policy
         self.pool = pool
         self.ledger = ledger
+        self.writes = GroupCommit(ledger)  # every request's rows, one transaction per group
         self.cache = cache
         self._flights: Flights = flights if flights is not None else LocalFlights()
         self._clock = clock
@@ -253,27 +255,27 @@ class Scheduler:
         """Serve ``request``; raise a ``WattserveError`` if any output could not be made."""
         ctx = self._context(request, arrived=self._clock())
         outcomes: dict[int, Outcome] = {}
-        # on record from acceptance: a pending row per output, settled once below
-        await asyncio.shield(asyncio.to_thread(self.ledger.record, self._accepted_rows(ctx)))
         try:
-            if self.cache is not None and any(ctx.keys):  # no thread hop when nothing to look up
-                outcomes.update(await asyncio.to_thread(self._cache_hits, ctx))
+            outcomes.update(await self._cache_hits(ctx))
             pending = [i for i in range(request.n) if i not in outcomes]
+            if pending:  # on record before any work: a pending row per output, settled below
+                await self.writes.accept(self._accepted_rows(ctx))
+            # (a request served from the cache alone made nothing a crash could leave
+            # uncharged: its final rows are its first, written before it is answered)
             await self._produce(ctx, pending, outcomes, retries_left=1)
         except asyncio.CancelledError:
             for index in range(request.n):
                 outcomes.setdefault(index, unproduced(ctx, CANCELLED))
-            rows = self._rows(ctx, outcomes)
-            await asyncio.shield(asyncio.to_thread(self.ledger.settle, rows))
+            await self.writes.settle(self._rows(ctx, outcomes))
             raise
         except BaseException as exc:  # a bug: the outputs still get their final rows
             for index in range(request.n):
                 outcomes.setdefault(index, unproduced(ctx, f"{type(exc).__name__}: {exc}"))
-            await asyncio.shield(asyncio.to_thread(self.ledger.settle, self._rows(ctx, outcomes)))
+            await self.writes.settle(self._rows(ctx, outcomes))
             raise
         rows = self._rows(ctx, outcomes)
         self._observe_overhead(ctx, outcomes, rows)
-        await asyncio.to_thread(self.ledger.settle, rows)
+        await self.writes.settle(rows)
         self._offer_audits(ctx, outcomes)
         refused = [o for o in outcomes.values() if o.retry_after_s is not None]
         if refused:
@@ -298,10 +300,12 @@ class Scheduler:
         request = ctx.request
         if self.auditor is None or request.policy != "default" or request.model is not None:
             return  # measurement phases and pinned models: nothing routed to second-guess
+        rate = self.policy.audit_rate_for(request.tenant)
+        if rate <= 0:  # no second routing decision on the hot path for nothing
+            return
         as_baseline = request.model_copy(update={"policy": "baseline"})
         reference = route(as_baseline, self.catalog, self.policy, self.routing_state())
         if isinstance(reference, RouteDecision):
-            rate = self.policy.audit_rate_for(request.tenant)
             self.auditor.offer_request(ctx, outcomes, reference.variant, rate, self.batcher)
 
     def _observe_overhead(
@@ -314,20 +318,27 @@ class Scheduler:
         latency_s = rows[0].latency_ms / 1000
         self.profile.observe_overhead(kind, latency_s - sum(ctx.batch_waits_s))
 
-    def _cache_hits(self, ctx: RequestContext) -> dict[int, Outcome]:
-        """Outputs the result cache already holds at or above the quality floor."""
-        assert self.cache is not None
+    async def _cache_hits(self, ctx: RequestContext) -> dict[int, Outcome]:
+        """Outputs the result cache already holds at or above the quality floor.
+
+        The memory tier answers on the event loop; only what it lacks costs a thread hop.
+        """
+        cache = self.cache
+        if cache is None:
+            return {}
         only = ctx.variant.name if ctx.request.model else None
-        hits = {}
-        for index, key in enumerate(ctx.keys):
-            hit = self.cache.get(key, ctx.floor, only) if key else None
-            if hit is not None:
-                source = f"hit:{hit.source_request_id}.{hit.source_image_index}"
-                hits[index] = Outcome(
-                    hit.png, hit.variant, source, 0, 0.0, hit.energy_source,  # type: ignore[arg-type]
-                    "hit", REASON_CACHE_HIT,
-                )  # fmt: skip
-        return hits
+        keys = {i: key for i, key in enumerate(ctx.keys) if key is not None}
+        hits = {i: cache.recent(key, ctx.floor, only) for i, key in keys.items()}
+        unknown = [i for i, hit in hits.items() if hit is None]
+        if unknown:
+            found = await asyncio.to_thread(
+                lambda: [cache.get(keys[i], ctx.floor, only) for i in unknown]
+            )
+            hits.update(zip(unknown, found, strict=True))
+        return {i: Outcome(
+            hit.png, hit.variant, f"hit:{hit.source_request_id}.{hit.source_image_index}", 0,
+            0.0, hit.energy_source, "hit", REASON_CACHE_HIT,  # type: ignore[arg-type]
+        ) for i, hit in hits.items() if hit is not None}  # fmt: skip
 
     async def _produce(
         self,

@@ -1,3 +1,5 @@
+import sqlalchemy as sa
+
 from wattserve.scheduler.cache import ResultCache
 from wattserve.scheduler.identity import flight_key, normalize_prompt, output_key
 from wattserve.telemetry.database import make_engine, migrate
@@ -93,3 +95,50 @@ def test_ttl_expires_entries_and_missing_files_are_misses(tmp_path):
     for blob in (tmp_path / "other" / "blobs").rglob("*.png"):
         blob.unlink()
     assert fresh.get("k", 0.0) is None and fresh.stats()["entries"] == 0
+
+
+def test_memory_tier_answers_without_io_and_keeps_the_floor_and_ttl(tmp_path):
+    clock = Clock()
+    cache = cache_at(tmp_path, ttl_s=60, clock=clock)
+    assert cache.recent("k", 0.0) is None  # nothing held: the caller asks get()
+    cache.put("k", "small", 0.3, "simulated", b"png-small", "r", 0)
+    for blob in (tmp_path / "blobs").rglob("*.png"):
+        blob.unlink()  # no disk behind it: the memory tier alone answers
+    assert cache.recent("k", 0.2).png == b"png-small"
+    assert cache.recent("k", 0.5) is None  # below the floor: not served from memory
+    assert cache.recent("k", 0.0, variant="other") is None
+    clock.now += 61
+    assert cache.recent("k", 0.0) is None  # expired like its row
+
+
+def test_memory_tier_is_bounded_and_forgets_what_eviction_removes(tmp_path):
+    clock = Clock()
+    cache = cache_at(tmp_path, max_bytes=25, memory_bytes=20, clock=clock)
+    for name in ("a", "b"):
+        clock.now += 1
+        cache.put(name, "v", 0.5, "simulated", name.encode() * 10, "r", 0)
+    clock.now += 1
+    assert cache.recent("a", 0.0) is not None  # a is now the most recent in memory
+    clock.now += 1
+    cache.put("c", "v", 0.5, "simulated", b"c" * 10, "r", 0)
+    # the database evicted b (least recently used, the touch of a counted): memory too
+    assert cache.recent("b", 0.0) is None and cache.get("b", 0.0) is None
+    assert cache.recent("a", 0.0) is not None and cache.recent("c", 0.0) is not None
+    cache.put("d", "v", 0.5, "simulated", b"d" * 5, "r", 0)  # over 20 bytes held: a goes
+    assert cache.recent("a", 0.0) is None and cache.get("a", 0.0) is not None
+
+
+def test_lookups_write_nothing_until_touches_are_flushed(tmp_path):
+    clock = Clock()
+    cache = cache_at(tmp_path, clock=clock)
+    cache.put("k", "v", 0.5, "simulated", b"png", "r", 0)
+
+    def last_used():
+        with cache.engine.connect() as conn:
+            return conn.execute(sa.text("SELECT last_used_s FROM result_cache")).scalar_one()
+
+    clock.now += 5
+    assert cache.recent("k", 0.0) is not None
+    assert last_used() == 1000.0
+    assert cache.flush_touches() == 1 and last_used() == 1005.0
+    assert cache.flush_touches() == 0

@@ -95,6 +95,17 @@ async def test_repeat_is_a_cache_hit_with_zero_joules_even_after_restart(
     plans_before = len(inprocess_pool.plans)
     again = await restarted.generate(request(seed=11, n=2, quality="draft"))
     assert len(inprocess_pool.plans) == plans_before
+    # all hits (from disk after the restart): no pending rows first, one write of the final
+    assert restarted.writes.transactions == 1
+    assert [r.cache for r in restarted_ledger.for_request(again.wattserve.request_id)] == [
+        "hit",
+        "hit",
+    ]
+    # and the next repeat is answered from the memory tier, the files gone meanwhile
+    for blob in (tmp_path / "cache").rglob("*.png"):
+        blob.unlink()
+    third = await restarted.generate(request(seed=11, n=2, quality="draft"))
+    assert [sha(third, i) for i in range(2)] == [sha(first, i) for i in range(2)]
     assert [sha(again, i) for i in range(2)] == [sha(first, i) for i in range(2)]
     for receipt in again.wattserve.receipts:
         assert (receipt.cache, receipt.joules, receipt.route_reason) == ("hit", 0.0, "cache_hit")
