@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=15.0)
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--miss-requests", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="py-spy the ingress replica")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))

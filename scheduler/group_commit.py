@@ -47,8 +47,11 @@ class GroupCommit:
         self._writer: asyncio.Task[None] | None = None
         self.transactions = 0  # how many groups were written (for tests and benchmarks)
 
-    async def accept(self, rows: Sequence[LedgerRow]) -> None:
-        """Record ``rows`` as pending (``LedgerStore.record``); return once committed."""
+    async def record(self, rows: Sequence[LedgerRow]) -> None:
+        """Insert ``rows`` (``LedgerStore.record``); return once committed.
+
+        Pending rows of a request accepted, or the final rows of one that never had any.
+        """
         await self._write(_Write(rows, ()))
 
     async def settle(self, rows: Sequence[LedgerRow]) -> None:

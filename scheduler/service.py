@@ -259,7 +259,7 @@ class Scheduler:
             outcomes.update(await self._cache_hits(ctx))
             pending = [i for i in range(request.n) if i not in outcomes]
             if pending:  # on record before any work: a pending row per output, settled below
-                await self.writes.accept(self._accepted_rows(ctx))
+                await self.writes.record(self._accepted_rows(ctx))
             # (a request served from the cache alone made nothing a crash could leave
             # uncharged: its final rows are its first, written before it is answered)
             await self._produce(ctx, pending, outcomes, retries_left=1)
@@ -275,7 +275,8 @@ class Scheduler:
             raise
         rows = self._rows(ctx, outcomes)
         self._observe_overhead(ctx, outcomes, rows)
-        await self.writes.settle(rows)
+        # all hits: nothing was pending, so the final rows are inserted, not updated
+        await (self.writes.settle(rows) if pending else self.writes.record(rows))
         self._offer_audits(ctx, outcomes)
         refused = [o for o in outcomes.values() if o.retry_after_s is not None]
         if refused:

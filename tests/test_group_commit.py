@@ -25,7 +25,7 @@ def ledger(tmp_path):
 
 async def test_concurrent_writes_share_transactions_and_each_row_lands_once(ledger):
     writes = GroupCommit(ledger)
-    await asyncio.gather(*(writes.accept([row(f"r{i}", "pending")]) for i in range(50)))
+    await asyncio.gather(*(writes.record([row(f"r{i}", "pending")]) for i in range(50)))
     await asyncio.gather(*(writes.settle([row(f"r{i}")]) for i in range(50)))
     await asyncio.gather(*(writes.settle([row(f"hit{i}")]) for i in range(50)))  # never pending
     rows = ledger.window(None, None)
