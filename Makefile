@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # present the [serve] extra's torch range is satisfied, so nothing pulls a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo serve test test-fast test-multinode test-faults lint bench-priors gpu-check cli-docs clean
+.PHONY: install demo serve test test-fast test-multinode test-faults lint bench-priors bench-hits gpu-check cli-docs clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ lint: install
 
 bench-priors: install
 	$(BIN)/python benchmarks/measure_priors.py
+
+# Needs `hey` (apt-get install hey, or go install github.com/rakyll/hey@latest).
+bench-hits: install
+	$(BIN)/python benchmarks/hit_throughput.py
 
 gpu-check: install
 	$(BIN)/python scripts/gpu_check.py

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from wattserve.telemetry.ledger import LedgerRow, LedgerStore
+from wattserve.telemetry.ledger import LedgerStore, LedgerValues
 
 log = structlog.get_logger(__name__)
 
@@ -30,8 +30,8 @@ def _future() -> asyncio.Future[None]:
 
 @dataclass
 class _Write:
-    accepted: Sequence[LedgerRow]
-    final: Sequence[LedgerRow]
+    accepted: Sequence[LedgerValues]
+    final: Sequence[LedgerValues]
     done: asyncio.Future[None] = field(default_factory=_future)
 
 
@@ -47,14 +47,14 @@ class GroupCommit:
         self._writer: asyncio.Task[None] | None = None
         self.transactions = 0  # how many groups were written (for tests and benchmarks)
 
-    async def record(self, rows: Sequence[LedgerRow]) -> None:
+    async def record(self, rows: Sequence[LedgerValues]) -> None:
         """Insert ``rows`` (``LedgerStore.record``); return once committed.
 
         Pending rows of a request accepted, or the final rows of one that never had any.
         """
         await self._write(_Write(rows, ()))
 
-    async def settle(self, rows: Sequence[LedgerRow]) -> None:
+    async def settle(self, rows: Sequence[LedgerValues]) -> None:
         """Finalise ``rows`` (``LedgerStore.settle``); return once committed."""
         await self._write(_Write((), rows))
 

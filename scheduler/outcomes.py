@@ -17,7 +17,7 @@ from wattserve.policies.catalog import VariantSpec
 from wattserve.policies.latent_reuse import ANONYMOUS_POOL
 from wattserve.policies.routing import RouteDecision
 from wattserve.scheduler.coalescing import SharedOutput
-from wattserve.telemetry.ledger import LedgerRow
+from wattserve.telemetry.ledger import LedgerValues
 
 REASON_CACHE_HIT = "cache_hit"
 REASON_DOWNGRADED = "downgraded_power_cap"
@@ -83,11 +83,11 @@ def unproduced(ctx: RequestContext, error: str) -> Outcome:
 
 def ledger_rows(
     ctx: RequestContext, outcomes: dict[int, Outcome], latency_ms: float, holder: str | None
-) -> list[LedgerRow]:
+) -> list[LedgerValues]:
     """One ledger row per output, in output order; ``holder``: the replica's id."""
     request = ctx.request
     return [
-        LedgerRow(
+        LedgerValues(
             request_id=ctx.request_id,
             image_index=index,
             user=request.user,

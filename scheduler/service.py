@@ -65,7 +65,7 @@ from wattserve.scheduler.outcomes import (
     ledger_rows,
     unproduced,
 )
-from wattserve.telemetry.ledger import LedgerRow, LedgerStore
+from wattserve.telemetry.ledger import LedgerStore, LedgerValues
 
 log = structlog.get_logger(__name__)
 
@@ -310,7 +310,7 @@ class Scheduler:
             self.auditor.offer_request(ctx, outcomes, reference.variant, rate, self.batcher)
 
     def _observe_overhead(
-        self, ctx: RequestContext, outcomes: dict[int, Outcome], rows: list[LedgerRow]
+        self, ctx: RequestContext, outcomes: dict[int, Outcome], rows: list[LedgerValues]
     ) -> None:
         """Teach the profile how long a served request spent here outside any batch."""
         if not rows or any(o.error for o in outcomes.values()):
@@ -493,7 +493,7 @@ class Scheduler:
                 if shared is not None:  # counted among the sharers: its share stays on record
                     outcomes[index] = coalesced(shared, CANCELLED)
 
-    def _accepted_rows(self, ctx: RequestContext) -> list[LedgerRow]:
+    def _accepted_rows(self, ctx: RequestContext) -> list[LedgerValues]:
         """A ``pending`` row per output: nothing made or charged yet."""
         pending = Outcome(None, ctx.variant.name, "none", 0, 0.0, "estimated", "miss",
                           ctx.decision.reason)  # fmt: skip
@@ -502,6 +502,6 @@ class Scheduler:
             row.status, row.latency_ms = "pending", 0.0
         return rows
 
-    def _rows(self, ctx: RequestContext, outcomes: dict[int, Outcome]) -> list[LedgerRow]:
+    def _rows(self, ctx: RequestContext, outcomes: dict[int, Outcome]) -> list[LedgerValues]:
         latency_ms = (self._clock() - ctx.arrived) * 1000
         return ledger_rows(ctx, outcomes, latency_ms, self.holder)

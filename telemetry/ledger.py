@@ -39,16 +39,14 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class LedgerRow(SQLModel, table=True):
-    """One output of one request."""
+class LedgerValues(SQLModel):
+    """One output of one request, as the request path builds it: a row's values.
 
-    __tablename__ = "ledger"
-    __table_args__ = (
-        sa.UniqueConstraint("request_id", "image_index", name="uq_ledger_output"),
-        sa.Index("ix_ledger_tenant", "tenant", "created_at"),
-    )
+    A plain model (validated by pydantic alone): a table model's ``__init__`` routes
+    every field through SQLAlchemy's instrumentation, about a tenth of a cache hit's whole
+    time in the replica, and these values only feed INSERT and UPDATE statements.
+    """
 
-    id: int | None = Field(default=None, primary_key=True)
     request_id: str = Field(index=True, max_length=64)
     image_index: int
     created_at: datetime = Field(default_factory=_utcnow, index=True)
@@ -76,6 +74,18 @@ class LedgerRow(SQLModel, table=True):
     steps_skipped: int = 0
     similarity: float | None = None
     reuse_source: str | None = Field(default=None, max_length=80)
+
+
+class LedgerRow(LedgerValues, table=True):
+    """One output of one request: the ``ledger`` table."""
+
+    __tablename__ = "ledger"
+    __table_args__ = (
+        sa.UniqueConstraint("request_id", "image_index", name="uq_ledger_output"),
+        sa.Index("ix_ledger_tenant", "tenant", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
 
     def to_entry(self) -> LedgerEntry:
         """The wire form of this row."""
@@ -105,12 +115,12 @@ class LedgerStore:
         self.engine = make_engine(db_url)
         migrate(self.engine)
 
-    def record(self, rows: Iterable[LedgerRow]) -> int:
+    def record(self, rows: Iterable[LedgerValues]) -> int:
         """Insert rows in one transaction, skipping keys already written; return rows added."""
         with write_transaction(self.engine) as conn:
             return self._insert(conn, list(rows))
 
-    def settle(self, rows: Sequence[LedgerRow]) -> int:
+    def settle(self, rows: Sequence[LedgerValues]) -> int:
         """Finalise outputs: update each pending row, write rows never accepted.
 
         Returns how many rows this call settled; a row settled first by someone else
@@ -119,7 +129,7 @@ class LedgerStore:
         with write_transaction(self.engine) as conn:
             return self._settle(conn, rows)
 
-    def write(self, accepted: Sequence[LedgerRow], final: Sequence[LedgerRow]) -> None:
+    def write(self, accepted: Sequence[LedgerValues], final: Sequence[LedgerValues]) -> None:
         """``record(accepted)`` and ``settle(final)`` of many requests in one transaction.
 
         The group commit of ``scheduler.group_commit``: one commit (one fsync on SQLite,
@@ -129,7 +139,7 @@ class LedgerStore:
             self._insert(conn, accepted)
             self._settle(conn, final)
 
-    def _insert(self, conn: sa.Connection, rows: Sequence[LedgerRow]) -> int:
+    def _insert(self, conn: sa.Connection, rows: Sequence[LedgerValues]) -> int:
         if not rows:
             return 0
         values = [row.model_dump(exclude={"id"}) for row in rows]
@@ -146,7 +156,7 @@ class LedgerStore:
         result = conn.execute(stmt, values, execution_options={"preserve_rowcount": True})
         return max(result.rowcount, 0)
 
-    def _settle(self, conn: sa.Connection, rows: Sequence[LedgerRow]) -> int:
+    def _settle(self, conn: sa.Connection, rows: Sequence[LedgerValues]) -> int:
         if not rows:
             return 0
         table = LedgerRow.__table__  # type: ignore[attr-defined]
