@@ -16,6 +16,7 @@ from wattserve._schemas import CacheStatus, EnergySource, ReuseMode
 from wattserve.policies.catalog import VariantSpec
 from wattserve.policies.latent_reuse import ANONYMOUS_POOL
 from wattserve.policies.routing import RouteDecision
+from wattserve.scheduler.cache import CacheHit
 from wattserve.scheduler.coalescing import SharedOutput
 from wattserve.telemetry.ledger import LedgerValues
 
@@ -72,6 +73,14 @@ def coalesced(shared: SharedOutput, error: str | None = None) -> Outcome:
         shared.png, shared.variant, shared.batch_id, shared.batch_size, shared.joules,
         shared.energy_source,  # type: ignore[arg-type]
         "coalesced", REASON_COALESCED, error,
+    )  # fmt: skip
+
+
+def hit_outcome(hit: CacheHit) -> Outcome:
+    """A cached output serving a request: 0 J, pointing at the row that paid for it."""
+    return Outcome(
+        hit.png, hit.variant, f"hit:{hit.source_request_id}.{hit.source_image_index}", 0, 0.0,
+        hit.energy_source, "hit", REASON_CACHE_HIT,  # type: ignore[arg-type]
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ import base64
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Protocol
 
@@ -57,11 +57,11 @@ from wattserve.scheduler.identity import flight_key, output_key, pooled_key
 from wattserve.scheduler.leases import LeaseGate, LocalLeases
 from wattserve.scheduler.outcomes import (
     CANCELLED,
-    REASON_CACHE_HIT,
     REASON_DOWNGRADED,
     Outcome,
     RequestContext,
     coalesced,
+    hit_outcome,
     ledger_rows,
     unproduced,
 )
@@ -325,21 +325,24 @@ class Scheduler:
         The memory tier answers on the event loop; only what it lacks costs a thread hop.
         """
         cache = self.cache
-        if cache is None:
+        hits = self._held(ctx, range(ctx.request.n))
+        unknown = [i for i, key in enumerate(ctx.keys) if key is not None and i not in hits]
+        if cache is not None and unknown:
+            only = ctx.variant.name if ctx.request.model else None
+            found = await asyncio.to_thread(
+                lambda: [cache.get(ctx.keys[i] or "", ctx.floor, only) for i in unknown]
+            )
+            hits.update((i, hit_outcome(hit)) for i, hit in zip(unknown, found, strict=True) if hit)
+        return hits
+
+    def _held(self, ctx: RequestContext, indices: Iterable[int]) -> dict[int, Outcome]:
+        """Hits of ``indices`` from the cache's memory tier alone (no I/O, no await)."""
+        if self.cache is None:
             return {}
         only = ctx.variant.name if ctx.request.model else None
-        keys = {i: key for i, key in enumerate(ctx.keys) if key is not None}
-        hits = {i: cache.recent(key, ctx.floor, only) for i, key in keys.items()}
-        unknown = [i for i, hit in hits.items() if hit is None]
-        if unknown:
-            found = await asyncio.to_thread(
-                lambda: [cache.get(keys[i], ctx.floor, only) for i in unknown]
-            )
-            hits.update(zip(unknown, found, strict=True))
-        return {i: Outcome(
-            hit.png, hit.variant, f"hit:{hit.source_request_id}.{hit.source_image_index}", 0,
-            0.0, hit.energy_source, "hit", REASON_CACHE_HIT,  # type: ignore[arg-type]
-        ) for i, hit in hits.items() if hit is not None}  # fmt: skip
+        found = {i: self.cache.recent(key, ctx.floor, only) for i in indices
+                 if (key := ctx.keys[i]) is not None}  # fmt: skip
+        return {i: hit_outcome(hit) for i, hit in found.items() if hit is not None}
 
     async def _produce(
         self,
@@ -349,8 +352,13 @@ class Scheduler:
         retries_left: int,
     ) -> None:
         """Lead or join a flight for each output; generate what this request leads."""
+        # Stored meanwhile by a flight that has just ended (this request waited on its rows
+        # since its lookup): the memory tier has it, and nothing awaits between this check
+        # and the claims, so an output is either found here or still in flight.
+        held = self._held(ctx, indices)
+        outcomes.update(held)
         leaders, joined = [], []
-        for index in indices:
+        for index in (i for i in indices if i not in held):
             key = ctx.keys[index]
             if key is None or await self._flights.claim(flight_key(key, ctx.variant.name)):
                 leaders.append(index)

@@ -123,7 +123,7 @@ def test_policy_default_tier_applies_to_the_next_request(admin, url):
     body = {"prompt": "policy default", "seed": 11}  # names no quality tier
     assert admin.put("/admin/policies", json={"default_quality": "draft"}).status_code == 200
     draft = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json()
-    assert draft["wattserve"]["route"]["variant"] == "tiny-sd-turbo"
+    assert draft["wattserve"]["route"]["variant"] == "tiny-sd-turbo", draft["wattserve"]["route"]
     admin.put("/admin/policies", json={"default_quality": "high"})
     high = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).json()
     assert high["wattserve"]["route"]["variant"] == "tiny-sd-large"

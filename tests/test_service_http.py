@@ -58,7 +58,7 @@ def test_routing_by_tier_over_the_wire(url, quality, variant):
     with Client(url) as client:
         result = client.generate(f"a tiny house for {quality}", seed=1, quality=quality)
     receipt = result.receipts[0]
-    assert (receipt.variant, receipt.route_reason) == (variant, "cheapest_capable")
+    assert (receipt.variant, receipt.route_reason) == (variant, "cheapest_capable"), result.route
     assert result.route.variant == variant and len(result.route.candidates) == 3
     chosen = next(c for c in result.route.candidates if c.variant == variant)
     assert all(
