@@ -3,16 +3,27 @@
 ``Scheduler.generate`` works out, per output, an :class:`Outcome` (a cache hit, a share
 of a coalesced flight, a generated output, or why none was made) under the
 :class:`RequestContext` every output of the request shares; :func:`ledger_rows` turns
-them into the one ledger row per output. Plain values and pure functions: the clock and
-the replica id are the caller's.
+them into the one ledger row per output, and :func:`response` into the answer. Plain
+values and pure functions: the clock and the replica id are the caller's.
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 
 from wattserve import AdmissionRejected, GenerationRequest, ServiceUnavailable
-from wattserve._schemas import CacheStatus, EnergySource, ReuseMode
+from wattserve._schemas import (
+    CacheStatus,
+    CandidateInfo,
+    EnergySource,
+    ImageDatum,
+    ImageGenerationResponse,
+    Receipt,
+    ReuseMode,
+    RouteInfo,
+    WattserveExtension,
+)
 from wattserve.policies.catalog import VariantSpec
 from wattserve.policies.latent_reuse import ANONYMOUS_POOL
 from wattserve.policies.routing import RouteDecision
@@ -130,3 +141,37 @@ def _status(outcome: Outcome) -> str:
     if outcome.error is None:
         return "ok"
     return "cancelled" if outcome.error == CANCELLED else "failed"
+
+
+def route_info(decision: RouteDecision) -> RouteInfo:
+    """The routing decision as the response shows it."""
+    return RouteInfo(
+        variant=decision.variant,
+        reason=decision.reason,
+        expected_joules_per_output=decision.expected_joules_per_image,
+        candidates=[
+            CandidateInfo(
+                variant=c.variant,
+                quality_score=c.quality_score,
+                expected_joules_per_output=c.expected_joules_per_image,
+                expected_latency_s=c.expected_latency_s,
+                rejected_because=c.rejected_because,
+            )
+            for c in decision.candidates
+        ],
+    )
+
+
+def response(
+    ctx: RequestContext, outcomes: dict[int, Outcome], rows: list[LedgerValues], created: int
+) -> ImageGenerationResponse:
+    """The OpenAI-shaped answer: the images, the route taken and a receipt per output."""
+    return ImageGenerationResponse(
+        created=created,
+        data=[ImageDatum(b64_json=base64.b64encode(outcomes[i].png or b"").decode())
+              for i in range(ctx.request.n)],
+        wattserve=WattserveExtension(
+            request_id=ctx.request_id, route=route_info(ctx.decision),
+            receipts=[Receipt.model_validate(row, from_attributes=True) for row in rows],
+        ),
+    )  # fmt: skip

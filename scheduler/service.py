@@ -13,7 +13,6 @@ exactly one ledger row, also when it fails or its client goes away.
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 import time
 import uuid
@@ -26,12 +25,7 @@ import structlog
 from wattserve import AdmissionRejected, GenerationFailed, GenerationRequest, ServiceUnavailable
 from wattserve._schemas import (
     MAX_SEED,
-    CandidateInfo,
-    ImageDatum,
     ImageGenerationResponse,
-    Receipt,
-    RouteInfo,
-    WattserveExtension,
 )
 from wattserve.policies.catalog import Catalog
 from wattserve.policies.latent_reuse import reuse_mode, reuse_pool
@@ -63,6 +57,7 @@ from wattserve.scheduler.outcomes import (
     coalesced,
     hit_outcome,
     ledger_rows,
+    response,
     unproduced,
 )
 from wattserve.telemetry.ledger import LedgerStore, LedgerValues
@@ -76,25 +71,6 @@ class BatchMetrics(Protocol):
     def record_batch(self, variant: str, source: str, joules: float, outputs: int) -> None:
         """Count one finished batch."""
         ...
-
-
-def route_info(decision: RouteDecision) -> RouteInfo:
-    """The routing decision as the response shows it."""
-    return RouteInfo(
-        variant=decision.variant,
-        reason=decision.reason,
-        expected_joules_per_output=decision.expected_joules_per_image,
-        candidates=[
-            CandidateInfo(
-                variant=c.variant,
-                quality_score=c.quality_score,
-                expected_joules_per_output=c.expected_joules_per_image,
-                expected_latency_s=c.expected_latency_s,
-                rejected_because=c.rejected_because,
-            )
-            for c in decision.candidates
-        ],
-    )
 
 
 def new_id(prefix: str) -> str:
@@ -286,15 +262,7 @@ class Scheduler:
         failed = [o.error for o in outcomes.values() if o.error]
         if failed:
             raise GenerationFailed(f"variant {ctx.variant.name!r} failed: {failed[0]}")
-        receipts = [Receipt.model_validate(row, from_attributes=True) for row in rows]
-        return ImageGenerationResponse(
-            created=int(time.time()),
-            data=[ImageDatum(b64_json=base64.b64encode(outcomes[i].png or b"").decode())
-                  for i in range(request.n)],
-            wattserve=WattserveExtension(
-                request_id=ctx.request_id, route=route_info(ctx.decision), receipts=receipts
-            ),
-        )  # fmt: skip
+        return response(ctx, outcomes, rows, created=int(time.time()))
 
     def _offer_audits(self, ctx: RequestContext, outcomes: dict[int, Outcome]) -> None:
         """Sample this request's outputs that are off the reference path for the audit."""
