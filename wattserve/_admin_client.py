@@ -8,16 +8,13 @@ any I/O, so bad input raises ``InvalidRequest`` naming the field and nothing is 
 The body builders are plain module functions (``budget_update`` and friends) so the CLI
 can check input before it even resolves a token; ``AdminClient`` only adds the I/O.
 
-The admin token lives where ``wattserve serve`` writes it: ``$WATTSERVE_HOME/admin-token``
-(``~/.wattserve`` by default); ``WATTSERVE_ADMIN_TOKEN`` overrides the file. Both sides
-take the file name and the variable from ``wattserve._admin`` (``ADMIN_TOKEN_FILE``,
-``ADMIN_TOKEN_ENV``), so they agree on where the token is.
+Where the admin token is found (``default_admin_token`` and friends) is
+``wattserve._admin_token``'s, re-exported here.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 import time
 import tomllib
 from collections.abc import Callable, Collection
@@ -50,6 +47,12 @@ from wattserve._admin import (
     WindowReport,
     check_name,
 )
+from wattserve._admin_token import (
+    admin_token_path,
+    default_admin_token,
+    missing_token_message,
+    state_home,
+)
 from wattserve._client import DEFAULT_BASE_URL, _SyncClient
 from wattserve._exceptions import InvalidRequest, Unauthorized, WattserveError
 from wattserve._schemas import (
@@ -81,8 +84,6 @@ __all__ = [  # the names other modules (the CLI, the server) may rely on
     "variant_add",
 ]
 
-HOME_ENV = "WATTSERVE_HOME"
-DEFAULT_HOME = "~/.wattserve"
 DEFAULT_ADMIN_TIMEOUT_S = 30.0  # admin calls read or write a few rows; none generates
 MAX_LEDGER_LIMIT = 10_000
 LEDGER_STATUSES: tuple[LedgerStatus, ...] = ("pending", "ok", "failed", "cancelled")
@@ -95,50 +96,6 @@ class _Unset(enum.Enum):
 UNSET = _Unset.UNSET
 """Default of an update argument: leave the setting as it is (``None`` clears it)."""
 Unsettable = Literal[_Unset.UNSET]
-
-
-# --- the admin token -------------------------------------------------------------------
-
-
-def state_home(home: Path | str | None = None) -> Path:
-    """The state directory: ``home``, else ``$WATTSERVE_HOME``, else ``~/.wattserve``."""
-    return Path(home or os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
-
-
-def admin_token_path(home: Path | str | None = None) -> Path:
-    """Where ``wattserve serve`` keeps the admin token (the path only, never the token)."""
-    return state_home(home) / ADMIN_TOKEN_FILE
-
-
-def default_admin_token(home: Path | None = None) -> str | None:
-    """The admin token: ``$WATTSERVE_ADMIN_TOKEN``, else the state dir's ``admin-token``.
-
-    The same order and reading as the server's (``cluster.settings.ensure_admin_token``):
-    a non-empty variable is used as it is, the file's content is stripped. Returns None
-    when neither holds one (no variable, no file, or an empty one). A file that exists
-    but cannot be read raises ``WattserveError`` naming it, because "no token" would send
-    the caller looking for the wrong problem.
-    """
-    from_env = os.environ.get(ADMIN_TOKEN_ENV)
-    if from_env:
-        return from_env
-    path = admin_token_path(home)
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        why = getattr(exc, "strerror", None) or str(exc)
-        raise WattserveError(f"cannot read the admin token file {path}: {why}") from None
-    return token or None
-
-
-def missing_token_message(home: Path | None = None) -> str:
-    """One line saying where the admin token was looked for, and how to create it."""
-    return (
-        f"no admin token: set {ADMIN_TOKEN_ENV}, pass --token, or create "
-        f"{admin_token_path(home)} (start `wattserve serve` once to create it)"
-    )
 
 
 # --- validation and bodies (pure: no I/O) ----------------------------------------------
